@@ -1,0 +1,281 @@
+//! Backup benchmark (run with `cargo bench --bench backup`; size with
+//! `ARCA_BENCH_GIB`, default 2).
+//!
+//! Builds a disk from real files of this machine (~40% zeros and holes),
+//! runs the real `arca` binary: full backup, 1% clustered change,
+//! incremental, restore; and measures the WASM zstd codec against native
+//! zstd at the same level on the same blocks. Prints MB/s and ratios; never
+//! asserts on time.
+
+use arca::plugin::codec::{Blocks, Codec};
+use arca::plugin::{PluginLimits, PluginRuntime, StageKind, builtin};
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+
+fn main() {
+    let gib: u64 = std::env::var("ARCA_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let size = gib << 30;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-backup");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.raw");
+    let t = Instant::now();
+    let data_bytes = make_disk(&disk, size);
+    println!(
+        "disk: {} MiB, {} MiB of real file data, rest zeros and holes (built in {:.1} s)",
+        size / MIB,
+        data_bytes / MIB,
+        t.elapsed().as_secs_f64()
+    );
+
+    let home = dir.join("home");
+    let cfg = dir.join("arca.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[repository]]\nname = \"bench\"\npath = \"{}\"\n\n[[vm]]\nname = \"bench\"\ndisks = [\"{}\"]\n\n[[job]]\nname = \"bench\"\nvms = [\"bench\"]\nrepository = \"bench\"\n",
+            dir.join("repo").display(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    arca(&home, &["apply", cfg.to_str().unwrap()]);
+    // Warm the compiled-plugin cache so the full backup measures backup work.
+    let _ = arca(&home, &["plugins"]);
+
+    drop_caches_hint(&disk);
+    let (full_s, full) = timed_job(&home);
+    change_clustered(&disk, size / 100, 7);
+    let (incr_s, incr) = timed_job(&home);
+    let point = incr["tasks"][0]["restore_point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = dir.join("restored.raw");
+    let t = Instant::now();
+    arca(&home, &["restore", &point, "--to", out.to_str().unwrap()]);
+    let restore_s = t.elapsed().as_secs_f64();
+
+    let mb = size as f64 / 1e6;
+    println!();
+    println!(
+        "{:<28} {:>9} {:>10} {:>12} {:>12}",
+        "run", "seconds", "MB/s", "stored MiB", "bottleneck"
+    );
+    for (name, s, r) in [
+        ("full backup", full_s, &full),
+        ("incremental (1% changed)", incr_s, &incr),
+    ] {
+        println!(
+            "{:<28} {:>9.2} {:>10.0} {:>12.1} {:>12}",
+            name,
+            s,
+            mb / s,
+            r["totals"]["stored_bytes"].as_u64().unwrap_or(0) as f64 / MIB as f64,
+            r["bottleneck"]["stage"].as_str().unwrap_or("-")
+        );
+    }
+    println!(
+        "{:<28} {:>9.2} {:>10.0}",
+        "restore",
+        restore_s,
+        mb / restore_s
+    );
+    println!(
+        "full: compression {:.2}x; incremental/full time {:.3}",
+        full["compression_ratio"].as_f64().unwrap_or(0.0),
+        incr_s / full_s
+    );
+
+    codec_ratio(&disk, data_bytes);
+}
+
+fn arca(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .args(args)
+        .env("ARCA_HOME", home)
+        .output()
+        .expect("run arca");
+    assert!(
+        out.status.success(),
+        "arca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn timed_job(home: &Path) -> (f64, serde_json::Value) {
+    let t = Instant::now();
+    let text = arca(home, &["job", "run", "bench", "--json"]);
+    (
+        t.elapsed().as_secs_f64(),
+        serde_json::from_str(&text).unwrap(),
+    )
+}
+
+/// Evicts the disk from the page cache so the full backup reads from disk as a
+/// first backup would (best effort; needs no privileges for our own file).
+fn drop_caches_hint(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advisory call on our own descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+/// Fills ~60% of the disk with real files (tar streams of system folders),
+/// leaving ~40% as holes and written zeros.
+fn make_disk(path: &Path, size: u64) -> u64 {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let target = size * 6 / 10;
+    let mut written = 0u64;
+    let mut off = 0u64;
+    let mut rng = StdRng::seed_from_u64(1);
+    'outer: for src in [
+        "/usr/lib",
+        "/usr/share",
+        "/usr/bin",
+        "/usr/include",
+        "/var/lib/dpkg",
+        "/usr",
+    ] {
+        let mut child = Command::new("tar")
+            .args(["-cf", "-", src])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buf = vec![0u8; 4 * MIB as usize];
+        loop {
+            let mut got = 0;
+            while got < buf.len() {
+                match std::io::Read::read(&mut stdout, &mut buf[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(_) => break,
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            f.write_all_at(&buf[..got], off).unwrap();
+            written += got as u64;
+            off += got as u64;
+            // Now and then a gap of zeros written or never written.
+            if rng.random_range(0..4) == 0 {
+                let gap = rng.random_range(1..8) * MIB;
+                if rng.random_bool(0.5) {
+                    f.write_all_at(&vec![0u8; gap as usize], off).unwrap();
+                }
+                off += gap;
+            }
+            if written >= target || off >= size - 16 * MIB {
+                let _ = child.kill();
+                let _ = child.wait();
+                break 'outer;
+            }
+        }
+        let _ = child.wait();
+    }
+    f.sync_all().unwrap();
+    written
+}
+
+/// Overwrites `total` bytes in runs of 64 KiB to 1 MiB.
+fn change_clustered(path: &Path, total: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut done = 0;
+    while done < total {
+        let run = rng.random_range(1..=16) * 64 * 1024;
+        let at = rng.random_range(0..(size - run) / 4096) * 4096;
+        let mut buf = vec![0u8; run as usize];
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, at).unwrap();
+        done += run;
+    }
+    f.sync_all().unwrap();
+}
+
+/// WASM zstd codec vs native zstd, same level, same 1 MiB blocks, one core.
+fn codec_ratio(disk: &Path, data_bytes: u64) {
+    let sample_len = (256 * MIB).min(data_bytes) as usize;
+    let mut sample = vec![0u8; sample_len];
+    std::fs::File::open(disk)
+        .unwrap()
+        .read_exact_at(&mut sample, 0)
+        .unwrap();
+    let level = 3;
+    let runtime = PluginRuntime::new(None).unwrap();
+    let b = builtin::find("zstd").unwrap();
+    let plugin = runtime
+        .load(
+            b.name,
+            StageKind::Codec,
+            b.bytes.to_vec(),
+            PluginLimits::default(),
+        )
+        .unwrap();
+    let mut codec = Codec::new(&plugin, &vec![("level".into(), level.to_string())]).unwrap();
+    let batch = 8 * MIB as usize;
+
+    // Warm-up, then measure each side twice and keep the best.
+    let mut wasm_best = f64::MAX;
+    let mut wasm_out = 0usize;
+    for _ in 0..3 {
+        let t = Instant::now();
+        wasm_out = 0;
+        for chunk in sample.chunks(batch) {
+            let lengths = chunk.chunks(MIB as usize).map(|c| c.len() as u32).collect();
+            let (coded, _) = codec
+                .compress(Blocks {
+                    data: chunk.to_vec(),
+                    lengths,
+                })
+                .unwrap();
+            wasm_out += coded.data.len();
+        }
+        wasm_best = wasm_best.min(t.elapsed().as_secs_f64());
+    }
+    let mut native_best = f64::MAX;
+    let mut native_out = 0usize;
+    let mut cx = zstd::bulk::Compressor::new(level).unwrap();
+    for _ in 0..3 {
+        let t = Instant::now();
+        native_out = 0;
+        for block in sample.chunks(MIB as usize) {
+            native_out += cx.compress(block).unwrap().len();
+        }
+        native_best = native_best.min(t.elapsed().as_secs_f64());
+    }
+    let mb = sample_len as f64 / 1e6;
+    println!();
+    println!(
+        "zstd level {level} on {} MiB of disk data, 1 MiB blocks, one core:",
+        sample_len as u64 / MIB
+    );
+    println!(
+        "  native: {:>7.0} MB/s, ratio {:.2}",
+        mb / native_best,
+        sample_len as f64 / native_out as f64
+    );
+    println!(
+        "  wasm:   {:>7.0} MB/s, ratio {:.2}",
+        mb / wasm_best,
+        sample_len as f64 / wasm_out as f64
+    );
+    println!("  wasm/native speed: {:.2}", native_best / wasm_best);
+    let _ = std::io::stdout().flush();
+}

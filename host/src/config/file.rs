@@ -1,0 +1,481 @@
+//! The operator's TOML file: parsing, path resolution and validation.
+//!
+//! Every error names the file, the line and the object, and says what to do.
+
+use super::{
+    DEFAULT_BLOCK_SIZE, DiskSettings, PipelineSettings, PluginSettings, ProxySettings,
+    RepositorySettings, StageSettings, VmSettings, parse_size, valid_name,
+};
+use crate::plugin::StageKind;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    repository: Vec<RawRepository>,
+    #[serde(default)]
+    proxy: Vec<RawProxy>,
+    #[serde(default)]
+    vm: Vec<RawVm>,
+    #[serde(default)]
+    plugin: Vec<RawPlugin>,
+    #[serde(default)]
+    pipeline: Vec<RawPipeline>,
+    #[serde(default)]
+    job: Vec<RawJob>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    name: Spanned<String>,
+    path: PathBuf,
+    max_tasks: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    name: Spanned<String>,
+    max_tasks: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: Spanned<String>,
+    #[serde(default)]
+    powered_off: bool,
+    disks: Vec<RawDisk>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDisk {
+    Path(PathBuf),
+    Named { name: String, path: PathBuf },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Spanned<String>,
+    kind: StageKind,
+    path: PathBuf,
+    memory_mib: Option<u32>,
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawStage {
+    plugin: Spanned<String>,
+    #[serde(flatten)]
+    settings: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Spanned<String>,
+    change_detection: Option<RawStage>,
+    #[serde(default)]
+    exclusion: Vec<RawStage>,
+    codec: Option<RawStage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<String>,
+    vms: Vec<Spanned<String>>,
+    repository: Spanned<String>,
+    pipeline: Option<Spanned<String>>,
+    proxies: Option<Vec<Spanned<String>>>,
+    block_size: Option<Spanned<toml::Value>>,
+}
+
+/// A job as stored: references by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub name: String,
+    pub vms: Vec<String>,
+    pub repository: String,
+    pub pipeline: String,
+    /// Empty: any proxy.
+    pub proxies: Vec<String>,
+    pub block_size: u32,
+}
+
+/// A parsed and validated file, ready for the database.
+#[derive(Debug, Default)]
+pub struct ConfigFile {
+    pub repositories: Vec<RepositorySettings>,
+    pub proxies: Vec<ProxySettings>,
+    pub vms: Vec<VmSettings>,
+    pub plugins: Vec<PluginSettings>,
+    pub pipelines: Vec<PipelineSettings>,
+    pub jobs: Vec<JobRow>,
+}
+
+/// Names that already exist (in the database, or built in), for reference checks.
+#[derive(Debug, Default)]
+pub struct Known {
+    pub repositories: BTreeSet<String>,
+    pub proxies: BTreeSet<String>,
+    pub vms: BTreeSet<String>,
+    pub pipelines: BTreeSet<String>,
+    /// Plugin name → kind (built-ins and third-party).
+    pub plugins: std::collections::BTreeMap<String, StageKind>,
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    source: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: std::ops::Range<usize>) -> usize {
+        self.source[..span.start.min(self.source.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(&self, span: std::ops::Range<usize>, message: String) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: self.line(span),
+            message,
+        })
+    }
+
+    fn name(&self, what: &str, n: &Spanned<String>) -> Result<String, ConfigError> {
+        if !valid_name(n.get_ref()) {
+            return self.invalid(
+                n.span(),
+                format!(
+                    "{what} name '{}' is not allowed: use letters, digits, '.', '_' and '-', not starting with '.'",
+                    n.get_ref()
+                ),
+            );
+        }
+        Ok(n.get_ref().clone())
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            let base = self.path.parent().unwrap_or(Path::new("."));
+            let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_owned());
+            base.join(p)
+        }
+    }
+}
+
+pub fn load(path: &Path, known: &Known) -> Result<ConfigFile, ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &source, known)
+}
+
+pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, ConfigError> {
+    let raw: RawFile = toml::from_str(source).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    let cx = Ctx { path, source };
+    let mut out = ConfigFile::default();
+
+    let mut repositories = known.repositories.clone();
+    for r in &raw.repository {
+        let name = cx.name("repository", &r.name)?;
+        if r.max_tasks == Some(0) {
+            return cx.invalid(
+                r.name.span(),
+                format!("repository '{name}': max_tasks must be at least 1"),
+            );
+        }
+        repositories.insert(name.clone());
+        out.repositories.push(RepositorySettings {
+            name,
+            path: cx.resolve(&r.path),
+            max_tasks: r.max_tasks.unwrap_or(4),
+        });
+    }
+    let mut proxies = known.proxies.clone();
+    for p in &raw.proxy {
+        let name = cx.name("proxy", &p.name)?;
+        if p.max_tasks == Some(0) {
+            return cx.invalid(
+                p.name.span(),
+                format!("proxy '{name}': max_tasks must be at least 1"),
+            );
+        }
+        proxies.insert(name.clone());
+        out.proxies.push(ProxySettings {
+            name,
+            max_tasks: p.max_tasks.unwrap_or(super::default_proxy().max_tasks),
+        });
+    }
+    let mut vms = known.vms.clone();
+    for v in &raw.vm {
+        let name = cx.name("vm", &v.name)?;
+        if v.disks.is_empty() {
+            return cx.invalid(v.name.span(), format!("vm '{name}' has no disks"));
+        }
+        let mut disks = Vec::new();
+        for (i, d) in v.disks.iter().enumerate() {
+            let (dname, dpath) = match d {
+                RawDisk::Path(p) => (format!("disk{i}"), p),
+                RawDisk::Named { name, path } => (name.clone(), path),
+            };
+            if !valid_name(&dname) || disks.iter().any(|x: &DiskSettings| x.name == dname) {
+                return cx.invalid(
+                    v.name.span(),
+                    format!("vm '{name}': disk name '{dname}' is not allowed or used twice"),
+                );
+            }
+            disks.push(DiskSettings {
+                name: dname,
+                path: cx.resolve(dpath),
+            });
+        }
+        vms.insert(name.clone());
+        out.vms.push(VmSettings {
+            name,
+            powered_off: v.powered_off,
+            disks,
+        });
+    }
+    let mut plugins = known.plugins.clone();
+    for p in &raw.plugin {
+        let name = cx.name("plugin", &p.name)?;
+        if crate::plugin::builtin::find(&name).is_some() {
+            return cx.invalid(
+                p.name.span(),
+                format!("plugin '{name}' is the name of a built-in plugin; pick another name"),
+            );
+        }
+        plugins.insert(name.clone(), p.kind);
+        out.plugins.push(PluginSettings {
+            name,
+            kind: p.kind,
+            path: cx.resolve(&p.path),
+            memory_mib: p.memory_mib.unwrap_or(256),
+            deadline_ms: p.deadline_ms.unwrap_or(30_000),
+        });
+    }
+    let mut pipelines = known.pipelines.clone();
+    for p in &raw.pipeline {
+        let name = cx.name("pipeline", &p.name)?;
+        let stage = |s: &RawStage, kind: StageKind| -> Result<StageSettings, ConfigError> {
+            let plugin = s.plugin.get_ref();
+            match plugins.get(plugin) {
+                None => cx.invalid(
+                    s.plugin.span(),
+                    format!(
+                        "pipeline '{name}' names plugin '{plugin}', which is not defined (known: {})",
+                        plugins.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ),
+                Some(k) if *k != kind => cx.invalid(
+                    s.plugin.span(),
+                    format!("pipeline '{name}' uses plugin '{plugin}' as a {kind} stage, but it is a {k} plugin"),
+                ),
+                Some(_) => Ok(StageSettings {
+                    plugin: plugin.clone(),
+                    settings: s.settings.clone(),
+                }),
+            }
+        };
+        let default = super::default_pipeline();
+        out.pipelines.push(PipelineSettings {
+            change_detection: match &p.change_detection {
+                Some(s) => stage(s, StageKind::ChangeDetection)?,
+                None => default.change_detection,
+            },
+            exclusions: p
+                .exclusion
+                .iter()
+                .map(|s| stage(s, StageKind::Exclusion))
+                .collect::<Result<_, _>>()?,
+            codec: match &p.codec {
+                Some(s) => stage(s, StageKind::Codec)?,
+                None => default.codec,
+            },
+            name: name.clone(),
+        });
+        pipelines.insert(name);
+    }
+    for j in &raw.job {
+        let name = cx.name("job", &j.name)?;
+        let check = |what: &str,
+                     r: &Spanned<String>,
+                     set: &BTreeSet<String>|
+         -> Result<String, ConfigError> {
+            if set.contains(r.get_ref()) {
+                Ok(r.get_ref().clone())
+            } else {
+                cx.invalid(
+                    r.span(),
+                    format!(
+                        "job '{name}' names {what} '{}', which is not defined (defined: {})",
+                        r.get_ref(),
+                        if set.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            set.iter().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                )
+            }
+        };
+        if j.vms.is_empty() {
+            return cx.invalid(j.name.span(), format!("job '{name}' lists no vms"));
+        }
+        let block_size = match &j.block_size {
+            None => DEFAULT_BLOCK_SIZE,
+            Some(v) => {
+                let parsed = match v.get_ref() {
+                    toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| "negative".to_owned()),
+                    toml::Value::String(s) => parse_size(s),
+                    other => Err(format!("{other} is not a size")),
+                };
+                match parsed {
+                    Ok(b) if (64 << 10..=64 << 20).contains(&b) && b % 4096 == 0 => b as u32,
+                    Ok(b) => {
+                        return cx.invalid(
+                            v.span(),
+                            format!("job '{name}': block_size {b} must be a multiple of 4 KiB between 64 KiB and 64 MiB"),
+                        );
+                    }
+                    Err(e) => {
+                        return cx.invalid(v.span(), format!("job '{name}': block_size: {e}"));
+                    }
+                }
+            }
+        };
+        out.jobs.push(JobRow {
+            vms: j
+                .vms
+                .iter()
+                .map(|v| check("vm", v, &vms))
+                .collect::<Result<_, _>>()?,
+            repository: check("repository", &j.repository, &repositories)?,
+            pipeline: match &j.pipeline {
+                Some(p) => check("pipeline", p, &pipelines)?,
+                None => super::DEFAULT_PIPELINE.to_owned(),
+            },
+            proxies: j
+                .proxies
+                .iter()
+                .flatten()
+                .map(|p| check("proxy", p, &proxies))
+                .collect::<Result<_, _>>()?,
+            block_size,
+            name,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known() -> Known {
+        let mut k = Known::default();
+        k.pipelines.insert("default".into());
+        k.proxies.insert("local".into());
+        for b in crate::plugin::builtin::BUILTINS {
+            k.plugins.insert(b.name.into(), b.kind);
+        }
+        k
+    }
+
+    #[test]
+    fn a_missing_pipeline_is_named_with_its_line() {
+        let src = "[[repository]]\nname = \"r\"\npath = \"/tmp/r\"\n\n[[vm]]\nname = \"v\"\ndisks = [\"/d.raw\"]\n\n[[job]]\nname = \"nightly\"\nvms = [\"v\"]\nrepository = \"r\"\npipeline = \"fast\"\n";
+        let err = parse(Path::new("c.toml"), src, &known())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:13:"), "{err}");
+        assert!(err.contains("job 'nightly' names pipeline 'fast'"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_place() {
+        let err = parse(Path::new("c.toml"), "[[job]\nname = 1", &known())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn stage_kinds_must_match() {
+        let src = "[[pipeline]]\nname = \"p\"\ncodec = { plugin = \"digest\" }\n";
+        let err = parse(Path::new("c.toml"), src, &known())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("as a codec stage, but it is a change-detection plugin"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_full_file_parses_with_settings_and_disk_names() {
+        let src = r#"
+[[repository]]
+name = "main"
+path = "repo"
+[[vm]]
+name = "web01"
+disks = ["a.raw", { name = "data", path = "/b.raw" }]
+[[pipeline]]
+name = "fast"
+codec = { plugin = "zstd", level = 1 }
+exclusion = [{ plugin = "exclude-ranges", ranges = "0+1MiB" }]
+[[job]]
+name = "j"
+vms = ["web01"]
+repository = "main"
+pipeline = "fast"
+block_size = "256KiB"
+"#;
+        let f = parse(Path::new("/etc/arca/c.toml"), src, &known()).unwrap();
+        assert_eq!(f.repositories[0].path, PathBuf::from("/etc/arca/repo"));
+        assert_eq!(f.vms[0].disks[0].name, "disk0");
+        assert_eq!(f.vms[0].disks[1].name, "data");
+        assert_eq!(
+            f.pipelines[0].codec.settings["level"],
+            toml::Value::Integer(1)
+        );
+        assert_eq!(f.pipelines[0].exclusions[0].plugin, "exclude-ranges");
+        assert_eq!(f.jobs[0].block_size, 256 << 10);
+    }
+}

@@ -1,0 +1,119 @@
+//! Configuration: operators write TOML (`file`), `arca apply` loads it into
+//! the configuration database (`db`), and a session reads its job settings
+//! from the database only (seed step 1).
+
+pub mod db;
+pub mod file;
+mod size;
+
+pub use db::{ConfigDb, DbError};
+pub use file::ConfigError;
+pub use size::parse_size;
+
+use crate::plugin::StageKind;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A stage of a pipeline: which plugin, with which settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSettings {
+    pub plugin: String,
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineSettings {
+    pub name: String,
+    pub change_detection: StageSettings,
+    pub exclusions: Vec<StageSettings>,
+    pub codec: StageSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginSettings {
+    pub name: String,
+    pub kind: StageKind,
+    pub path: PathBuf,
+    pub memory_mib: u32,
+    pub deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepositorySettings {
+    pub name: String,
+    pub path: PathBuf,
+    pub max_tasks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxySettings {
+    pub name: String,
+    pub max_tasks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskSettings {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSettings {
+    pub name: String,
+    pub powered_off: bool,
+    pub disks: Vec<DiskSettings>,
+}
+
+/// Everything a session needs, resolved from the database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSettings {
+    pub name: String,
+    pub block_size: u32,
+    pub repository: RepositorySettings,
+    pub proxies: Vec<ProxySettings>,
+    pub pipeline: PipelineSettings,
+    pub vms: Vec<VmSettings>,
+    /// Third-party plugins the pipeline uses (built-ins are not listed).
+    pub plugins: Vec<PluginSettings>,
+}
+
+/// Defaults that exist without any configuration: the embedded proxy and
+/// the default pipeline.
+pub const DEFAULT_PROXY: &str = "local";
+pub const DEFAULT_PIPELINE: &str = "default";
+pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
+
+pub fn default_proxy() -> ProxySettings {
+    ProxySettings {
+        name: DEFAULT_PROXY.into(),
+        max_tasks: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+    }
+}
+
+pub fn default_pipeline() -> PipelineSettings {
+    let mut codec = toml::Table::new();
+    codec.insert("level".into(), toml::Value::Integer(3));
+    PipelineSettings {
+        name: DEFAULT_PIPELINE.into(),
+        change_detection: StageSettings {
+            plugin: "digest".into(),
+            settings: toml::Table::new(),
+        },
+        exclusions: Vec::new(),
+        codec: StageSettings {
+            plugin: "zstd".into(),
+            settings: codec,
+        },
+    }
+}
+
+/// Names become folder names in repositories: keep them plain.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}

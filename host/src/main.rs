@@ -1,0 +1,387 @@
+//! The `arca` command line: the backup operator's interface.
+
+use anyhow::{Context, Result, bail};
+use arca::config::{ConfigDb, file};
+use arca::plugin::{PluginRuntime, builtin};
+use arca::repository::Repository;
+use arca::restore::decoder::CodecBank;
+use arca::session::report::bytes;
+use arca::session::{SessionOptions, run_job};
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "arca",
+    version,
+    about = "Backups of virtual-machine disks through sandboxed WASM stages"
+)]
+struct Cli {
+    /// State folder: configuration database and compiled-plugin cache.
+    #[arg(long, env = "ARCA_HOME", global = true)]
+    home: Option<PathBuf>,
+    /// Compiled-plugin cache (default: HOME/cache).
+    #[arg(long, env = "ARCA_CACHE", global = true)]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a TOML config file into the configuration database.
+    Apply { file: PathBuf },
+    /// Backup jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// List restore points.
+    Points {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        repository: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a restore point of a disk to a raw image file, bit-exact.
+    Restore {
+        /// Restore point id (see `arca points`).
+        point: String,
+        /// Output raw image file.
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        repository: Option<String>,
+    },
+    /// Read every chunk of a repository and check it against its address.
+    Verify {
+        #[arg(long)]
+        repository: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent sessions.
+    Sessions {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Built-in and configured plugins.
+    Plugins,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Run a backup session of a job.
+    Run {
+        name: String,
+        /// Print the session report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads per task (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// List jobs.
+    List,
+}
+
+fn default_home() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/arca")
+    } else {
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/share/arca"))
+            .unwrap_or_else(|| PathBuf::from(".arca"))
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARCA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+struct Home {
+    db: PathBuf,
+    cache: PathBuf,
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let root = cli.home.unwrap_or_else(default_home);
+    let home = Home {
+        db: root.join("arca.db"),
+        cache: cli.cache.unwrap_or_else(|| root.join("cache")),
+    };
+    match cli.command {
+        Command::Apply { file: path } => apply(&home, &path),
+        Command::Job {
+            command:
+                JobCommand::Run {
+                    name,
+                    json,
+                    workers,
+                },
+        } => {
+            let db = ConfigDb::open(&home.db)?;
+            let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
+            let opts = SessionOptions {
+                workers_per_task: workers,
+                show_progress: !json && std::io::stderr().is_terminal(),
+            };
+            let report = run_job(&db, &runtime, &name, &opts)
+                .with_context(|| format!("session of job '{name}'"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.state == "success" { 0 } else { 1 })
+        }
+        Command::Job {
+            command: JobCommand::List,
+        } => {
+            let db = ConfigDb::open(&home.db)?;
+            for name in db.job_names()? {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Command::Points {
+            job,
+            vm,
+            repository,
+            json,
+        } => {
+            let db = ConfigDb::open(&home.db)?;
+            let mut rows = Vec::new();
+            for (repo_name, repo) in repositories(&db, repository.as_deref())? {
+                for p in repo.points()? {
+                    let m = &p.manifest;
+                    if job.as_ref().is_some_and(|j| *j != m.job)
+                        || vm.as_ref().is_some_and(|v| *v != m.vm)
+                    {
+                        continue;
+                    }
+                    rows.push(serde_json::json!({
+                        "point_id": m.point_id,
+                        "repository": repo_name,
+                        "job": m.job,
+                        "vm": m.vm,
+                        "disk": m.disk,
+                        "created": jiff::Timestamp::from_millisecond(m.created_unix_ms).map(|t| t.to_string()).unwrap_or_default(),
+                        "disk_size": m.disk_size,
+                        "block_size": m.block_size,
+                        "parent_point": m.parent_point,
+                        "consistency": m.consistency,
+                    }));
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<28} {:<12} {:<14} {:<10} {:>10} {:<24} KIND",
+                    "POINT", "JOB", "VM", "DISK", "SIZE", "CREATED"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<28} {:<12} {:<14} {:<10} {:>10} {:<24} {}",
+                        r["point_id"].as_str().unwrap_or(""),
+                        r["job"].as_str().unwrap_or(""),
+                        r["vm"].as_str().unwrap_or(""),
+                        r["disk"].as_str().unwrap_or(""),
+                        bytes(r["disk_size"].as_u64().unwrap_or(0)),
+                        r["created"].as_str().unwrap_or(""),
+                        if r["parent_point"].as_str().unwrap_or("").is_empty() {
+                            "full"
+                        } else {
+                            "incremental"
+                        }
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Restore {
+            point,
+            to,
+            force,
+            repository,
+        } => {
+            let db = ConfigDb::open(&home.db)?;
+            let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
+            let mut found = None;
+            for (_, repo) in repositories(&db, repository.as_deref())? {
+                if let Ok(p) = repo.find_point(&point) {
+                    found = Some((repo, p));
+                    break;
+                }
+            }
+            let Some((repo, entry)) = found else {
+                bail!("restore point '{point}' is in no configured repository (see `arca points`)");
+            };
+            let bank = CodecBank::new(repo, runtime);
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let stats = arca::restore::restore_to_file(
+                &bank,
+                &entry.manifest,
+                &to,
+                force,
+                workers,
+                &|_| {},
+            )?;
+            println!(
+                "restored {}/{}/{} point {} to {}: {} written, {} left sparse, {:.1} s ({:.0} MB/s)",
+                entry.manifest.job,
+                entry.manifest.vm,
+                entry.manifest.disk,
+                point,
+                to.display(),
+                bytes(stats.written_bytes),
+                bytes(stats.hole_bytes),
+                stats.seconds,
+                stats.disk_bytes as f64 / 1e6 / stats.seconds.max(1e-9)
+            );
+            Ok(0)
+        }
+        Command::Verify { repository, json } => {
+            let db = ConfigDb::open(&home.db)?;
+            let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let mut clean = true;
+            let mut reports = Vec::new();
+            for (name, repo) in repositories(&db, repository.as_deref())? {
+                let bank = CodecBank::new(repo.clone(), runtime.clone());
+                let r = arca::verify::verify(&repo, &bank, workers)?;
+                clean &= r.is_clean();
+                if !json {
+                    println!(
+                        "repository '{name}': {} restore point(s), {} chunk(s) checked: {}",
+                        r.restore_points,
+                        r.chunks_checked,
+                        if r.is_clean() { "clean" } else { "DAMAGED" }
+                    );
+                    for m in &r.damaged_manifests {
+                        println!("  damaged manifest {}: {}", m.path, m.reason);
+                    }
+                    for c in &r.damaged_chunks {
+                        println!(
+                            "  damaged chunk {}: {}; restore points hurt: {}",
+                            c.hash,
+                            c.reason,
+                            c.restore_points.join(", ")
+                        );
+                    }
+                }
+                reports.push(serde_json::json!({ "repository": name, "report": r }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            Ok(if clean { 0 } else { 1 })
+        }
+        Command::Sessions { limit, json } => {
+            let db = ConfigDb::open(&home.db)?;
+            let rows = db.sessions(limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for s in rows {
+                    let started = jiff::Timestamp::from_millisecond(s.started_ms)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default();
+                    println!("{:>5} {:<16} {:<10} {}", s.id, s.job, s.state, started);
+                }
+            }
+            Ok(0)
+        }
+        Command::Plugins => {
+            for b in builtin::BUILTINS {
+                println!(
+                    "{:<16} {:<17} built-in  {}",
+                    b.name,
+                    b.kind.to_string(),
+                    b.summary
+                );
+            }
+            let db = ConfigDb::open(&home.db)?;
+            for p in db.plugins()? {
+                println!(
+                    "{:<16} {:<17} {}",
+                    p.name,
+                    p.kind.to_string(),
+                    p.path.display()
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn apply(home: &Home, path: &Path) -> Result<i32> {
+    let mut db = ConfigDb::open(&home.db)?;
+    let parsed = file::load(path, &db.known()?)?;
+    let s = db.apply(&parsed)?;
+    println!(
+        "applied {}: {} repositories, {} proxies, {} vms, {} plugins, {} pipelines, {} jobs",
+        path.display(),
+        s.repositories,
+        s.proxies,
+        s.vms,
+        s.plugins,
+        s.pipelines,
+        s.jobs
+    );
+    Ok(0)
+}
+
+fn repositories(db: &ConfigDb, only: Option<&str>) -> Result<Vec<(String, Repository)>> {
+    let mut out = Vec::new();
+    let all = db.repositories()?;
+    if let Some(name) = only
+        && !all.iter().any(|r| r.name == name)
+    {
+        bail!(
+            "repository '{name}' is not configured (configured: {})",
+            all.iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for r in all {
+        if only.is_some_and(|o| o != r.name) {
+            continue;
+        }
+        match Repository::open(&r.path) {
+            Ok(repo) => out.push((r.name, repo)),
+            // A repository no session has written yet holds nothing to list.
+            Err(arca::repository::RepositoryError::NotARepository { .. }) if only.is_none() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}

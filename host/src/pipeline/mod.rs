@@ -1,0 +1,301 @@
+//! The source data mover of one task: runs the pipeline's stages over one
+//! snapshot disk and sends blocks to the target mover (seed steps 9 and 10).
+//!
+//! Order of work: the allocation map and the exclusion stages decide which
+//! blocks can hold anything worth keeping; the change-detection stage plans
+//! what to read; one reader thread reads batches in disk order; workers (one
+//! codec instance each, so a single disk uses every core) zero excluded
+//! ranges, drop zero blocks, hash, classify, ask the target which chunks it
+//! lacks, compress those and send them. The manifest is committed last.
+//!
+//! The host never trusts a plugin with a content address: digests are
+//! computed here, an "unchanged" answer is only accepted when the digest
+//! matches the previous restore point, and every allocated block must be
+//! either read or carried from the previous restore point.
+
+mod stats;
+mod worker;
+
+pub use stats::{StageClock, TaskStats};
+
+use crate::extent::{Extent, Geometry, normalize};
+use crate::plugin::detect::Detector;
+use crate::plugin::exclude::Excluder;
+use crate::plugin::{Plugin, PluginError};
+use crate::source::{Consistency, DiskRead};
+use arca_transport::{
+    CommitPoint, HASH_LEN, LinkError, MANIFEST_FORMAT_VERSION, Manifest, RegisterCodec, TargetLink,
+};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+/// Raw bytes per batch handed to a worker: large enough that a plugin call
+/// costs nothing next to the work, small enough to bound memory per worker.
+const BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("reading {disk} at offset {offset}: {source}")]
+    Read {
+        disk: String,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("allocation map of {disk}: {source}")]
+    Allocation {
+        disk: String,
+        source: std::io::Error,
+    },
+    #[error("change detection plugin '{plugin}' gave an unusable plan: {message}")]
+    BadPlan { plugin: String, message: String },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("task cancelled")]
+    Cancelled,
+}
+
+/// Everything the source mover needs to know about its task.
+pub struct TaskInput {
+    pub job: String,
+    pub vm: String,
+    pub disk_name: String,
+    pub disk: Arc<dyn DiskRead>,
+    pub block_size: u32,
+    pub previous: Option<Manifest>,
+    pub consistency: Consistency,
+    pub session_id: u64,
+    pub pipeline: String,
+    pub workers: usize,
+}
+
+impl TaskInput {
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.vm, self.disk_name)
+    }
+}
+
+/// The stage instances of one task (a fresh store each).
+pub struct Stages {
+    pub exclusions: Vec<Excluder>,
+    pub detector: Detector,
+    pub codec: Plugin,
+    pub codec_settings: Vec<(String, String)>,
+}
+
+pub struct TaskOutcome {
+    pub point_id: String,
+    pub stats: TaskStats,
+    pub notices: Vec<String>,
+}
+
+/// What happens to one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockPlan {
+    Hole,
+    Excluded,
+    Read,
+    Unchanged,
+}
+
+pub fn run(
+    input: &TaskInput,
+    stages: Stages,
+    link: &dyn TargetLink,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<TaskOutcome, TaskError> {
+    let result = run_inner(input, stages, link, progress);
+    if result.is_err() {
+        link.abort();
+    }
+    result
+}
+
+fn run_inner(
+    input: &TaskInput,
+    mut stages: Stages,
+    link: &dyn TargetLink,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<TaskOutcome, TaskError> {
+    let label = input.label();
+    let clock = StageClock::default();
+    let mut stats = TaskStats::default();
+    let mut notices = Vec::new();
+    let size = input.disk.size();
+    let geometry = Geometry {
+        disk_size: size,
+        block_size: input.block_size,
+    };
+    let blocks = geometry.block_count() as usize;
+    stats.disk_bytes = size;
+
+    let allocation = clock
+        .time("allocation-map", || input.disk.allocation())
+        .map_err(|source| TaskError::Allocation {
+            disk: label.clone(),
+            source,
+        })?;
+    let allocation = normalize(allocation, size);
+
+    let mut excluded = Vec::new();
+    for ex in &mut stages.exclusions {
+        let found = clock.time("exclusion", || {
+            ex.excluded(&label, input.disk.clone(), input.block_size)
+        })?;
+        let found = normalize(found, size);
+        stats.add_exclusion(ex.name(), found.iter().map(|e| e.length).sum());
+        excluded.extend(found);
+    }
+    let excluded = normalize(excluded, size);
+    stats.excluded_bytes = excluded.iter().map(|e| e.length).sum();
+
+    let previous = input.previous.as_ref().filter(|p| {
+        let fits = p.disk_size == size && p.block_size == input.block_size;
+        if !fits {
+            notices.push(format!(
+                "{label}: previous restore point {} has another size or block size; this backup reads the whole disk",
+                p.point_id
+            ));
+        }
+        fits
+    });
+    let plan = clock.time("change-detection", || {
+        stages.detector.plan(
+            &label,
+            size,
+            input.block_size,
+            &allocation,
+            None,
+            previous.map(|p| p.block_hashes.clone()),
+        )
+    })?;
+    let block_plan = make_block_plan(&geometry, &allocation, &excluded, &plan, previous.is_some())
+        .map_err(|message| TaskError::BadPlan {
+            plugin: stages.detector.name().to_owned(),
+            message,
+        })?;
+
+    let mut hashes = vec![0u8; blocks * HASH_LEN];
+    let mut resolved_early = 0u64;
+    for (i, p) in block_plan.iter().enumerate() {
+        let len = geometry.block_extent(i as u64).length;
+        match p {
+            BlockPlan::Unchanged => {
+                let prev = previous.expect("unchanged only with a previous point");
+                hashes[i * HASH_LEN..(i + 1) * HASH_LEN]
+                    .copy_from_slice(&prev.block_hashes[i * HASH_LEN..(i + 1) * HASH_LEN]);
+                stats.unchanged_bytes += len;
+                resolved_early += len;
+            }
+            BlockPlan::Hole => {
+                stats.hole_bytes += len;
+                resolved_early += len;
+            }
+            BlockPlan::Excluded => resolved_early += len,
+            BlockPlan::Read => {}
+        }
+    }
+    progress(resolved_early);
+
+    link.register_codec(RegisterCodec {
+        name: stages.codec.name.clone(),
+        hash: stages.codec.hash.to_vec(),
+        component: stages.codec.component.as_ref().clone(),
+    })?;
+
+    let detector = Mutex::new(stages.detector);
+    let shared = worker::Shared {
+        input,
+        geometry,
+        excluded: &excluded,
+        previous,
+        detector: &detector,
+        codec: &stages.codec,
+        codec_settings: &stages.codec_settings,
+        link,
+        clock: &clock,
+        progress,
+    };
+    let batches = worker::batches(&block_plan, &geometry, BATCH_BYTES);
+    let totals = worker::run_batches(&shared, batches, &mut hashes)?;
+    stats.absorb(&totals);
+    if totals.unchanged_claims_rejected > 0 {
+        notices.push(format!(
+            "{label}: change detection plugin '{}' called {} changed blocks unchanged; they were stored as new",
+            detector.lock().expect("detector lock").name(),
+            totals.unchanged_claims_rejected
+        ));
+    }
+
+    let manifest = Manifest {
+        format_version: MANIFEST_FORMAT_VERSION,
+        job: input.job.clone(),
+        vm: input.vm.clone(),
+        disk: input.disk_name.clone(),
+        point_id: String::new(),
+        created_unix_ms: 0,
+        disk_size: size,
+        block_size: input.block_size,
+        parent_point: previous.map(|p| p.point_id.clone()).unwrap_or_default(),
+        block_hashes: hashes,
+        consistency: input.consistency.as_str().into(),
+        session_id: input.session_id,
+        pipeline: input.pipeline.clone(),
+    };
+    let reply = clock.time("commit", || {
+        link.commit(CommitPoint {
+            manifest: Some(manifest),
+        })
+    })?;
+    stats.stored_bytes = reply.stored_bytes;
+    stats.new_chunks = reply.new_chunks;
+    stats.transferred_bytes = link.stats().sent_bytes;
+    stats.stage_seconds = clock.seconds();
+    Ok(TaskOutcome {
+        point_id: reply.point_id,
+        stats,
+        notices,
+    })
+}
+
+fn make_block_plan(
+    geometry: &Geometry,
+    allocation: &[Extent],
+    excluded: &[Extent],
+    plan: &crate::plugin::detect::Plan,
+    has_previous: bool,
+) -> Result<Vec<BlockPlan>, String> {
+    for e in plan.read.iter().chain(&plan.unchanged) {
+        if e.end() > geometry.disk_size || !geometry.is_block_aligned(e) {
+            return Err(format!(
+                "range {}+{} is not whole blocks of {} bytes inside the disk",
+                e.offset, e.length, geometry.block_size
+            ));
+        }
+    }
+    if !plan.unchanged.is_empty() && !has_previous {
+        return Err("blocks called unchanged, but there is no previous restore point".into());
+    }
+    let covered = geometry.blocks_covered(excluded);
+    let allocated = geometry.blocks_touched(allocation);
+    let read = geometry.blocks_touched(&normalize(plan.read.clone(), geometry.disk_size));
+    let unchanged = geometry.blocks_touched(&normalize(plan.unchanged.clone(), geometry.disk_size));
+    let mut out = Vec::with_capacity(covered.len());
+    for i in 0..covered.len() {
+        out.push(if covered[i] {
+            BlockPlan::Excluded
+        } else if read[i] {
+            BlockPlan::Read
+        } else if unchanged[i] {
+            BlockPlan::Unchanged
+        } else if allocated[i] {
+            return Err(format!(
+                "block {i} holds data but is neither read nor carried from the previous restore point"
+            ));
+        } else {
+            BlockPlan::Hole
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,409 @@
+//! The reader thread and the workers of one task.
+
+use super::{BlockPlan, StageClock, TaskError, TaskInput};
+use crate::extent::{Extent, Geometry, ranges_within};
+use crate::plugin::Plugin;
+use crate::plugin::codec::{Blocks, Codec};
+use crate::plugin::detect::Detector;
+use arca_transport::{Chunk, ChunkHash, ChunkQuery, HASH_LEN, Manifest, StoreChunks, TargetLink};
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub(super) struct Shared<'a> {
+    pub input: &'a TaskInput,
+    pub geometry: Geometry,
+    pub excluded: &'a [Extent],
+    pub previous: Option<&'a Manifest>,
+    pub detector: &'a Mutex<Detector>,
+    pub codec: &'a Plugin,
+    pub codec_settings: &'a Vec<(String, String)>,
+    pub link: &'a dyn TargetLink,
+    pub clock: &'a StageClock,
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+/// Consecutive blocks to read in one go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BatchSpan {
+    first: u64,
+    count: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Totals {
+    pub read_bytes: u64,
+    pub zero_bytes: u64,
+    pub unchanged_bytes: u64,
+    pub new_bytes: u64,
+    pub dedup_bytes: u64,
+    pub codec_in_bytes: u64,
+    pub codec_out_bytes: u64,
+    pub unchanged_claims_rejected: u64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.read_bytes += o.read_bytes;
+        self.zero_bytes += o.zero_bytes;
+        self.unchanged_bytes += o.unchanged_bytes;
+        self.new_bytes += o.new_bytes;
+        self.dedup_bytes += o.dedup_bytes;
+        self.codec_in_bytes += o.codec_in_bytes;
+        self.codec_out_bytes += o.codec_out_bytes;
+        self.unchanged_claims_rejected += o.unchanged_claims_rejected;
+    }
+}
+
+struct ReadBatch {
+    first: u64,
+    lengths: Vec<u32>,
+    data: Vec<u8>,
+}
+
+/// Per block of a batch: its address, or `None` for a zero block.
+struct DoneBatch {
+    first: u64,
+    hashes: Vec<Option<ChunkHash>>,
+}
+
+/// Splits the blocks to read into runs of consecutive blocks of at most
+/// `max_bytes` (at least one block).
+pub(super) fn batches(plan: &[BlockPlan], g: &Geometry, max_bytes: usize) -> Vec<BatchSpan> {
+    let per_batch = (max_bytes as u64 / u64::from(g.block_size)).max(1);
+    let mut out: Vec<BatchSpan> = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        if *p != BlockPlan::Read {
+            continue;
+        }
+        let i = i as u64;
+        match out.last_mut() {
+            Some(b) if b.first + b.count == i && b.count < per_batch => b.count += 1,
+            _ => out.push(BatchSpan { first: i, count: 1 }),
+        }
+    }
+    out
+}
+
+pub(super) fn run_batches(
+    sh: &Shared<'_>,
+    spans: Vec<BatchSpan>,
+    hashes: &mut [u8],
+) -> Result<Totals, TaskError> {
+    let workers = sh.input.workers.max(1);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<ReadBatch>(workers);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<DoneBatch>();
+        let stop = &stop;
+        let reader = scope.spawn(move || read_loop(sh, spans, work_tx, stop));
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let rx = work_rx.clone();
+            let tx = done_tx.clone();
+            handles.push(scope.spawn(move || {
+                let r = worker_loop(sh, rx, tx, stop);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                r
+            }));
+        }
+        drop((work_rx, done_tx));
+        for done in done_rx {
+            for (k, h) in done.hashes.iter().enumerate() {
+                if let Some(h) = h {
+                    let at = (done.first as usize + k) * HASH_LEN;
+                    hashes[at..at + HASH_LEN].copy_from_slice(h);
+                }
+            }
+        }
+        let mut totals = Totals::default();
+        let mut first_err: Option<TaskError> = None;
+        let mut keep = |e: TaskError| {
+            // A real cause beats the "cancelled" of the threads it stopped.
+            if first_err
+                .as_ref()
+                .is_none_or(|f| matches!(f, TaskError::Cancelled))
+            {
+                first_err = Some(e);
+            }
+        };
+        match reader.join().expect("reader thread does not panic") {
+            Ok(read) => totals.read_bytes += read,
+            Err(e) => keep(e),
+        }
+        for h in handles {
+            match h.join().expect("worker thread does not panic") {
+                Ok(t) => totals.add(&t),
+                Err(e) => keep(e),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(totals),
+        }
+    })
+}
+
+fn read_loop(
+    sh: &Shared<'_>,
+    spans: Vec<BatchSpan>,
+    tx: Sender<ReadBatch>,
+    stop: &AtomicBool,
+) -> Result<u64, TaskError> {
+    let mut read = 0u64;
+    for span in spans {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TaskError::Cancelled);
+        }
+        let start = sh.geometry.block_extent(span.first).offset;
+        let lengths: Vec<u32> = (span.first..span.first + span.count)
+            .map(|i| sh.geometry.block_extent(i).length as u32)
+            .collect();
+        let total: usize = lengths.iter().map(|l| *l as usize).sum();
+        let mut data = vec![0u8; total];
+        let got = sh
+            .clock
+            .time("read", || sh.input.disk.read_at(&mut data, start))
+            .map_err(|source| TaskError::Read {
+                disk: sh.input.label(),
+                offset: start,
+                source,
+            })?;
+        if got < total {
+            // The disk shrank under us: a snapshot must not do that.
+            return Err(TaskError::Read {
+                disk: sh.input.label(),
+                offset: start + got as u64,
+                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "disk ended early"),
+            });
+        }
+        read += total as u64;
+        if tx
+            .send(ReadBatch {
+                first: span.first,
+                lengths,
+                data,
+            })
+            .is_err()
+        {
+            // Every worker is gone; their error says why.
+            return Err(TaskError::Cancelled);
+        }
+    }
+    Ok(read)
+}
+
+fn worker_loop(
+    sh: &Shared<'_>,
+    rx: Receiver<ReadBatch>,
+    tx: Sender<DoneBatch>,
+    stop: &AtomicBool,
+) -> Result<Totals, TaskError> {
+    let mut codec = Codec::new(sh.codec, sh.codec_settings)?;
+    let mut totals = Totals::default();
+    for batch in rx {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TaskError::Cancelled);
+        }
+        let bytes = batch.data.len() as u64;
+        let done = process(sh, &mut codec, batch, &mut totals)?;
+        let _ = tx.send(done);
+        (sh.progress)(bytes);
+    }
+    Ok(totals)
+}
+
+/// Zero test that vectorizes (OR-fold over a page) and still stops at the
+/// first page with data, so data blocks cost almost nothing here.
+fn is_zero(block: &[u8]) -> bool {
+    block
+        .chunks(4096)
+        .all(|page| page.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+fn process(
+    sh: &Shared<'_>,
+    codec: &mut Codec,
+    mut batch: ReadBatch,
+    totals: &mut Totals,
+) -> Result<DoneBatch, TaskError> {
+    let n = batch.lengths.len();
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0usize);
+    for l in &batch.lengths {
+        offsets.push(offsets.last().expect("non-empty") + *l as usize);
+    }
+    let block = |k: usize| offsets[k]..offsets[k + 1];
+
+    if !sh.excluded.is_empty() {
+        for (k, &base) in offsets[..n].iter().enumerate() {
+            let ext = sh.geometry.block_extent(batch.first + k as u64);
+            for (a, b) in ranges_within(sh.excluded, ext) {
+                batch.data[base + a..base + b].fill(0);
+            }
+        }
+    }
+
+    let digests: Vec<Option<ChunkHash>> = sh.clock.time("hash", || {
+        (0..n)
+            .map(|k| {
+                let b = &batch.data[block(k)];
+                (!is_zero(b)).then(|| *blake3::hash(b).as_bytes())
+            })
+            .collect()
+    });
+
+    // Classify runs of consecutive non-zero blocks.
+    let mut is_new = vec![false; n];
+    sh.clock
+        .time("change-detection", || -> Result<(), TaskError> {
+            let mut det = sh.detector.lock().expect("detector lock");
+            let mut k = 0;
+            while k < n {
+                if digests[k].is_none() {
+                    k += 1;
+                    continue;
+                }
+                let start = k;
+                let mut flat = Vec::new();
+                while k < n
+                    && let Some(d) = &digests[k]
+                {
+                    flat.extend_from_slice(d);
+                    k += 1;
+                }
+                let flags = det.classify(batch.first + start as u64, &flat)?;
+                is_new[start..k].copy_from_slice(&flags);
+            }
+            Ok(())
+        })?;
+
+    let mut wanted: Vec<usize> = Vec::new();
+    for k in 0..n {
+        let len = batch.lengths[k] as u64;
+        let Some(d) = &digests[k] else {
+            totals.zero_bytes += len;
+            continue;
+        };
+        if !is_new[k] {
+            let prev = sh.previous.and_then(|p| p.block(batch.first + k as u64));
+            if prev.as_ref() == Some(d) {
+                totals.unchanged_bytes += len;
+                continue;
+            }
+            totals.unchanged_claims_rejected += 1;
+        }
+        totals.new_bytes += len;
+        wanted.push(k);
+    }
+
+    let mut missing: Vec<usize> = Vec::new();
+    if !wanted.is_empty() {
+        let mut query = Vec::with_capacity(wanted.len() * HASH_LEN);
+        for &k in &wanted {
+            query.extend_from_slice(digests[k].as_ref().expect("wanted blocks have digests"));
+        }
+        let reply = sh
+            .clock
+            .time("dedup", || sh.link.query(ChunkQuery { hashes: query }))?;
+        if reply.missing.len() != wanted.len() {
+            return Err(TaskError::Link(arca_transport::LinkError::Target(format!(
+                "asked about {} chunks, got {} answers",
+                wanted.len(),
+                reply.missing.len()
+            ))));
+        }
+        for (i, &k) in wanted.iter().enumerate() {
+            if reply.missing[i] {
+                missing.push(k);
+            } else {
+                totals.dedup_bytes += batch.lengths[k] as u64;
+            }
+        }
+    }
+
+    if !missing.is_empty() {
+        let mut raw = Blocks {
+            data: Vec::with_capacity(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
+            lengths: Vec::with_capacity(missing.len()),
+        };
+        for &k in &missing {
+            raw.data.extend_from_slice(&batch.data[block(k)]);
+            raw.lengths.push(batch.lengths[k]);
+        }
+        let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
+        let plugin = codec.plugin();
+        let mut chunks = Vec::with_capacity(missing.len());
+        let (mut raw_at, mut coded_at) = (0usize, 0usize);
+        for (i, &k) in missing.iter().enumerate() {
+            let raw_len = raw.lengths[i] as usize;
+            let coded_len = coded.lengths[i] as usize;
+            let raw_bytes = &raw.data[raw_at..raw_at + raw_len];
+            let coded_bytes = &coded.data[coded_at..coded_at + coded_len];
+            raw_at += raw_len;
+            coded_at += coded_len;
+            // Incompressible blocks are stored as they are: smaller, and
+            // readable without any codec.
+            let chunk = if coded_len < raw_len {
+                Chunk {
+                    hash: digests[k].expect("missing blocks have digests").to_vec(),
+                    codec: plugin.name.clone(),
+                    codec_hash: plugin.hash.to_vec(),
+                    raw_len: raw_len as u32,
+                    payload: coded_bytes.to_vec(),
+                }
+            } else {
+                Chunk {
+                    hash: digests[k].expect("missing blocks have digests").to_vec(),
+                    codec: "none".into(),
+                    codec_hash: Vec::new(),
+                    raw_len: raw_len as u32,
+                    payload: raw_bytes.to_vec(),
+                }
+            };
+            totals.codec_in_bytes += raw_len as u64;
+            totals.codec_out_bytes += chunk.payload.len() as u64;
+            chunks.push(chunk);
+        }
+        sh.clock
+            .time("transfer", || sh.link.store(StoreChunks { chunks }))?;
+    }
+
+    Ok(DoneBatch {
+        first: batch.first,
+        hashes: digests,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_runs_and_size() {
+        let g = Geometry {
+            disk_size: 10 * 1024,
+            block_size: 1024,
+        };
+        use BlockPlan::*;
+        let plan = [
+            Read, Read, Read, Hole, Read, Unchanged, Read, Read, Read, Read,
+        ];
+        let b = batches(&plan, &g, 2048);
+        let spans: Vec<(u64, u64)> = b.iter().map(|s| (s.first, s.count)).collect();
+        assert_eq!(spans, vec![(0, 2), (2, 1), (4, 1), (6, 2), (8, 2)]);
+    }
+
+    #[test]
+    fn zero_test_sees_a_single_set_byte() {
+        let mut b = vec![0u8; 4096 + 7];
+        assert!(is_zero(&b));
+        b[4100] = 1;
+        assert!(!is_zero(&b));
+        b[4100] = 0;
+        b[17] = 1;
+        assert!(!is_zero(&b));
+    }
+}

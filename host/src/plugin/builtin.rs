@@ -1,0 +1,42 @@
+//! Plugins that ship inside the `arca` binary, built for wasm32-wasip2 by
+//! `build.rs` from `plugins/`.
+
+use super::StageKind;
+
+pub struct Builtin {
+    pub name: &'static str,
+    pub kind: StageKind,
+    pub bytes: &'static [u8],
+    pub summary: &'static str,
+}
+
+pub const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "zstd",
+        kind: StageKind::Codec,
+        bytes: include_bytes!(concat!(env!("ARCA_PLUGIN_DIR"), "/arca_plugin_zstd.wasm")),
+        summary: "zstd compression, one frame per block (setting: level, default 3)",
+    },
+    Builtin {
+        name: "digest",
+        kind: StageKind::ChangeDetection,
+        bytes: include_bytes!(concat!(
+            env!("ARCA_PLUGIN_DIR"),
+            "/arca_plugin_digest_detect.wasm"
+        )),
+        summary: "incremental by block digests against the previous restore point; honours CBT when present",
+    },
+    Builtin {
+        name: "exclude-ranges",
+        kind: StageKind::Exclusion,
+        bytes: include_bytes!(concat!(
+            env!("ARCA_PLUGIN_DIR"),
+            "/arca_plugin_exclude_ranges.wasm"
+        )),
+        summary: "excludes byte ranges and whole partitions named in config (settings: ranges, partitions)",
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
+}

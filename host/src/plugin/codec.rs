@@ -1,0 +1,116 @@
+//! Codec stage: compresses blocks before they leave the proxy and decodes
+//! them at restore.
+
+use super::bindings::compression::{Compression, CompressionPre, arca::pipeline::types::Batch};
+use super::runtime::Instance;
+use super::{Plugin, PluginError};
+
+/// One instance of a codec plugin, owned by one worker.
+pub struct Codec {
+    inst: Instance<Compression>,
+}
+
+/// A coded or decoded batch: `data` with per-block `lengths`.
+pub struct Blocks {
+    pub data: Vec<u8>,
+    pub lengths: Vec<u32>,
+}
+
+impl Codec {
+    pub fn new(plugin: &Plugin, settings: &Vec<(String, String)>) -> Result<Self, PluginError> {
+        let pre = CompressionPre::new(plugin.pre.clone()).map_err(|e| PluginError::WrongWorld {
+            plugin: plugin.name.clone(),
+            expected: super::StageKind::Codec,
+            message: format!("{e:#}"),
+        })?;
+        let mut inst = Instance::new(plugin, |store| pre.instantiate(store))?;
+        inst.call("configure", |b, s| {
+            b.arca_pipeline_codec().call_configure(s, settings)
+        })?;
+        Ok(Self { inst })
+    }
+
+    pub fn plugin(&self) -> &Plugin {
+        &self.inst.plugin
+    }
+
+    /// Compresses each block on its own; returns the coded batch and hands
+    /// the input back so its buffer can be reused.
+    pub fn compress(&mut self, input: Blocks) -> Result<(Blocks, Blocks), PluginError> {
+        let batch = Batch {
+            data: input.data,
+            lengths: input.lengths,
+        };
+        let out = self.inst.call("compress", |b, s| {
+            b.arca_pipeline_codec().call_compress(s, &batch)
+        })?;
+        self.check_shape("compress", &out, batch.lengths.len(), None)?;
+        Ok((
+            Blocks {
+                data: out.data,
+                lengths: out.lengths,
+            },
+            Blocks {
+                data: batch.data,
+                lengths: batch.lengths,
+            },
+        ))
+    }
+
+    /// Decodes each block and checks that it has exactly its raw length.
+    pub fn decompress(
+        &mut self,
+        input: Blocks,
+        raw_lengths: &[u32],
+    ) -> Result<Blocks, PluginError> {
+        let batch = Batch {
+            data: input.data,
+            lengths: input.lengths,
+        };
+        let out = self.inst.call("decompress", |b, s| {
+            b.arca_pipeline_codec()
+                .call_decompress(s, &batch, raw_lengths)
+        })?;
+        self.check_shape("decompress", &out, raw_lengths.len(), Some(raw_lengths))?;
+        Ok(Blocks {
+            data: out.data,
+            lengths: out.lengths,
+        })
+    }
+
+    fn check_shape(
+        &self,
+        call: &'static str,
+        out: &Batch,
+        count: usize,
+        exact: Option<&[u32]>,
+    ) -> Result<(), PluginError> {
+        let bad = |message: String| PluginError::BadOutput {
+            plugin: self.inst.plugin.name.clone(),
+            call,
+            message,
+        };
+        if out.lengths.len() != count {
+            return Err(bad(format!(
+                "{} blocks in, {} out",
+                count,
+                out.lengths.len()
+            )));
+        }
+        let sum: u64 = out.lengths.iter().map(|l| u64::from(*l)).sum();
+        if sum != out.data.len() as u64 {
+            return Err(bad(format!(
+                "lengths add up to {sum} bytes but {} bytes came back",
+                out.data.len()
+            )));
+        }
+        if let Some(expected) = exact
+            && expected != out.lengths.as_slice()
+        {
+            return Err(bad(
+                "decoded block sizes differ from the recorded sizes".into()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,424 @@
+//! A backup session (seed steps 1–11 on one machine): reads the job from the
+//! configuration database, makes one task per VM disk, lets the scheduler
+//! place tasks on proxy and repository slots, snapshots each VM once, runs a
+//! source mover per task against a target mover on the repository, and
+//! reports.
+//!
+//! The embedded default runs the proxy and repository roles in this process
+//! and joins the movers with the in-process link.
+
+pub mod report;
+pub mod scheduler;
+
+use crate::config::{ConfigDb, DbError, JobSettings, StageSettings, VmSettings};
+use crate::pipeline::{self, Stages, TaskInput};
+use crate::plugin::codec::Codec;
+use crate::plugin::detect::Detector;
+use crate::plugin::exclude::Excluder;
+use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind, builtin};
+use crate::repository::{Repository, RepositoryError};
+use crate::source::DiskRead;
+use crate::source::image_file::{ImageSnapshot, sweep_orphans};
+use arca_transport::InProcessLink;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use report::{SessionReport, TaskReport, TaskState};
+use scheduler::Scheduler;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("plugin '{name}': cannot read {path}: {source}")]
+    PluginFile {
+        name: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct SessionOptions {
+    /// Worker threads per task (codec instances); 0 means one per core.
+    pub workers_per_task: usize,
+    pub show_progress: bool,
+}
+
+/// The pipeline's plugins, loaded once per session.
+struct LoadedPipeline {
+    detect: (Plugin, Vec<(String, String)>),
+    exclusions: Vec<(Plugin, Vec<(String, String)>)>,
+    codec: (Plugin, Vec<(String, String)>),
+}
+
+impl LoadedPipeline {
+    fn load(job: &JobSettings, runtime: &PluginRuntime) -> Result<Self, SessionError> {
+        let one = |stage: &StageSettings,
+                   kind: StageKind|
+         -> Result<(Plugin, Vec<(String, String)>), SessionError> {
+            let settings = crate::plugin::settings_to_wit(&stage.settings);
+            if let Some(b) = builtin::find(&stage.plugin) {
+                let p = runtime.load(b.name, b.kind, b.bytes.to_vec(), PluginLimits::default())?;
+                return Ok((p, settings));
+            }
+            let def = job
+                .plugins
+                .iter()
+                .find(|p| p.name == stage.plugin)
+                .ok_or_else(|| PluginError::Load {
+                    plugin: stage.plugin.clone(),
+                    message: "not a built-in plugin and not defined with [[plugin]]".into(),
+                })?;
+            let bytes = std::fs::read(&def.path).map_err(|source| SessionError::PluginFile {
+                name: def.name.clone(),
+                path: def.path.clone(),
+                source,
+            })?;
+            let limits = PluginLimits {
+                memory_bytes: (def.memory_mib as usize) << 20,
+                deadline: Duration::from_millis(def.deadline_ms),
+            };
+            Ok((runtime.load(&def.name, kind, bytes, limits)?, settings))
+        };
+        let p = &job.pipeline;
+        Ok(Self {
+            detect: one(&p.change_detection, StageKind::ChangeDetection)?,
+            exclusions: p
+                .exclusions
+                .iter()
+                .map(|s| one(s, StageKind::Exclusion))
+                .collect::<Result<_, _>>()?,
+            codec: one(&p.codec, StageKind::Codec)?,
+        })
+    }
+
+    /// Fresh stage instances for one task.
+    fn instantiate(&self) -> Result<Stages, PluginError> {
+        // Instantiating the codec once here surfaces a bad setting before any
+        // data is read; workers make their own instances.
+        drop(Codec::new(&self.codec.0, &self.codec.1)?);
+        Ok(Stages {
+            exclusions: self
+                .exclusions
+                .iter()
+                .map(|(p, s)| Excluder::new(p, s))
+                .collect::<Result<_, _>>()?,
+            detector: Detector::new(&self.detect.0, &self.detect.1)?,
+            codec: self.codec.0.clone(),
+            codec_settings: self.codec.1.clone(),
+        })
+    }
+}
+
+struct TaskSpec<'a> {
+    vm: &'a VmSettings,
+    disk_index: usize,
+}
+
+struct TaskDone {
+    index: usize,
+    proxy: String,
+    report: TaskReport,
+}
+
+pub fn run_job(
+    db: &ConfigDb,
+    runtime: &PluginRuntime,
+    job_name: &str,
+    opts: &SessionOptions,
+) -> Result<SessionReport, SessionError> {
+    let job = db.load_job(job_name)?;
+    let session_id = db.begin_session(&job.name)?;
+    let started = Instant::now();
+    let mut report = SessionReport {
+        session_id,
+        job: job.name.clone(),
+        state: "running".into(),
+        repository: job.repository.name.clone(),
+        started: jiff::Timestamp::now().to_string(),
+        duration_seconds: 0.0,
+        tasks: Vec::new(),
+        totals: Default::default(),
+        compression_ratio: 1.0,
+        dedup_ratio: 1.0,
+        read_mb_per_second: 0.0,
+        bottleneck: None,
+        notices: Vec::new(),
+        log: Vec::new(),
+    };
+    let result = run_tasks(db, runtime, &job, session_id, opts, &mut report);
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => report.finish(),
+        Err(e) => {
+            report.finish();
+            report.state = "failed".into();
+            report.notices.push(e.to_string());
+            let json = serde_json::to_string(&report).unwrap_or_default();
+            db.end_session(session_id, "failed", &json)?;
+            return Err(e);
+        }
+    }
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    db.end_session(session_id, &report.state, &json)?;
+    Ok(report)
+}
+
+fn run_tasks(
+    db: &ConfigDb,
+    runtime: &PluginRuntime,
+    job: &JobSettings,
+    session_id: u64,
+    opts: &SessionOptions,
+    report: &mut SessionReport,
+) -> Result<(), SessionError> {
+    let repo = Repository::open_or_create(&job.repository.path)?;
+    let swept = repo.sweep_staging()?;
+    if swept > 0 {
+        report.notices.push(format!(
+            "removed {swept} unfinished restore point(s) left in repository '{}' by an interrupted session",
+            job.repository.name
+        ));
+    }
+    let all_disks: Vec<_> = job
+        .vms
+        .iter()
+        .flat_map(|v| v.disks.iter().map(|d| d.path.clone()))
+        .collect();
+    for orphan in sweep_orphans(&all_disks) {
+        report.notices.push(format!(
+            "removed snapshot {} left by an interrupted session",
+            orphan.display()
+        ));
+    }
+    let pipeline = LoadedPipeline::load(job, runtime)?;
+
+    let tasks: Vec<TaskSpec> = job
+        .vms
+        .iter()
+        .flat_map(|vm| (0..vm.disks.len()).map(move |disk_index| TaskSpec { vm, disk_index }))
+        .collect();
+    let mut scheduler = Scheduler::new(&job.proxies, &job.repository, tasks.len());
+    report.log.push(format!(
+        "{} task(s); proxies: {}; repository '{}' with {} slot(s)",
+        tasks.len(),
+        job.proxies
+            .iter()
+            .map(|p| format!("{} ({} slots)", p.name, p.max_tasks))
+            .collect::<Vec<_>>()
+            .join(", "),
+        job.repository.name,
+        job.repository.max_tasks
+    ));
+    let workers = if opts.workers_per_task == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.workers_per_task
+    };
+    let bars = MultiProgress::with_draw_target(if opts.show_progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template(
+        "{prefix:>20} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+
+    // Snapshots are per VM (all disks at one instant) and shared by the VM's
+    // tasks; the last task to finish drops the snapshot, which removes it.
+    let mut snapshots: HashMap<&str, Arc<ImageSnapshot>> = HashMap::new();
+    let mut remaining: HashMap<&str, usize> = HashMap::new();
+    for t in &tasks {
+        *remaining.entry(t.vm.name.as_str()).or_default() += 1;
+    }
+    let queued_at = Instant::now();
+    let mut results: Vec<Option<TaskReport>> = vec![None; tasks.len()];
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<TaskDone>();
+    std::thread::scope(|scope| {
+        let mut running = 0usize;
+        loop {
+            while let Some(assign) = scheduler.next_assignment() {
+                let spec = &tasks[assign.task];
+                let vm = spec.vm;
+                let disk = &vm.disks[spec.disk_index];
+                report.log.push(format!(
+                    "task {}/{} assigned to proxy '{}' and repository '{}' after {:.1} s in queue",
+                    vm.name,
+                    disk.name,
+                    assign.proxy,
+                    job.repository.name,
+                    queued_at.elapsed().as_secs_f64()
+                ));
+                let snapshot = match snapshots.get(vm.name.as_str()) {
+                    Some(s) => Ok(s.clone()),
+                    None => {
+                        let paths: Vec<_> = vm.disks.iter().map(|d| d.path.clone()).collect();
+                        ImageSnapshot::take(&paths, &format!("s{session_id}"), vm.powered_off).map(
+                            |s| {
+                                let s = Arc::new(s);
+                                snapshots.insert(vm.name.as_str(), s.clone());
+                                s
+                            },
+                        )
+                    }
+                };
+                let queued = queued_at.elapsed().as_secs_f64();
+                let tx = done_tx.clone();
+                let bar = bars.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{}/{}", vm.name, disk.name));
+                let pipeline = &pipeline;
+                let repo = &repo;
+                running += 1;
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let mut tr = TaskReport {
+                        vm: vm.name.clone(),
+                        disk: disk.name.clone(),
+                        proxy: Some(assign.proxy.clone()),
+                        state: TaskState::Failed,
+                        error: None,
+                        restore_point: None,
+                        parent_point: None,
+                        consistency: None,
+                        queued_seconds: queued,
+                        seconds: 0.0,
+                        stats: None,
+                        notices: Vec::new(),
+                    };
+                    let outcome = snapshot.map_err(|e| e.to_string()).and_then(|snap| {
+                        run_one(
+                            job,
+                            session_id,
+                            vm,
+                            spec.disk_index,
+                            &snap,
+                            pipeline,
+                            repo,
+                            workers,
+                            &bar,
+                            &mut tr,
+                        )
+                    });
+                    match outcome {
+                        Ok(()) => tr.state = TaskState::Success,
+                        Err(e) => tr.error = Some(e),
+                    }
+                    tr.seconds = started.elapsed().as_secs_f64();
+                    bar.finish_and_clear();
+                    let _ = tx.send(TaskDone {
+                        index: assign.task,
+                        proxy: assign.proxy,
+                        report: tr,
+                    });
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            if let Some(reason) = scheduler.wait_reason() {
+                report
+                    .log
+                    .push(format!("{} task(s) waiting: {reason}", scheduler.waiting()));
+            }
+            let done = done_rx.recv().expect("a running task always reports");
+            running -= 1;
+            scheduler.release(&done.proxy);
+            let spec = &tasks[done.index];
+            let left = remaining.get_mut(spec.vm.name.as_str()).expect("counted");
+            *left -= 1;
+            if *left == 0 {
+                snapshots.remove(spec.vm.name.as_str());
+            }
+            results[done.index] = Some(done.report);
+        }
+    });
+    for r in results {
+        let r = r.expect("every task reported");
+        report.notices.extend(r.notices.iter().cloned());
+        let stats = r
+            .stats
+            .as_ref()
+            .map(|s| serde_json::to_string(s).unwrap_or_default());
+        db.record_task(
+            session_id,
+            &r.vm,
+            &r.disk,
+            r.proxy.as_deref(),
+            &job.repository.name,
+            if r.state == TaskState::Success {
+                "success"
+            } else {
+                "failed"
+            },
+            r.error.as_deref(),
+            stats.as_deref(),
+        )?;
+        if let (Some(point), Some(st)) = (&r.restore_point, &r.stats) {
+            db.record_point(
+                point,
+                session_id,
+                &job.name,
+                &r.vm,
+                &r.disk,
+                &job.repository.name,
+                st.disk_bytes,
+                st.stored_bytes,
+            )?;
+        }
+        report.tasks.push(r);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    job: &JobSettings,
+    session_id: u64,
+    vm: &VmSettings,
+    disk_index: usize,
+    snap: &ImageSnapshot,
+    pipeline: &LoadedPipeline,
+    repo: &Repository,
+    workers: usize,
+    bar: &ProgressBar,
+    tr: &mut TaskReport,
+) -> Result<(), String> {
+    let disk_name = &vm.disks[disk_index].name;
+    let previous = repo
+        .latest_point(&job.name, &vm.name, disk_name)
+        .map_err(|e| e.to_string())?;
+    tr.parent_point = previous.as_ref().map(|p| p.point_id.clone());
+    let disk: Arc<dyn DiskRead> = snap.disks[disk_index].clone();
+    bar.set_length(disk.size());
+    let input = TaskInput {
+        job: job.name.clone(),
+        vm: vm.name.clone(),
+        disk_name: disk_name.clone(),
+        disk,
+        block_size: job.block_size,
+        previous,
+        consistency: snap.consistency,
+        session_id,
+        pipeline: job.pipeline.name.clone(),
+        workers,
+    };
+    tr.consistency = Some(snap.consistency.as_str().into());
+    let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
+    let writer = repo.writer().map_err(|e| e.to_string())?;
+    let link = InProcessLink::new(writer);
+    let progress = |n: u64| bar.inc(n);
+    let outcome = pipeline::run(&input, stages, &link, &progress)
+        .map_err(|e| format!("{}: {e}", input.label()))?;
+    tr.restore_point = Some(outcome.point_id);
+    tr.stats = Some(outcome.stats);
+    tr.notices = outcome.notices;
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The resource scheduler (seed step 2): a task runs when both a proxy slot
+//! and a repository slot are free; otherwise it waits in a FIFO queue.
+//! Plain logic, no threads, so it is tested on its own.
+
+use crate::config::{ProxySettings, RepositorySettings};
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone)]
+struct Slots {
+    name: String,
+    max: u32,
+    running: u32,
+}
+
+impl Slots {
+    fn free(&self) -> bool {
+        self.running < self.max
+    }
+    fn load(&self) -> f64 {
+        f64::from(self.running) / f64::from(self.max.max(1))
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    proxies: Vec<Slots>,
+    repository: Slots,
+    queue: VecDeque<usize>,
+}
+
+/// A decision: task `task` runs on `proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub task: usize,
+    pub proxy: String,
+}
+
+impl Scheduler {
+    pub fn new(proxies: &[ProxySettings], repository: &RepositorySettings, tasks: usize) -> Self {
+        Self {
+            proxies: proxies
+                .iter()
+                .map(|p| Slots {
+                    name: p.name.clone(),
+                    max: p.max_tasks,
+                    running: 0,
+                })
+                .collect(),
+            repository: Slots {
+                name: repository.name.clone(),
+                max: repository.max_tasks,
+                running: 0,
+            },
+            queue: (0..tasks).collect(),
+        }
+    }
+
+    /// The next task that can start now, on the least-loaded proxy.
+    pub fn next_assignment(&mut self) -> Option<Assignment> {
+        if self.queue.is_empty() || !self.repository.free() {
+            return None;
+        }
+        let proxy = self
+            .proxies
+            .iter_mut()
+            .filter(|p| p.free())
+            .min_by(|a, b| {
+                a.load()
+                    .total_cmp(&b.load())
+                    .then_with(|| a.name.cmp(&b.name))
+            })?;
+        let task = self.queue.pop_front()?;
+        proxy.running += 1;
+        self.repository.running += 1;
+        Some(Assignment {
+            task,
+            proxy: proxy.name.clone(),
+        })
+    }
+
+    pub fn release(&mut self, proxy: &str) {
+        if let Some(p) = self.proxies.iter_mut().find(|p| p.name == proxy) {
+            p.running = p.running.saturating_sub(1);
+        }
+        self.repository.running = self.repository.running.saturating_sub(1);
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Why the head of the queue waits, for the session log.
+    pub fn wait_reason(&self) -> Option<String> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        if !self.repository.free() {
+            return Some(format!(
+                "repository '{}' has all {} task slots busy",
+                self.repository.name, self.repository.max
+            ));
+        }
+        Some("every proxy has all its task slots busy".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(name: &str, max: u32) -> ProxySettings {
+        ProxySettings {
+            name: name.into(),
+            max_tasks: max,
+        }
+    }
+
+    fn repo(max: u32) -> RepositorySettings {
+        RepositorySettings {
+            name: "r".into(),
+            path: "/r".into(),
+            max_tasks: max,
+        }
+    }
+
+    #[test]
+    fn spreads_over_proxies_and_queues_when_full() {
+        let mut s = Scheduler::new(&[proxy("a", 1), proxy("b", 2)], &repo(10), 5);
+        let got: Vec<_> = std::iter::from_fn(|| s.next_assignment()).collect();
+        assert_eq!(got.len(), 3, "three slots in all");
+        assert_eq!(got[0].proxy, "a");
+        assert_eq!(got[1].proxy, "b");
+        assert_eq!(s.waiting(), 2);
+        assert!(s.wait_reason().unwrap().contains("proxy"));
+        s.release("a");
+        assert_eq!(
+            s.next_assignment(),
+            Some(Assignment {
+                task: 3,
+                proxy: "a".into()
+            })
+        );
+    }
+
+    #[test]
+    fn repository_slots_bound_everything() {
+        let mut s = Scheduler::new(&[proxy("a", 8)], &repo(2), 4);
+        assert!(s.next_assignment().is_some() && s.next_assignment().is_some());
+        assert_eq!(s.next_assignment(), None);
+        assert!(s.wait_reason().unwrap().contains("repository 'r'"));
+        s.release("a");
+        assert_eq!(s.next_assignment().map(|a| a.task), Some(2));
+    }
+}

@@ -1,0 +1,297 @@
+//! Image-file VMs: a VM is a name with raw disk image files.
+//!
+//! The snapshot of a raw file is a reflink clone (FICLONE) beside it, which
+//! costs no copy and freezes the content at one instant. Where the filesystem
+//! cannot clone, the live file is read and the report says the restore point
+//! is consistent only if the VM was powered off.
+
+use super::{Consistency, DiskRead};
+use crate::extent::{Extent, normalize};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Marker in the names of snapshot clones, so that orphans can be found.
+const SNAPSHOT_MARK: &str = ".arca-snapshot-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("snapshot of {path}: {source}")]
+    Snapshot { path: PathBuf, source: io::Error },
+}
+
+/// A raw image file opened read-only.
+pub struct RawImage {
+    file: File,
+    size: u64,
+}
+
+impl RawImage {
+    pub fn open(path: &Path) -> Result<Self, SourceError> {
+        let open_err = |source| SourceError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(SourceError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            file,
+            size: meta.len(),
+        })
+    }
+}
+
+impl DiskRead for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn allocation(&self) -> io::Result<Vec<Extent>> {
+        data_extents(&self.file, self.size)
+    }
+}
+
+/// Data ranges of a file by SEEK_DATA/SEEK_HOLE, so that holes of sparse
+/// images are never read. A filesystem without hole support reports one
+/// data range, which is still correct.
+fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    let end = size as i64;
+    while pos < end {
+        // SAFETY: lseek on a file descriptor we own; no memory is touched.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(vec![Extent::new(0, size)]);
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push(Extent::new(data as u64, (hole.min(end) - data) as u64));
+        pos = hole;
+    }
+    Ok(normalize(out, size))
+}
+
+/// The snapshot of one image-file VM: one readable view per disk, and the
+/// clones to remove when it is dropped.
+pub struct ImageSnapshot {
+    pub disks: Vec<Arc<RawImage>>,
+    pub consistency: Consistency,
+    clones: Vec<PathBuf>,
+}
+
+impl ImageSnapshot {
+    /// Clones every disk at (as near as a filesystem allows) one instant.
+    /// `tag` makes clone names unique per session and process.
+    pub fn take(paths: &[PathBuf], tag: &str, powered_off: bool) -> Result<Self, SourceError> {
+        let mut snap = ImageSnapshot {
+            disks: Vec::new(),
+            consistency: Consistency::CrashConsistent,
+            clones: Vec::new(),
+        };
+        let mut clone_failed = false;
+        for path in paths {
+            // Opening the source first gives a clear error for a missing disk.
+            let source = RawImage::open(path)?;
+            if clone_failed || powered_off {
+                snap.disks.push(Arc::new(source));
+                continue;
+            }
+            let clone_path = clone_name(path, tag);
+            match reflink(path, &clone_path) {
+                Ok(()) => {
+                    snap.clones.push(clone_path.clone());
+                    snap.disks.push(Arc::new(RawImage::open(&clone_path)?));
+                }
+                Err(e) if is_unsupported(&e) => {
+                    clone_failed = true;
+                    snap.disks.push(Arc::new(source));
+                }
+                Err(source) => {
+                    return Err(SourceError::Snapshot {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if powered_off {
+            snap.consistency = Consistency::PoweredOff;
+        } else if clone_failed {
+            // Clones already made are dropped: a mix of clone and live reads
+            // would claim more consistency than it has.
+            snap.consistency = Consistency::PoweredOffOnly;
+            snap.disks.clear();
+            snap.remove_clones();
+            for path in paths {
+                snap.disks.push(Arc::new(RawImage::open(path)?));
+            }
+        }
+        Ok(snap)
+    }
+
+    fn remove_clones(&mut self) {
+        for clone in self.clones.drain(..) {
+            if let Err(e) = std::fs::remove_file(&clone)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!("could not remove snapshot clone {}: {e}", clone.display());
+            }
+        }
+    }
+}
+
+impl Drop for ImageSnapshot {
+    fn drop(&mut self) {
+        self.disks.clear();
+        self.remove_clones();
+    }
+}
+
+fn clone_name(path: &Path, tag: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{SNAPSHOT_MARK}{tag}-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    )
+}
+
+fn reflink(from: &Path, to: &Path) -> io::Result<()> {
+    let src = File::open(from)?;
+    let dst = OpenOptions::new().write(true).create_new(true).open(to)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both
+    // descriptors are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE as _, src.as_raw_fd()) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        drop(dst);
+        let _ = std::fs::remove_file(to);
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Removes snapshot clones left beside these disks by processes that no
+/// longer run; returns what it removed so the report can say so.
+pub fn sweep_orphans(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for path in paths {
+        let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
+            continue;
+        };
+        let prefix = format!("{}{SNAPSHOT_MARK}", base.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(process_alive) {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+pub(crate) fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn allocation_skips_holes_of_sparse_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let mut f = File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let img = RawImage::open(&path).unwrap();
+        let alloc = img.allocation().unwrap();
+        let data: u64 = alloc.iter().map(|e| e.length).sum();
+        assert!((1 << 20..8 << 20).contains(&data), "allocation {alloc:?}");
+        assert!(
+            alloc
+                .iter()
+                .any(|e| e.offset <= 8 << 20 && e.end() >= 9 << 20)
+        );
+    }
+
+    #[test]
+    fn snapshot_is_removed_on_drop_and_orphans_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::write(&path, vec![5u8; 4096]).unwrap();
+        let snap = ImageSnapshot::take(std::slice::from_ref(&path), "t1", false).unwrap();
+        assert_eq!(snap.disks.len(), 1);
+        drop(snap);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "only the disk remains");
+
+        // An orphan from a process that is gone (pid 0x7fff_fff0 cannot run).
+        let orphan = dir
+            .path()
+            .join(format!("d.raw{SNAPSHOT_MARK}old-{}", 0x7fff_fff0));
+        std::fs::write(&orphan, b"x").unwrap();
+        assert_eq!(sweep_orphans(&[path]), vec![orphan.clone()]);
+        assert!(!orphan.exists());
+    }
+}

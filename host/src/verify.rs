@@ -1,0 +1,108 @@
+//! Verify: reads every manifest and every chunk they reference, decodes each
+//! chunk and checks it against its address, and names what is damaged and
+//! which restore points it hurts.
+
+use crate::repository::{Repository, hex, manifest};
+use crate::restore::decoder::{CodecBank, Decoder};
+use arca_transport::{ChunkHash, HASH_LEN};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub restore_points: usize,
+    pub chunks_checked: usize,
+    pub damaged_manifests: Vec<DamagedManifest>,
+    pub damaged_chunks: Vec<DamagedChunk>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DamagedManifest {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DamagedChunk {
+    pub hash: String,
+    pub reason: String,
+    /// Restore points (`job/vm/disk@point`) that reference the chunk.
+    pub restore_points: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.damaged_manifests.is_empty() && self.damaged_chunks.is_empty()
+    }
+}
+
+pub fn verify(
+    repo: &Repository,
+    bank: &CodecBank,
+    workers: usize,
+) -> Result<VerifyReport, crate::repository::RepositoryError> {
+    let mut report = VerifyReport::default();
+    // chunk -> (raw length, restore points that use it)
+    let mut refs: BTreeMap<ChunkHash, (u32, Vec<String>)> = BTreeMap::new();
+    for path in repo.manifest_paths()? {
+        let m = match manifest::read(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                report.damaged_manifests.push(DamagedManifest {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        report.restore_points += 1;
+        let name = format!("{}/{}/{}@{}", m.job, m.vm, m.disk, m.point_id);
+        let geometry = crate::extent::Geometry {
+            disk_size: m.disk_size,
+            block_size: m.block_size,
+        };
+        for (i, h) in m.block_hashes.chunks_exact(HASH_LEN).enumerate() {
+            let hash: ChunkHash = h.try_into().expect("32 bytes");
+            if hash == crate::repository::HOLE {
+                continue;
+            }
+            let len = geometry.block_extent(i as u64).length as u32;
+            let entry = refs.entry(hash).or_insert_with(|| (len, Vec::new()));
+            if entry.1.last() != Some(&name) {
+                entry.1.push(name.clone());
+            }
+        }
+    }
+    let items: Vec<(ChunkHash, u32, Vec<String>)> = refs
+        .into_iter()
+        .map(|(h, (len, pts))| (h, len, pts))
+        .collect();
+    report.chunks_checked = items.len();
+    let next = AtomicUsize::new(0);
+    let damaged = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                let mut decoder = Decoder::new(bank.clone());
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((hash, len, points)) = items.get(i) else {
+                        return;
+                    };
+                    if let Err(e) = decoder.fetch(&[(*hash, *len)]) {
+                        damaged.lock().expect("damaged lock").push(DamagedChunk {
+                            hash: hex(hash),
+                            reason: e.reason,
+                            restore_points: points.clone(),
+                        });
+                    }
+                }
+            });
+        }
+    });
+    report.damaged_chunks = damaged.into_inner().expect("damaged lock");
+    report.damaged_chunks.sort_by(|a, b| a.hash.cmp(&b.hash));
+    Ok(report)
+}

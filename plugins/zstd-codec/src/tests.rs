@@ -1,0 +1,108 @@
+use super::*;
+
+fn codec(level: i32) -> Codec {
+    Codec {
+        level,
+        compressor: None,
+        decompressor: None,
+    }
+}
+
+fn batch(blocks: &[Vec<u8>]) -> Batch {
+    Batch {
+        data: blocks.concat(),
+        lengths: blocks.iter().map(|b| b.len() as u32).collect(),
+    }
+}
+
+fn settings(pairs: &[(&str, &str)]) -> Settings {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn sample() -> Vec<Vec<u8>> {
+    vec![
+        vec![0u8; 65536],
+        (0..70000u32).map(|i| (i * 7 % 251) as u8).collect(),
+        Vec::new(),
+        b"arca".repeat(1000),
+    ]
+}
+
+#[test]
+fn round_trip_keeps_blocks_independent() {
+    let blocks = sample();
+    let mut c = codec(3);
+    let packed = c.compress(&batch(&blocks)).unwrap();
+    assert_eq!(packed.lengths.len(), blocks.len());
+    assert_eq!(
+        packed.lengths.iter().map(|&l| l as usize).sum::<usize>(),
+        packed.data.len()
+    );
+    assert!(
+        packed.lengths[0] < 100,
+        "a zero block should shrink to a few bytes"
+    );
+
+    // Each compressed block is a frame of its own.
+    let second = &packed.data[packed.lengths[0] as usize..][..packed.lengths[1] as usize];
+    assert_eq!(zstd::bulk::decompress(second, 70000).unwrap(), blocks[1]);
+
+    let raw: Vec<u32> = blocks.iter().map(|b| b.len() as u32).collect();
+    let unpacked = c.decompress(&packed, &raw).unwrap();
+    assert_eq!(unpacked.lengths, raw);
+    assert_eq!(unpacked.data, blocks.concat());
+}
+
+#[test]
+fn decompress_rejects_a_wrong_raw_length() {
+    let blocks = sample();
+    let mut c = codec(1);
+    let packed = c.compress(&batch(&blocks)).unwrap();
+    let mut raw: Vec<u32> = blocks.iter().map(|b| b.len() as u32).collect();
+    raw[3] += 1;
+    let err = c.decompress(&packed, &raw).unwrap_err();
+    assert!(err.contains("block 3"), "{err}");
+    raw[3] -= 2;
+    let err = c.decompress(&packed, &raw).unwrap_err();
+    assert!(err.contains("block 3"), "{err}");
+}
+
+#[test]
+fn decompress_rejects_garbage_and_bad_shapes() {
+    let mut c = codec(3);
+    let garbage = Batch {
+        data: vec![1, 2, 3, 4],
+        lengths: vec![4],
+    };
+    assert!(
+        c.decompress(&garbage, &[10])
+            .unwrap_err()
+            .contains("block 0")
+    );
+    assert!(
+        c.decompress(&garbage, &[10, 10])
+            .unwrap_err()
+            .contains("raw lengths")
+    );
+    let bad = Batch {
+        data: vec![0; 4],
+        lengths: vec![5],
+    };
+    assert!(c.compress(&bad).unwrap_err().contains("add up"));
+}
+
+#[test]
+fn settings_are_validated() {
+    assert_eq!(parse_settings(&settings(&[])).unwrap(), 3);
+    assert_eq!(parse_settings(&settings(&[("level", "19")])).unwrap(), 19);
+    assert_eq!(parse_settings(&settings(&[("level", "-5")])).unwrap(), -5);
+    for bad in ["23", "fast", "", "3.5"] {
+        let err = parse_settings(&settings(&[("level", bad)])).unwrap_err();
+        assert!(err.starts_with("zstd codec: setting `level`"), "{err}");
+    }
+    let err = parse_settings(&settings(&[("levle", "3")])).unwrap_err();
+    assert!(err.contains("unknown setting `levle`"), "{err}");
+}

@@ -1,0 +1,217 @@
+//! Shared helpers: a private arca home per test, disk image makers, digests.
+
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn arca_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_arca")
+}
+
+pub fn plugin_path(file: &str) -> PathBuf {
+    Path::new(env!("ARCA_PLUGIN_DIR")).join(file)
+}
+
+/// A private arca installation: state folder, repository and disks in one
+/// temporary folder. Compiled plugins are cached across tests.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(arca_bin());
+        c.env("ARCA_HOME", self.path("home"))
+            .env(
+                "ARCA_CACHE",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache"),
+            )
+            .env_remove("ARCA_LOG");
+        c
+    }
+
+    pub fn arca(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run arca")
+    }
+
+    /// Runs arca and insists it succeeds.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.arca(args);
+        assert!(
+            out.status.success(),
+            "arca {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply(&self, toml: &str) -> String {
+        let path = self.path("arca.toml");
+        std::fs::write(&path, toml).unwrap();
+        self.ok(&["apply", path.to_str().unwrap()])
+    }
+
+    /// Runs a job with a JSON report.
+    pub fn run_job(&self, job: &str) -> (bool, serde_json::Value) {
+        let out = self.arca(&["job", "run", job, "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "no JSON report ({e}); status {}\nstdout: {text}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), report)
+    }
+
+    pub fn points(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["points", "--json"])).unwrap()
+    }
+}
+
+/// The standard config of a lab: one repository, the given VMs
+/// (`name -> disk paths`), one job per call.
+pub fn config(lab: &Lab, vms: &[(&str, &[&Path])], extra: &str) -> String {
+    let mut s = format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\nmax_tasks = 4\n\n",
+        lab.path("repo").display()
+    );
+    for (name, disks) in vms {
+        let list: Vec<String> = disks
+            .iter()
+            .map(|d| format!("\"{}\"", d.display()))
+            .collect();
+        s.push_str(&format!(
+            "[[vm]]\nname = \"{name}\"\ndisks = [{}]\n\n",
+            list.join(", ")
+        ));
+    }
+    s.push_str(extra);
+    s
+}
+
+/// A disk image with a realistic mix: compressible text, random data, zero
+/// runs written as data, and holes never written (sparse). Block-sized
+/// regions of each kind, chosen by a seeded generator.
+pub fn make_disk(path: &Path, size: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let region = 256 * 1024u64;
+    let words: Vec<&str> = "the quick brown fox jumps over lazy dog backup repository snapshot proxy session task restore point chunk block disk"
+        .split(' ')
+        .collect();
+    let mut off = 0;
+    while off < size {
+        let len = region.min(size - off);
+        let kind = rng.random_range(0..10);
+        let mut buf = vec![0u8; len as usize];
+        match kind {
+            0..=3 => {
+                // ~40% text-like
+                let mut pos = 0;
+                while pos < buf.len() {
+                    let w = words[rng.random_range(0..words.len())].as_bytes();
+                    let n = w.len().min(buf.len() - pos);
+                    buf[pos..pos + n].copy_from_slice(&w[..n]);
+                    pos += n;
+                    if pos < buf.len() {
+                        buf[pos] = b' ';
+                        pos += 1;
+                    }
+                }
+            }
+            4..=5 => rng.fill_bytes(&mut buf),
+            6 => {} // zeros written as data
+            _ => {
+                off += len; // hole
+                continue;
+            }
+        }
+        f.write_all_at(&buf, off).unwrap();
+        off += len;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Overwrites `count` runs of random bytes at seeded places.
+pub fn change_disk(path: &Path, count: usize, run: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut f = OpenOptions::new().write(true).open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    for _ in 0..count {
+        let at = rng.random_range(0..size - run as u64);
+        let mut buf = vec![0u8; run];
+        rng.fill_bytes(&mut buf);
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+pub fn sha256(path: &Path) -> String {
+    let mut f = File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Bytes a file really occupies on disk.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Total size of all chunk files in a repository.
+pub fn chunk_bytes(repo: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                total += walk(&path);
+            } else {
+                total += std::fs::metadata(&path).unwrap().len();
+            }
+        }
+        total
+    }
+    walk(&repo.join("chunks"))
+}
+
+pub fn point_of<'a>(
+    points: &'a [serde_json::Value],
+    vm: &str,
+    disk: &str,
+) -> Vec<&'a serde_json::Value> {
+    points
+        .iter()
+        .filter(|p| p["vm"] == vm && p["disk"] == disk)
+        .collect()
+}

@@ -1,0 +1,106 @@
+//! Damage in the repository is found by verify and stops restore from
+//! writing anything.
+
+use crate::common::*;
+use std::os::unix::fs::FileExt;
+
+fn backed_up_lab() -> (Lab, String) {
+    let lab = Lab::new();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 16 * MIB, 9);
+    lab.apply(&config(
+        &lab,
+        &[("web01", &[disk.as_path()])],
+        "[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n",
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
+    (lab, point)
+}
+
+fn some_chunk(lab: &Lab) -> std::path::PathBuf {
+    let mut all: Vec<_> = walk(&lab.path("repo/chunks"));
+    all.sort();
+    all.remove(all.len() / 2)
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_corrupt_chunk_is_named_by_verify_and_fails_restore() {
+    let (lab, point) = backed_up_lab();
+    let chunk = some_chunk(&lab);
+    let hash = chunk.file_name().unwrap().to_str().unwrap().to_owned();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&chunk)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut byte = [0u8];
+    std::fs::File::open(&chunk)
+        .unwrap()
+        .read_exact_at(&mut byte, len - 10)
+        .unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], len - 10).unwrap();
+    drop(f);
+
+    let out = lab.arca(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "verify must fail on damage");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("damaged chunk {hash}")), "{text}");
+    assert!(
+        text.contains(&point),
+        "verify names the restore point hurt: {text}"
+    );
+
+    let target = lab.path("out.raw");
+    let r = lab.arca(&["restore", &point, "--to", target.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains(&hash) && err.contains("nothing was restored"),
+        "{err}"
+    );
+    assert!(!target.exists(), "no partial output is left behind");
+}
+
+#[test]
+fn a_missing_chunk_and_a_damaged_manifest_are_reported() {
+    let (lab, point) = backed_up_lab();
+    let chunk = some_chunk(&lab);
+    std::fs::remove_file(&chunk).unwrap();
+    let out = lab.arca(&["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("missing from the repository"));
+
+    let manifest = walk(&lab.path("repo/points")).pop().unwrap();
+    let bytes = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = lab.arca(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let damaged = &report[0]["report"]["damaged_manifests"];
+    assert_eq!(damaged.as_array().unwrap().len(), 1, "{report:#}");
+    assert!(
+        damaged[0]["reason"].as_str().unwrap().contains("damaged")
+            || damaged[0]["reason"].as_str().unwrap().contains("truncated")
+    );
+    let r = lab.arca(&[
+        "restore",
+        &point,
+        "--to",
+        lab.path("o.raw").to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `arca` binary against real files, real
+//! processes and real plugins.
+
+mod common;
+
+mod backup_restore;
+mod config_errors;
+mod crash;
+mod damage;
+mod hostile;

@@ -1,0 +1,115 @@
+//! The link between a source mover and a target mover.
+//!
+//! `TargetLink` is what the source mover talks to; `TargetMover` is what the
+//! repository side implements. The embedded default joins them in-process;
+//! a network link (QUIC) implements `TargetLink` by encoding the same
+//! messages. Links count what would cross the wire so that the session report
+//! shows transferred bytes the same way for every link.
+
+use crate::messages::{
+    ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, RegisterCodec, StoreChunks,
+};
+use prost::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The target refused or failed the request; the message says why.
+    #[error("target mover: {0}")]
+    Target(String),
+    /// The link itself broke (connection lost, peer gone).
+    #[error("link to target mover lost: {0}")]
+    Lost(String),
+}
+
+/// Repository side of the protocol. Implementations must be safe to call from
+/// several source workers at once.
+pub trait TargetMover: Send + Sync {
+    fn query(&self, query: ChunkQuery) -> Result<ChunkQueryReply, LinkError>;
+    fn store(&self, chunks: StoreChunks) -> Result<(), LinkError>;
+    fn register_codec(&self, codec: RegisterCodec) -> Result<(), LinkError>;
+    /// Makes everything stored durable, then the manifest visible.
+    fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError>;
+    /// Drops everything stored by this mover that no commit made visible.
+    fn abort(&self);
+}
+
+/// Source side of the protocol.
+pub trait TargetLink: Send + Sync {
+    fn query(&self, query: ChunkQuery) -> Result<ChunkQueryReply, LinkError>;
+    fn store(&self, chunks: StoreChunks) -> Result<(), LinkError>;
+    fn register_codec(&self, codec: RegisterCodec) -> Result<(), LinkError>;
+    fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError>;
+    fn abort(&self);
+    fn stats(&self) -> LinkStats;
+}
+
+/// Bytes a link carried, counted as encoded protobuf.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// The embedded default: the target mover runs in this process and messages
+/// are handed over by value, never encoded.
+pub struct InProcessLink<T: TargetMover> {
+    target: T,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl<T: TargetMover> InProcessLink<T> {
+    pub fn new(target: T) -> Self {
+        Self {
+            target,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
+    }
+
+    pub fn target(&self) -> &T {
+        &self.target
+    }
+
+    fn count<M: Message>(&self, counter: &AtomicU64, message: &M) {
+        counter.fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: TargetMover> TargetLink for InProcessLink<T> {
+    fn query(&self, query: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
+        self.count(&self.sent, &query);
+        let reply = self.target.query(query)?;
+        self.count(&self.received, &reply);
+        Ok(reply)
+    }
+
+    fn store(&self, chunks: StoreChunks) -> Result<(), LinkError> {
+        self.count(&self.sent, &chunks);
+        self.target.store(chunks)
+    }
+
+    fn register_codec(&self, codec: RegisterCodec) -> Result<(), LinkError> {
+        self.count(&self.sent, &codec);
+        self.target.register_codec(codec)
+    }
+
+    fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError> {
+        self.count(&self.sent, &commit);
+        let reply = self.target.commit(commit)?;
+        self.count(&self.received, &reply);
+        Ok(reply)
+    }
+
+    fn abort(&self) {
+        self.target.abort()
+    }
+
+    fn stats(&self) -> LinkStats {
+        LinkStats {
+            sent_bytes: self.sent.load(Ordering::Relaxed),
+            received_bytes: self.received.load(Ordering::Relaxed),
+        }
+    }
+}

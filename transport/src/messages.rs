@@ -1,0 +1,168 @@
+//! Protobuf messages exchanged by data movers, and the restore-point manifest.
+//!
+//! Messages are declared with `prost` derives instead of `.proto` files so
+//! that building arca needs no `protoc`; the tags are the wire contract and
+//! must never be reused.
+
+/// Length of a chunk address: BLAKE3 of the plaintext block.
+pub const HASH_LEN: usize = 32;
+
+/// Version of the `Manifest` layout written by this build.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+
+pub type ChunkHash = [u8; HASH_LEN];
+
+/// Source → target: which of these chunks do you lack? Sent once per batch so
+/// that blocks the repository already has are neither compressed nor sent.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ChunkQuery {
+    /// Concatenated 32-byte addresses.
+    #[prost(bytes = "vec", tag = "1")]
+    pub hashes: Vec<u8>,
+}
+
+/// Target → source: one flag per queried address, true when it is missing.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ChunkQueryReply {
+    #[prost(bool, repeated, tag = "1")]
+    pub missing: Vec<bool>,
+}
+
+/// One stored block: its address, how it is coded, and the coded bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Chunk {
+    #[prost(bytes = "vec", tag = "1")]
+    pub hash: Vec<u8>,
+    /// Codec name (`none` for blocks stored as they are).
+    #[prost(string, tag = "2")]
+    pub codec: String,
+    /// BLAKE3 of the codec component that coded the payload; empty for `none`.
+    #[prost(bytes = "vec", tag = "3")]
+    pub codec_hash: Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub raw_len: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub payload: Vec<u8>,
+}
+
+/// Source → target: chunks to store. Fire and forget: the commit is the
+/// barrier that says whether they all arrived and became durable.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoreChunks {
+    #[prost(message, repeated, tag = "1")]
+    pub chunks: Vec<Chunk>,
+}
+
+/// Source → target: keep a copy of the codec component so that chunks coded
+/// with it can be decoded years later.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RegisterCodec {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub hash: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub component: Vec<u8>,
+}
+
+/// A restore point of one disk: every block, by address. Every restore point
+/// is a logical full; holes (zero or excluded blocks) have an all-zero address.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Manifest {
+    #[prost(uint32, tag = "1")]
+    pub format_version: u32,
+    #[prost(string, tag = "2")]
+    pub job: String,
+    #[prost(string, tag = "3")]
+    pub vm: String,
+    #[prost(string, tag = "4")]
+    pub disk: String,
+    /// Assigned by the repository at commit.
+    #[prost(string, tag = "5")]
+    pub point_id: String,
+    #[prost(int64, tag = "6")]
+    pub created_unix_ms: i64,
+    #[prost(uint64, tag = "7")]
+    pub disk_size: u64,
+    #[prost(uint32, tag = "8")]
+    pub block_size: u32,
+    /// The restore point this one was made incremental to, if any.
+    #[prost(string, tag = "9")]
+    pub parent_point: String,
+    /// 32 bytes per block, in block order.
+    #[prost(bytes = "vec", tag = "10")]
+    pub block_hashes: Vec<u8>,
+    /// How consistent the snapshot was (`crash-consistent`, `powered-off-only`, ...).
+    #[prost(string, tag = "11")]
+    pub consistency: String,
+    #[prost(uint64, tag = "12")]
+    pub session_id: u64,
+    #[prost(string, tag = "13")]
+    pub pipeline: String,
+}
+
+impl Manifest {
+    pub fn block_count(&self) -> u64 {
+        if self.block_size == 0 {
+            return 0;
+        }
+        self.disk_size.div_ceil(u64::from(self.block_size))
+    }
+
+    /// Address of block `index`, or `None` for a hole.
+    pub fn block(&self, index: u64) -> Option<ChunkHash> {
+        let start = usize::try_from(index).ok()?.checked_mul(HASH_LEN)?;
+        let raw: ChunkHash = self
+            .block_hashes
+            .get(start..start + HASH_LEN)?
+            .try_into()
+            .ok()?;
+        (raw != [0u8; HASH_LEN]).then_some(raw)
+    }
+}
+
+/// Source → target: all blocks are sent; make the restore point visible.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitPoint {
+    #[prost(message, optional, tag = "1")]
+    pub manifest: Option<Manifest>,
+}
+
+/// Target → source: the restore point is durable and visible.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitReply {
+    #[prost(string, tag = "1")]
+    pub point_id: String,
+    /// Chunks that this commit added to the repository.
+    #[prost(uint64, tag = "2")]
+    pub new_chunks: u64,
+    /// Bytes those chunks occupy on the repository.
+    #[prost(uint64, tag = "3")]
+    pub stored_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn manifest_round_trips_and_reads_holes() {
+        let mut hashes = vec![0u8; 3 * HASH_LEN];
+        hashes[HASH_LEN..2 * HASH_LEN].fill(7);
+        let m = Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            job: "j".into(),
+            disk_size: 2 * 1024 + 1,
+            block_size: 1024,
+            block_hashes: hashes,
+            ..Default::default()
+        };
+        let decoded = Manifest::decode(m.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, m);
+        assert_eq!(decoded.block_count(), 3);
+        assert_eq!(decoded.block(0), None);
+        assert_eq!(decoded.block(1), Some([7u8; HASH_LEN]));
+        assert_eq!(decoded.block(3), None);
+    }
+}
