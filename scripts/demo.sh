@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "demo: building arca (the first build compiles wasmtime: a few minutes)"
 cargo build --release --quiet
-arca() { ./target/release/arca "$@"; }
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+arca() { "$target_dir/release/arca" "$@"; }
 
 demo=target/demo
 rm -rf "$demo"
@@ -23,7 +24,9 @@ truncate -s 256M "$disk"
 off=0
 for src in /usr/share/doc /usr/lib/x86_64-linux-gnu /usr/share/locale; do
   if [ -d "$src" ]; then
-    tar -cf - "$src" 2>/dev/null | head -c 48M | dd of="$disk" bs=1M seek=$off conv=notrunc status=none
+    # tar is cut off by head on purpose: its SIGPIPE is not a failure.
+    { tar -cf - "$src" 2>/dev/null || true; } | head -c 48M |
+      dd of="$disk" bs=1M seek=$off conv=notrunc iflag=fullblock status=none
     off=$((off + 64))
   fi
 done
