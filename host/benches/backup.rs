@@ -96,6 +96,21 @@ fn main() {
         incr_s / full_s
     );
 
+    // The "just compress it" limit from the product goals, same image, same run.
+    let t = Instant::now();
+    let status = Command::new("zstd")
+        .args(["-1", "-T2", "-q", "-f", "-c"])
+        .arg(&disk)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => {
+            let z = t.elapsed().as_secs_f64();
+            println!("zstd -1 -T2 of the image: {z:.2} s; arca full backup / zstd = {:.2}", full_s / z);
+        }
+        _ => println!("zstd CLI not found: no reference run"),
+    }
+
     codec_ratio(&disk, data_bytes);
 }
 
