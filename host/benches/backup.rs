@@ -106,7 +106,10 @@ fn main() {
     match status {
         Ok(s) if s.success() => {
             let z = t.elapsed().as_secs_f64();
-            println!("zstd -1 -T2 of the image: {z:.2} s; arca full backup / zstd = {:.2}", full_s / z);
+            println!(
+                "zstd -1 -T2 of the image: {z:.2} s; arca full backup / zstd = {:.2}",
+                full_s / z
+            );
         }
         _ => println!("zstd CLI not found: no reference run"),
     }

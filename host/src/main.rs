@@ -7,6 +7,7 @@ use arca::repository::Repository;
 use arca::restore::decoder::CodecBank;
 use arca::session::report::bytes;
 use arca::session::{SessionOptions, run_job};
+use arca::source::qemu_export::DiskFormat;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ enum Command {
         /// Overwrite the output file if it exists.
         #[arg(long)]
         force: bool,
+        /// Output format: raw, qcow2 or vhdx (default: from the file extension).
+        #[arg(long)]
+        format: Option<String>,
         #[arg(long)]
         repository: Option<String>,
     },
@@ -229,8 +233,18 @@ fn run(cli: Cli) -> Result<i32> {
             point,
             to,
             force,
+            format,
             repository,
         } => {
+            let format = match format {
+                Some(f) => f.parse::<DiskFormat>().map_err(anyhow::Error::msg)?,
+                None => DiskFormat::from_extension(&to),
+            };
+            if format == DiskFormat::Vmdk {
+                bail!(
+                    "restore writes raw, qcow2 or vhdx; convert to vmdk with qemu-img if you need it"
+                );
+            }
             let db = ConfigDb::open(&home.db)?;
             let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
             let mut found = None;
@@ -245,10 +259,11 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let bank = CodecBank::new(repo, runtime);
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let stats = arca::restore::restore_to_file(
+            let stats = arca::restore::restore_to_image(
                 &bank,
                 &entry.manifest,
                 &to,
+                format,
                 force,
                 workers,
                 &|_| {},

@@ -42,6 +42,7 @@ impl Lab {
                 "ARCA_CACHE",
                 Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache"),
             )
+            .env("ARCA_EXPORT_DIR", self.path("exports"))
             .env_remove("ARCA_LOG");
         c
     }

@@ -7,4 +7,6 @@ mod backup_restore;
 mod config_errors;
 mod crash;
 mod damage;
+mod formats;
 mod hostile;
+mod snapshot;

@@ -100,7 +100,7 @@ impl ConfigDb {
                  CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS disks (vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
-                     name TEXT NOT NULL, path TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (vm, name));
+                     name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (vm, name));
                  CREATE TABLE IF NOT EXISTS plugins (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
                      memory_mib INTEGER NOT NULL, deadline_ms INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, stages TEXT NOT NULL);
@@ -233,8 +233,8 @@ impl ConfigDb {
                 .map_err(err)?;
             for (i, d) in v.disks.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO disks (vm, name, path, position) VALUES (?1, ?2, ?3, ?4)",
-                    params![v.name, d.name, d.path.to_string_lossy(), i as i64],
+                    "INSERT INTO disks (vm, name, path, format, position) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![v.name, d.name, d.path.to_string_lossy(), d.format.driver(), i as i64],
                 )
                 .map_err(err)?;
             }
@@ -455,18 +455,23 @@ impl ConfigDb {
                 .ok_or_else(|| corrupt(format!("job '{name}' names missing vm '{vm}'")))?;
             let mut stmt = self
                 .conn
-                .prepare("SELECT name, path FROM disks WHERE vm = ?1 ORDER BY position")
+                .prepare("SELECT name, path, format FROM disks WHERE vm = ?1 ORDER BY position")
                 .map_err(self.err())?;
-            let disks = stmt
-                .query_map([&vm], |r| {
-                    Ok(DiskSettings {
-                        name: r.get(0)?,
-                        path: r.get::<_, String>(1)?.into(),
-                    })
-                })
+            let rows: Vec<(String, String, String)> = stmt
+                .query_map([&vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(self.err())?
                 .collect::<Result<_, _>>()
                 .map_err(self.err())?;
+            let mut disks = Vec::new();
+            for (dname, path, format) in rows {
+                disks.push(DiskSettings {
+                    name: dname,
+                    path: path.into(),
+                    format: format
+                        .parse()
+                        .map_err(|e: String| corrupt(format!("vm '{vm}': {e}")))?,
+                });
+            }
             vms.push(VmSettings {
                 name: vm,
                 powered_off,

@@ -7,6 +7,7 @@ use super::{
     RepositorySettings, StageSettings, VmSettings, parse_size, valid_name,
 };
 use crate::plugin::StageKind;
+use crate::source::qemu_export::DiskFormat;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,11 @@ struct RawVm {
 #[serde(untagged)]
 enum RawDisk {
     Path(PathBuf),
-    Named { name: String, path: PathBuf },
+    Named {
+        name: Option<String>,
+        path: PathBuf,
+        format: Option<DiskFormat>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -249,9 +254,13 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
         }
         let mut disks = Vec::new();
         for (i, d) in v.disks.iter().enumerate() {
-            let (dname, dpath) = match d {
-                RawDisk::Path(p) => (format!("disk{i}"), p),
-                RawDisk::Named { name, path } => (name.clone(), path),
+            let (dname, dpath, format) = match d {
+                RawDisk::Path(p) => (format!("disk{i}"), p, DiskFormat::from_extension(p)),
+                RawDisk::Named { name, path, format } => (
+                    name.clone().unwrap_or_else(|| format!("disk{i}")),
+                    path,
+                    format.unwrap_or_else(|| DiskFormat::from_extension(path)),
+                ),
             };
             if !valid_name(&dname) || disks.iter().any(|x: &DiskSettings| x.name == dname) {
                 return cx.invalid(
@@ -262,6 +271,7 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
             disks.push(DiskSettings {
                 name: dname,
                 path: cx.resolve(dpath),
+                format,
             });
         }
         vms.insert(name.clone());

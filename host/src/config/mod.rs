@@ -56,6 +56,7 @@ pub struct ProxySettings {
 pub struct DiskSettings {
     pub name: String,
     pub path: PathBuf,
+    pub format: crate::source::qemu_export::DiskFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 pub mod decoder;
 
 use crate::extent::Geometry;
+use crate::source::qemu_export::{DiskFormat, QemuExport};
 use arca_transport::{ChunkHash, Manifest};
 use decoder::{ChunkError, CodecBank, Decoder};
 use std::fs::OpenOptions;
@@ -28,6 +29,8 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("output image {path}: {message}")]
+    Image { path: PathBuf, message: String },
     #[error("restore point {point}: {source}; nothing was restored")]
     Chunk { point: String, source: ChunkError },
 }
@@ -40,11 +43,80 @@ pub struct RestoreStats {
     pub seconds: f64,
 }
 
+/// Restores into an image of any format arca writes: raw directly; qcow2 and
+/// vhdx through a writable QEMU export of a new, empty image (unwritten
+/// blocks stay unallocated). On failure the output is removed.
+pub fn restore_to_image(
+    bank: &CodecBank,
+    manifest: &Manifest,
+    out: &Path,
+    format: DiskFormat,
+    force: bool,
+    workers: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<RestoreStats, RestoreError> {
+    if out.exists() && !force {
+        return Err(RestoreError::Exists {
+            path: out.to_owned(),
+        });
+    }
+    if format == DiskFormat::Raw {
+        return restore_to_file(bank, manifest, out, Output::NewRaw, workers, progress);
+    }
+    let _ = std::fs::remove_file(out);
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", format.driver()])
+        .arg(out)
+        .arg(manifest.disk_size.to_string())
+        .output()
+        .map_err(|e| RestoreError::Image {
+            path: out.to_owned(),
+            message: format!("cannot run qemu-img: {e} (install qemu-utils)"),
+        })?;
+    if !created.status.success() {
+        return Err(RestoreError::Image {
+            path: out.to_owned(),
+            message: String::from_utf8_lossy(&created.stderr).trim().to_owned(),
+        });
+    }
+    let export_dir = crate::session::export_dir();
+    let result = QemuExport::start(out, format, true, &export_dir)
+        .map_err(|e| RestoreError::Image {
+            path: out.to_owned(),
+            message: e.to_string(),
+        })
+        .and_then(|export| {
+            let r = restore_to_file(
+                bank,
+                manifest,
+                export.path(),
+                Output::Existing,
+                workers,
+                progress,
+            );
+            drop(export); // flushes the image
+            r
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    result
+}
+
+/// What `restore_to_file` writes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Create (or replace) a sparse raw file.
+    NewRaw,
+    /// An existing file of the right size (an export of a new image).
+    Existing,
+}
+
 pub fn restore_to_file(
     bank: &CodecBank,
     manifest: &Manifest,
     out: &Path,
-    force: bool,
+    mode: Output,
     workers: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<RestoreStats, RestoreError> {
@@ -53,18 +125,22 @@ pub fn restore_to_file(
         path: out.to_owned(),
         source,
     };
-    if out.exists() && !force {
-        return Err(RestoreError::Exists {
-            path: out.to_owned(),
-        });
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(out)
-        .map_err(write_err)?;
-    file.set_len(manifest.disk_size).map_err(write_err)?;
+    let file = match mode {
+        Output::NewRaw => {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(out)
+                .map_err(write_err)?;
+            f.set_len(manifest.disk_size).map_err(write_err)?;
+            f
+        }
+        Output::Existing => OpenOptions::new()
+            .write(true)
+            .open(out)
+            .map_err(write_err)?,
+    };
 
     let geometry = Geometry {
         disk_size: manifest.disk_size,
@@ -122,7 +198,9 @@ pub fn restore_to_file(
     });
     if let Some(e) = failure.into_inner().expect("failure lock") {
         drop(file);
-        let _ = std::fs::remove_file(out);
+        if mode == Output::NewRaw {
+            let _ = std::fs::remove_file(out);
+        }
         return Err(e);
     }
     file.sync_all().map_err(write_err)?;

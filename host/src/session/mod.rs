@@ -18,7 +18,8 @@ use crate::plugin::exclude::Excluder;
 use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind, builtin};
 use crate::repository::{Repository, RepositoryError};
 use crate::source::DiskRead;
-use crate::source::image_file::{ImageSnapshot, sweep_orphans};
+use crate::source::image_file::{DiskSource, ImageSnapshot, sweep_orphans};
+use crate::source::qemu_export::sweep_exports;
 use arca_transport::InProcessLink;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{SessionReport, TaskReport, TaskState};
@@ -196,6 +197,12 @@ fn run_tasks(
             orphan.display()
         ));
     }
+    for orphan in sweep_exports(&export_dir()) {
+        report.notices.push(format!(
+            "removed disk export {} left by an interrupted session",
+            orphan.display()
+        ));
+    }
     let pipeline = LoadedPipeline::load(job, runtime)?;
 
     let tasks: Vec<TaskSpec> = job
@@ -259,8 +266,16 @@ fn run_tasks(
                 let snapshot = match snapshots.get(vm.name.as_str()) {
                     Some(s) => Ok(s.clone()),
                     None => {
-                        let paths: Vec<_> = vm.disks.iter().map(|d| d.path.clone()).collect();
-                        ImageSnapshot::take(&paths, &format!("s{session_id}"), vm.powered_off).map(
+                        let sources: Vec<DiskSource> = vm
+                            .disks
+                            .iter()
+                            .map(|d| DiskSource {
+                                path: d.path.clone(),
+                                format: d.format,
+                            })
+                            .collect();
+                        let tag = format!("s{session_id}");
+                        ImageSnapshot::take(&sources, &tag, vm.powered_off, &export_dir()).map(
                             |s| {
                                 let s = Arc::new(s);
                                 snapshots.insert(vm.name.as_str(), s.clone());
@@ -421,4 +436,12 @@ fn run_one(
     tr.stats = Some(outcome.stats);
     tr.notices = outcome.notices;
     Ok(())
+}
+
+/// Where QEMU exports of non-raw disks are mounted: `ARCA_EXPORT_DIR`, or
+/// `arca-exports` in the temporary folder.
+pub fn export_dir() -> std::path::PathBuf {
+    std::env::var_os("ARCA_EXPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("arca-exports"))
 }

@@ -5,6 +5,7 @@
 //! cannot clone, the live file is read and the report says the restore point
 //! is consistent only if the VM was powered off.
 
+use super::qemu_export::{DiskFormat, ExportError, QemuExport};
 use super::{Consistency, DiskRead};
 use crate::extent::{Extent, normalize};
 use std::fs::{File, OpenOptions};
@@ -25,6 +26,8 @@ pub enum SourceError {
     NotAFile { path: PathBuf },
     #[error("snapshot of {path}: {source}")]
     Snapshot { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Export(#[from] ExportError),
 }
 
 /// A raw image file opened read-only.
@@ -108,59 +111,76 @@ fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
     Ok(normalize(out, size))
 }
 
+/// One disk of an image-file VM: its file and format.
+#[derive(Debug, Clone)]
+pub struct DiskSource {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
 /// The snapshot of one image-file VM: one readable view per disk, and the
-/// clones to remove when it is dropped.
+/// exports and clones to remove when it is dropped.
 pub struct ImageSnapshot {
     pub disks: Vec<Arc<RawImage>>,
     pub consistency: Consistency,
+    exports: Vec<QemuExport>,
     clones: Vec<PathBuf>,
 }
 
 impl ImageSnapshot {
-    /// Clones every disk at (as near as a filesystem allows) one instant.
-    /// `tag` makes clone names unique per session and process.
-    pub fn take(paths: &[PathBuf], tag: &str, powered_off: bool) -> Result<Self, SourceError> {
+    /// Clones every disk at (as near as a filesystem allows) one instant, and
+    /// exports non-raw formats through QEMU. `tag` makes clone names unique
+    /// per session and process; exports live in `export_dir`.
+    pub fn take(
+        disks: &[DiskSource],
+        tag: &str,
+        powered_off: bool,
+        export_dir: &Path,
+    ) -> Result<Self, SourceError> {
         let mut snap = ImageSnapshot {
             disks: Vec::new(),
             consistency: Consistency::CrashConsistent,
+            exports: Vec::new(),
             clones: Vec::new(),
         };
-        let mut clone_failed = false;
-        for path in paths {
-            // Opening the source first gives a clear error for a missing disk.
-            let source = RawImage::open(path)?;
-            if clone_failed || powered_off {
-                snap.disks.push(Arc::new(source));
-                continue;
-            }
-            let clone_path = clone_name(path, tag);
-            match reflink(path, &clone_path) {
-                Ok(()) => {
-                    snap.clones.push(clone_path.clone());
-                    snap.disks.push(Arc::new(RawImage::open(&clone_path)?));
-                }
-                Err(e) if is_unsupported(&e) => {
-                    clone_failed = true;
-                    snap.disks.push(Arc::new(source));
-                }
-                Err(source) => {
-                    return Err(SourceError::Snapshot {
-                        path: path.clone(),
-                        source,
-                    });
-                }
-            }
+        // Opening each source first gives a clear error for a missing disk.
+        for d in disks {
+            RawImage::open(&d.path)?;
         }
+        let mut read_from: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
         if powered_off {
             snap.consistency = Consistency::PoweredOff;
-        } else if clone_failed {
-            // Clones already made are dropped: a mix of clone and live reads
-            // would claim more consistency than it has.
-            snap.consistency = Consistency::PoweredOffOnly;
-            snap.disks.clear();
-            snap.remove_clones();
-            for path in paths {
+        } else {
+            for d in disks {
+                let clone_path = clone_name(&d.path, tag);
+                match reflink(&d.path, &clone_path) {
+                    Ok(()) => snap.clones.push(clone_path),
+                    Err(e) if is_unsupported(&e) => {
+                        // A mix of clones and live reads would claim more
+                        // consistency than it has: all live, and say so.
+                        snap.remove_clones();
+                        snap.consistency = Consistency::PoweredOffOnly;
+                        break;
+                    }
+                    Err(source) => {
+                        return Err(SourceError::Snapshot {
+                            path: d.path.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            if snap.consistency == Consistency::CrashConsistent {
+                read_from = snap.clones.clone();
+            }
+        }
+        for (d, path) in disks.iter().zip(&read_from) {
+            if d.format == DiskFormat::Raw {
                 snap.disks.push(Arc::new(RawImage::open(path)?));
+            } else {
+                let export = QemuExport::start(path, d.format, false, export_dir)?;
+                snap.disks.push(Arc::new(RawImage::open(export.path())?));
+                snap.exports.push(export);
             }
         }
         Ok(snap)
@@ -179,7 +199,10 @@ impl ImageSnapshot {
 
 impl Drop for ImageSnapshot {
     fn drop(&mut self) {
+        // Readers first, then the exports that serve them, then the clones
+        // the exports read.
         self.disks.clear();
+        self.exports.clear();
         self.remove_clones();
     }
 }
@@ -280,7 +303,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.raw");
         std::fs::write(&path, vec![5u8; 4096]).unwrap();
-        let snap = ImageSnapshot::take(std::slice::from_ref(&path), "t1", false).unwrap();
+        let src = DiskSource {
+            path: path.clone(),
+            format: DiskFormat::Raw,
+        };
+        let snap = ImageSnapshot::take(&[src], "t1", false, dir.path()).unwrap();
         assert_eq!(snap.disks.len(), 1);
         drop(snap);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();

@@ -1,0 +1,120 @@
+//! Reflink snapshots on a filesystem that has them (XFS on a loop device,
+//! made by the test): the restore point is the disk at the snapshot instant
+//! even while the source is rewritten during the backup, and the snapshot is
+//! removed afterwards.
+
+use crate::common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// An XFS filesystem in a file, loop-mounted; unmounted on drop.
+struct XfsMount {
+    dir: PathBuf,
+}
+
+impl XfsMount {
+    fn new(lab: &Lab) -> Self {
+        let image = lab.path("xfs.img");
+        let dir = lab.path("xfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        run(
+            "mkfs.xfs",
+            &["-q", "-m", "reflink=1", image.to_str().unwrap()],
+        );
+        run(
+            "mount",
+            &["-o", "loop", image.to_str().unwrap(), dir.to_str().unwrap()],
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (scripts/setup.sh installs xfsprogs)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed (this test needs root and loop devices): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".arca-snapshot-"))
+        .collect()
+}
+
+#[test]
+fn reflink_snapshot_freezes_the_disk_while_it_is_rewritten() {
+    let lab = Lab::new();
+    let fs = XfsMount::new(&lab);
+    let disk = fs.dir.join("vm.raw");
+    make_disk(&disk, 256 * MIB, 31);
+    let before = sha256(&disk);
+    lab.apply(&config(
+        &lab,
+        &[("web01", &[disk.as_path()])],
+        "[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n",
+    ));
+    let mut child = lab
+        .command()
+        .args(["job", "run", "nightly", "--json", "--workers", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As soon as the snapshot exists, rewrite the source while it is read.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshot_files(&fs.dir).is_empty() {
+        assert!(Instant::now() < deadline, "no snapshot appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "session ended before a snapshot was seen"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    change_disk(&disk, 64, 1 << 20, 32);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup finished before the rewrite, so this run proves nothing; use a larger disk"
+    );
+    let after = sha256(&disk);
+    assert_ne!(before, after);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tasks"][0]["consistency"], "crash-consistent");
+    assert!(
+        snapshot_files(&fs.dir).is_empty(),
+        "snapshot removed after the session"
+    );
+
+    let point = report["tasks"][0]["restore_point"].as_str().unwrap();
+    let restored = lab.path("restored.raw");
+    lab.ok(&["restore", point, "--to", restored.to_str().unwrap()]);
+    assert_eq!(
+        sha256(&restored),
+        before,
+        "the restore point is the disk at the snapshot instant"
+    );
+}
