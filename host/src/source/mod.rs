@@ -6,6 +6,7 @@
 //! by the next session (`sweep_orphans`).
 
 pub mod image_file;
+pub mod nbd;
 pub mod qemu_export;
 
 use crate::extent::Extent;
