@@ -8,6 +8,7 @@
 pub mod image_file;
 pub mod nbd;
 pub mod qemu_export;
+pub mod qmp;
 
 use crate::extent::Extent;
 use std::io;
