@@ -68,6 +68,9 @@ pub struct TaskInput {
     pub session_id: u64,
     pub pipeline: String,
     pub workers: usize,
+    /// Ranges written since the previous restore point, when the source has
+    /// changed block tracking that covers exactly that interval.
+    pub dirty: Option<Vec<Extent>>,
 }
 
 impl TaskInput {
@@ -160,21 +163,37 @@ fn run_inner(
         }
         fits
     });
+    // CBT counts only against the restore point it started at.
+    let dirty = input
+        .dirty
+        .as_ref()
+        .filter(|_| previous.is_some())
+        .map(|d| normalize(d.clone(), size));
+    if let Some(d) = &dirty {
+        stats.cbt_dirty_bytes = Some(d.iter().map(|e| e.length).sum());
+    }
     let plan = clock.time("change-detection", || {
         stages.detector.plan(
             &label,
             size,
             input.block_size,
             &allocation,
-            None,
+            dirty.as_deref(),
             previous.map(|p| p.block_hashes.clone()),
         )
     })?;
-    let block_plan = make_block_plan(&geometry, &allocation, &excluded, &plan, previous.is_some())
-        .map_err(|message| TaskError::BadPlan {
-            plugin: stages.detector.name().to_owned(),
-            message,
-        })?;
+    let block_plan = make_block_plan(
+        &geometry,
+        &allocation,
+        &excluded,
+        &plan,
+        previous.is_some(),
+        dirty.as_deref(),
+    )
+    .map_err(|message| TaskError::BadPlan {
+        plugin: stages.detector.name().to_owned(),
+        message,
+    })?;
 
     let mut hashes = vec![0u8; blocks * HASH_LEN];
     let mut resolved_early = 0u64;
@@ -265,6 +284,7 @@ fn make_block_plan(
     excluded: &[Extent],
     plan: &crate::plugin::detect::Plan,
     has_previous: bool,
+    dirty: Option<&[Extent]>,
 ) -> Result<Vec<BlockPlan>, String> {
     for e in plan.read.iter().chain(&plan.unchanged) {
         if e.end() > geometry.disk_size || !geometry.is_block_aligned(e) {
@@ -281,6 +301,16 @@ fn make_block_plan(
     let allocated = geometry.blocks_touched(allocation);
     let read = geometry.blocks_touched(&normalize(plan.read.clone(), geometry.disk_size));
     let unchanged = geometry.blocks_touched(&normalize(plan.unchanged.clone(), geometry.disk_size));
+    if let Some(dirty) = dirty {
+        // Changed block tracking said these blocks were written: carrying
+        // them from the previous point would restore old data.
+        let written = geometry.blocks_touched(dirty);
+        if let Some(i) = (0..written.len()).find(|&i| written[i] && unchanged[i] && !read[i]) {
+            return Err(format!(
+                "block {i} was written since the previous restore point but is called unchanged"
+            ));
+        }
+    }
     let mut out = Vec::with_capacity(covered.len());
     for i in 0..covered.len() {
         out.push(if covered[i] {
@@ -298,4 +328,93 @@ fn make_block_plan(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::detect::Plan;
+
+    const G: Geometry = Geometry {
+        disk_size: 4 * 1024,
+        block_size: 1024,
+    };
+
+    fn plan(read: &[(u64, u64)], unchanged: &[(u64, u64)]) -> Plan {
+        let ex = |v: &[(u64, u64)]| v.iter().map(|(o, l)| Extent::new(*o, *l)).collect();
+        Plan {
+            read: ex(read),
+            unchanged: ex(unchanged),
+        }
+    }
+
+    #[test]
+    fn every_allocated_block_is_read_or_carried() {
+        let alloc = [Extent::new(0, 4096)];
+        let ok = make_block_plan(
+            &G,
+            &alloc,
+            &[],
+            &plan(&[(0, 2048)], &[(2048, 2048)]),
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            vec![
+                BlockPlan::Read,
+                BlockPlan::Read,
+                BlockPlan::Unchanged,
+                BlockPlan::Unchanged
+            ]
+        );
+        let dropped = make_block_plan(&G, &alloc, &[], &plan(&[(0, 2048)], &[]), true, None);
+        assert!(dropped.unwrap_err().contains("block 2 holds data"));
+    }
+
+    #[test]
+    fn unchanged_needs_a_previous_point_and_whole_blocks() {
+        let alloc = [Extent::new(0, 4096)];
+        let e =
+            make_block_plan(&G, &alloc, &[], &plan(&[], &[(0, 4096)]), false, None).unwrap_err();
+        assert!(e.contains("no previous restore point"), "{e}");
+        let e =
+            make_block_plan(&G, &alloc, &[], &plan(&[(100, 4000)], &[]), true, None).unwrap_err();
+        assert!(e.contains("not whole blocks"), "{e}");
+    }
+
+    #[test]
+    fn blocks_written_per_cbt_cannot_be_called_unchanged() {
+        let alloc = [Extent::new(0, 4096)];
+        let dirty = [Extent::new(3000, 10)];
+        let e = make_block_plan(
+            &G,
+            &alloc,
+            &[],
+            &plan(&[(0, 1024)], &[(1024, 3072)]),
+            true,
+            Some(&dirty),
+        )
+        .unwrap_err();
+        assert!(e.contains("block 2 was written"), "{e}");
+        let ok = make_block_plan(
+            &G,
+            &alloc,
+            &[],
+            &plan(&[(2048, 1024)], &[(0, 2048), (3072, 1024)]),
+            true,
+            Some(&dirty),
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn excluded_blocks_win_over_everything() {
+        let alloc = [Extent::new(0, 4096)];
+        let excluded = [Extent::new(1024, 1024)];
+        let p =
+            make_block_plan(&G, &alloc, &excluded, &plan(&[(0, 4096)], &[]), false, None).unwrap();
+        assert_eq!(p[1], BlockPlan::Excluded);
+    }
 }

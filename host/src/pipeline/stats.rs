@@ -66,6 +66,8 @@ pub struct TaskStats {
     /// Bytes this task added to the repository.
     pub stored_bytes: u64,
     pub new_chunks: u64,
+    /// Bytes changed block tracking reported as written, when it was used.
+    pub cbt_dirty_bytes: Option<u64>,
     /// Busy seconds per stage, summed over the task's threads.
     pub stage_seconds: BTreeMap<String, f64>,
 }
@@ -103,6 +105,9 @@ impl TaskStats {
         self.transferred_bytes += o.transferred_bytes;
         self.stored_bytes += o.stored_bytes;
         self.new_chunks += o.new_chunks;
+        if let Some(d) = o.cbt_dirty_bytes {
+            *self.cbt_dirty_bytes.get_or_insert(0) += d;
+        }
         for (k, v) in &o.stage_seconds {
             *self.stage_seconds.entry(k.clone()).or_default() += v;
         }

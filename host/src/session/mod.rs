@@ -424,6 +424,7 @@ fn run_one(
         session_id,
         pipeline: job.pipeline.name.clone(),
         workers,
+        dirty: None,
     };
     tr.consistency = Some(snap.consistency.as_str().into());
     let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
