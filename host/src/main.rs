@@ -81,6 +81,8 @@ enum Command {
     },
     /// Built-in and configured plugins.
     Plugins,
+    /// Disks (block nodes) of a configured hypervisor, with CBT bitmaps.
+    Inventory { hypervisor: String },
 }
 
 #[derive(Subcommand)]
@@ -331,6 +333,13 @@ fn run(cli: Cli) -> Result<i32> {
                     println!("{:>5} {:<16} {:<10} {}", s.id, s.job, s.state, started);
                 }
             }
+            Ok(0)
+        }
+        Command::Inventory { hypervisor } => {
+            let db = ConfigDb::open(&home.db)?;
+            let h = db.hypervisor(&hypervisor)?;
+            let inv = arca::source::qemu::inventory(&h)?;
+            println!("{}", serde_json::to_string_pretty(&inv)?);
             Ok(0)
         }
         Command::Plugins => {

@@ -81,13 +81,19 @@ fn reflink_snapshot_freezes_the_disk_while_it_is_rewritten() {
         .unwrap();
     // As soon as the snapshot exists, rewrite the source while it is read.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while snapshot_files(&fs.dir).is_empty() {
+    // The clone file exists a moment before FICLONE fills it; the snapshot
+    // instant has passed once it has the disk's full size.
+    let full = std::fs::metadata(&disk).unwrap().len();
+    while !snapshot_files(&fs.dir)
+        .iter()
+        .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == full))
+    {
         assert!(Instant::now() < deadline, "no snapshot appeared");
         assert!(
             child.try_wait().unwrap().is_none(),
             "session ended before a snapshot was seen"
         );
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     }
     change_disk(&disk, 64, 1 << 20, 32);
     assert!(

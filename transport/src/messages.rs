@@ -99,6 +99,10 @@ pub struct Manifest {
     pub session_id: u64,
     #[prost(string, tag = "13")]
     pub pipeline: String,
+    /// The hypervisor's dirty bitmap that counts changes from this restore
+    /// point's snapshot on (empty without CBT).
+    #[prost(string, tag = "14")]
+    pub cbt_bitmap: String,
 }
 
 impl Manifest {

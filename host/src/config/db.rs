@@ -98,9 +98,10 @@ impl ConfigDb {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
-                 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS hypervisors (name TEXT PRIMARY KEY, qmp TEXT NOT NULL, nbd TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT);
                  CREATE TABLE IF NOT EXISTS disks (vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
-                     name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (vm, name));
+                     name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL, node TEXT, position INTEGER NOT NULL, PRIMARY KEY (vm, name));
                  CREATE TABLE IF NOT EXISTS plugins (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
                      memory_mib INTEGER NOT NULL, deadline_ms INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, stages TEXT NOT NULL);
@@ -183,6 +184,7 @@ impl ConfigDb {
     /// Names already defined, for validating a file against.
     pub fn known(&self) -> Result<Known, DbError> {
         let mut k = Known {
+            hypervisors: self.names("hypervisors")?,
             repositories: self.names("repositories")?,
             proxies: self.names("proxies")?,
             vms: self.names("vms")?,
@@ -222,19 +224,28 @@ impl ConfigDb {
             )
             .map_err(err)?;
         }
-        for v in &f.vms {
+        for h in &f.hypervisors {
             tx.execute(
-                "INSERT INTO vms (name, powered_off) VALUES (?1, ?2)
-                 ON CONFLICT(name) DO UPDATE SET powered_off = excluded.powered_off",
-                params![v.name, v.powered_off],
+                "INSERT INTO hypervisors (name, qmp, nbd) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET qmp = excluded.qmp, nbd = excluded.nbd",
+                params![h.name, h.qmp.to_string_lossy(), h.nbd.to_string_lossy()],
+            )
+            .map_err(err)?;
+        }
+        for (v, hypervisor) in f.vms.iter().zip(&f.vm_hypervisors) {
+            tx.execute(
+                "INSERT INTO vms (name, powered_off, hypervisor) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET powered_off = excluded.powered_off,
+                 hypervisor = excluded.hypervisor",
+                params![v.name, v.powered_off, hypervisor],
             )
             .map_err(err)?;
             tx.execute("DELETE FROM disks WHERE vm = ?1", [&v.name])
                 .map_err(err)?;
             for (i, d) in v.disks.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO disks (vm, name, path, format, position) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![v.name, d.name, d.path.to_string_lossy(), d.format.driver(), i as i64],
+                    "INSERT INTO disks (vm, name, path, format, node, position) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![v.name, d.name, d.path.to_string_lossy(), d.format.driver(), d.node, i as i64],
                 )
                 .map_err(err)?;
             }
@@ -351,6 +362,27 @@ impl ConfigDb {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    pub fn hypervisor(&self, name: &str) -> Result<crate::source::qemu::Hypervisor, DbError> {
+        self.conn
+            .query_row(
+                "SELECT qmp, nbd FROM hypervisors WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(crate::source::qemu::Hypervisor {
+                        name: name.to_owned(),
+                        qmp: r.get::<_, String>(0)?.into(),
+                        nbd: r.get::<_, String>(1)?.into(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err())?
+            .ok_or_else(|| DbError::Corrupt {
+                path: self.path.clone(),
+                message: format!("hypervisor '{name}' is not configured"),
+            })
+    }
+
     pub fn job_names(&self) -> Result<Vec<String>, DbError> {
         Ok(self.names("jobs")?.into_iter().collect())
     }
@@ -445,26 +477,53 @@ impl ConfigDb {
         };
         let mut vms = Vec::new();
         for vm in vm_names {
-            let powered_off: bool = self
+            let (powered_off, hypervisor): (bool, Option<String>) = self
                 .conn
-                .query_row("SELECT powered_off FROM vms WHERE name = ?1", [&vm], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT powered_off, hypervisor FROM vms WHERE name = ?1",
+                    [&vm],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()
                 .map_err(self.err())?
                 .ok_or_else(|| corrupt(format!("job '{name}' names missing vm '{vm}'")))?;
+            let hypervisor = match hypervisor {
+                None => None,
+                Some(h) => Some(
+                    self.conn
+                        .query_row(
+                            "SELECT qmp, nbd FROM hypervisors WHERE name = ?1",
+                            [&h],
+                            |r| {
+                                Ok(crate::source::qemu::Hypervisor {
+                                    name: h.clone(),
+                                    qmp: r.get::<_, String>(0)?.into(),
+                                    nbd: r.get::<_, String>(1)?.into(),
+                                })
+                            },
+                        )
+                        .optional()
+                        .map_err(self.err())?
+                        .ok_or_else(|| {
+                            corrupt(format!("vm '{vm}' names missing hypervisor '{h}'"))
+                        })?,
+                ),
+            };
             let mut stmt = self
                 .conn
-                .prepare("SELECT name, path, format FROM disks WHERE vm = ?1 ORDER BY position")
+                .prepare(
+                    "SELECT name, path, format, node FROM disks WHERE vm = ?1 ORDER BY position",
+                )
                 .map_err(self.err())?;
-            let rows: Vec<(String, String, String)> = stmt
-                .query_map([&vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            let rows: Vec<(String, String, String, Option<String>)> = stmt
+                .query_map([&vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .map_err(self.err())?
                 .collect::<Result<_, _>>()
                 .map_err(self.err())?;
             let mut disks = Vec::new();
-            for (dname, path, format) in rows {
+            for (dname, path, format, node) in rows {
                 disks.push(DiskSettings {
+                    node,
                     name: dname,
                     path: path.into(),
                     format: format
@@ -476,6 +535,7 @@ impl ConfigDb {
                 name: vm,
                 powered_off,
                 disks,
+                hypervisor,
             });
         }
         let used: Vec<&str> = std::iter::once(&pipeline.change_detection)

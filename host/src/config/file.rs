@@ -38,6 +38,8 @@ struct RawFile {
     #[serde(default)]
     proxy: Vec<RawProxy>,
     #[serde(default)]
+    hypervisor: Vec<RawHypervisor>,
+    #[serde(default)]
     vm: Vec<RawVm>,
     #[serde(default)]
     plugin: Vec<RawPlugin>,
@@ -64,10 +66,19 @@ struct RawProxy {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawHypervisor {
+    name: Spanned<String>,
+    qmp: PathBuf,
+    nbd: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawVm {
     name: Spanned<String>,
     #[serde(default)]
     powered_off: bool,
+    hypervisor: Option<Spanned<String>>,
     disks: Vec<RawDisk>,
 }
 
@@ -77,8 +88,9 @@ enum RawDisk {
     Path(PathBuf),
     Named {
         name: Option<String>,
-        path: PathBuf,
+        path: Option<PathBuf>,
         format: Option<DiskFormat>,
+        node: Option<String>,
     },
 }
 
@@ -135,6 +147,9 @@ pub struct JobRow {
 /// A parsed and validated file, ready for the database.
 #[derive(Debug, Default)]
 pub struct ConfigFile {
+    pub hypervisors: Vec<crate::source::qemu::Hypervisor>,
+    /// Per entry of `vms`: the hypervisor it runs on, by name.
+    pub vm_hypervisors: Vec<Option<String>>,
     pub repositories: Vec<RepositorySettings>,
     pub proxies: Vec<ProxySettings>,
     pub vms: Vec<VmSettings>,
@@ -146,6 +161,7 @@ pub struct ConfigFile {
 /// Names that already exist (in the database, or built in), for reference checks.
 #[derive(Debug, Default)]
 pub struct Known {
+    pub hypervisors: BTreeSet<String>,
     pub repositories: BTreeSet<String>,
     pub proxies: BTreeSet<String>,
     pub vms: BTreeSet<String>,
@@ -246,6 +262,16 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
             max_tasks: p.max_tasks.unwrap_or(super::default_proxy().max_tasks),
         });
     }
+    let mut hypervisors = known.hypervisors.clone();
+    for h in &raw.hypervisor {
+        let name = cx.name("hypervisor", &h.name)?;
+        hypervisors.insert(name.clone());
+        out.hypervisors.push(crate::source::qemu::Hypervisor {
+            name,
+            qmp: cx.resolve(&h.qmp),
+            nbd: cx.resolve(&h.nbd),
+        });
+    }
     let mut vms = known.vms.clone();
     for v in &raw.vm {
         let name = cx.name("vm", &v.name)?;
@@ -254,14 +280,42 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
         }
         let mut disks = Vec::new();
         for (i, d) in v.disks.iter().enumerate() {
-            let (dname, dpath, format) = match d {
-                RawDisk::Path(p) => (format!("disk{i}"), p, DiskFormat::from_extension(p)),
-                RawDisk::Named { name, path, format } => (
-                    name.clone().unwrap_or_else(|| format!("disk{i}")),
+            let (dname, dpath, format, node) = match d {
+                RawDisk::Path(p) => (
+                    format!("disk{i}"),
+                    Some(p),
+                    DiskFormat::from_extension(p),
+                    None,
+                ),
+                RawDisk::Named {
+                    name,
                     path,
-                    format.unwrap_or_else(|| DiskFormat::from_extension(path)),
+                    format,
+                    node,
+                } => (
+                    name.clone().unwrap_or_else(|| format!("disk{i}")),
+                    path.as_ref(),
+                    format.unwrap_or_else(|| {
+                        path.as_deref()
+                            .map_or(DiskFormat::Raw, DiskFormat::from_extension)
+                    }),
+                    node.clone(),
                 ),
             };
+            let on_hypervisor = v.hypervisor.is_some();
+            if on_hypervisor != node.is_some() || on_hypervisor == dpath.is_some() {
+                return cx.invalid(
+                    v.name.span(),
+                    format!(
+                        "vm '{name}', disk '{dname}': {}",
+                        if on_hypervisor {
+                            "disks of a hypervisor VM name a block node (`node = \"...\"`), not a path"
+                        } else {
+                            "disks of an image-file VM name a file (`path`), not a block node"
+                        }
+                    ),
+                );
+            }
             if !valid_name(&dname) || disks.iter().any(|x: &DiskSettings| x.name == dname) {
                 return cx.invalid(
                     v.name.span(),
@@ -270,15 +324,31 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
             }
             disks.push(DiskSettings {
                 name: dname,
-                path: cx.resolve(dpath),
+                path: dpath.map(|p| cx.resolve(p)).unwrap_or_default(),
                 format,
+                node,
             });
         }
+        let hypervisor = match &v.hypervisor {
+            None => None,
+            Some(h) if hypervisors.contains(h.get_ref()) => Some(h.get_ref().clone()),
+            Some(h) => {
+                return cx.invalid(
+                    h.span(),
+                    format!(
+                        "vm '{name}' names hypervisor '{}', which is not defined",
+                        h.get_ref()
+                    ),
+                );
+            }
+        };
         vms.insert(name.clone());
+        out.vm_hypervisors.push(hypervisor);
         out.vms.push(VmSettings {
             name,
             powered_off: v.powered_off,
             disks,
+            hypervisor: None,
         });
     }
     let mut plugins = known.plugins.clone();

@@ -57,6 +57,8 @@ pub struct DiskSettings {
     pub name: String,
     pub path: PathBuf,
     pub format: crate::source::qemu_export::DiskFormat,
+    /// The block node, for disks of a hypervisor VM (then `path` is empty).
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +66,8 @@ pub struct VmSettings {
     pub name: String,
     pub powered_off: bool,
     pub disks: Vec<DiskSettings>,
+    /// Set for VMs of a QEMU hypervisor; image-file VMs have none.
+    pub hypervisor: Option<crate::source::qemu::Hypervisor>,
 }
 
 /// Everything a session needs, resolved from the database.

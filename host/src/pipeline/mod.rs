@@ -71,6 +71,8 @@ pub struct TaskInput {
     /// Ranges written since the previous restore point, when the source has
     /// changed block tracking that covers exactly that interval.
     pub dirty: Option<Vec<Extent>>,
+    /// Recorded in the manifest: the CBT bitmap that counts from this snapshot.
+    pub cbt_bitmap: String,
 }
 
 impl TaskInput {
@@ -261,6 +263,7 @@ fn run_inner(
         consistency: input.consistency.as_str().into(),
         session_id: input.session_id,
         pipeline: input.pipeline.clone(),
+        cbt_bitmap: input.cbt_bitmap.clone(),
     };
     let reply = clock.time("commit", || {
         link.commit(CommitPoint {

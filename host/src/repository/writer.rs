@@ -1,8 +1,8 @@
 //! The target mover's side of a restore point: stage chunks, then commit.
 //!
 //! Chunks are written to a private staging folder without a sync each, then
-//! one `syncfs` makes them all durable, they are renamed into `chunks/`, a
-//! second `syncfs` makes the renames durable, and only then the manifest is
+//! one `syncfs` makes them all durable, they are linked into `chunks/`, a
+//! second `syncfs` makes the links durable, and only then the manifest is
 //! written and renamed into place. A process killed at any moment therefore
 //! leaves either no restore point or a complete one, and a staging folder
 //! that the next session sweeps.
@@ -79,23 +79,29 @@ impl PointWriter {
         for hash in &state.codecs {
             let staged = self.staging.join(format!("codec-{}.wasm", hex(hash)));
             let dest = repo.codec_path(hash);
-            if dest.exists() {
-                continue;
+            match std::fs::hard_link(&staged, &dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dest)(e)),
             }
-            std::fs::rename(&staged, &dest).map_err(io_err(&dest))?;
         }
         let (mut new_chunks, mut stored_bytes) = (0u64, 0u64);
         for hash in &state.chunks {
             let staged = self.staged_chunk(hash);
             let dest = repo.chunk_path(hash);
-            if dest.exists() {
-                continue;
-            }
             let parent = dest.parent().expect("chunk path has a parent");
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-            stored_bytes += std::fs::metadata(&staged).map_err(io_err(&staged))?.len();
-            std::fs::rename(&staged, &dest).map_err(io_err(&dest))?;
-            new_chunks += 1;
+            // A hard link publishes the chunk only if no other writer did:
+            // the check and the creation are one atomic step, so concurrent
+            // commits of the same chunk count it once.
+            match std::fs::hard_link(&staged, &dest) {
+                Ok(()) => {
+                    stored_bytes += std::fs::metadata(&dest).map_err(io_err(&dest))?.len();
+                    new_chunks += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dest)(e)),
+            }
         }
         // The manifest must not reference anything that is not there.
         for block in m.block_hashes.chunks_exact(HASH_LEN) {

@@ -17,9 +17,10 @@ use crate::plugin::detect::Detector;
 use crate::plugin::exclude::Excluder;
 use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind, builtin};
 use crate::repository::{Repository, RepositoryError};
-use crate::source::DiskRead;
 use crate::source::image_file::{DiskSource, ImageSnapshot, sweep_orphans};
+use crate::source::qemu::{DiskRequest, QemuSnapshot};
 use crate::source::qemu_export::sweep_exports;
+use crate::source::{DiskRead, VmSnapshot};
 use arca_transport::InProcessLink;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{SessionReport, TaskReport, TaskState};
@@ -189,6 +190,7 @@ fn run_tasks(
     let all_disks: Vec<_> = job
         .vms
         .iter()
+        .filter(|v| v.hypervisor.is_none())
         .flat_map(|v| v.disks.iter().map(|d| d.path.clone()))
         .collect();
     for orphan in sweep_orphans(&all_disks) {
@@ -240,7 +242,7 @@ fn run_tasks(
 
     // Snapshots are per VM (all disks at one instant) and shared by the VM's
     // tasks; the last task to finish drops the snapshot, which removes it.
-    let mut snapshots: HashMap<&str, Arc<ImageSnapshot>> = HashMap::new();
+    let mut snapshots: HashMap<&str, Arc<VmSnapshot>> = HashMap::new();
     let mut remaining: HashMap<&str, usize> = HashMap::new();
     for t in &tasks {
         *remaining.entry(t.vm.name.as_str()).or_default() += 1;
@@ -265,24 +267,12 @@ fn run_tasks(
                 ));
                 let snapshot = match snapshots.get(vm.name.as_str()) {
                     Some(s) => Ok(s.clone()),
-                    None => {
-                        let sources: Vec<DiskSource> = vm
-                            .disks
-                            .iter()
-                            .map(|d| DiskSource {
-                                path: d.path.clone(),
-                                format: d.format,
-                            })
-                            .collect();
-                        let tag = format!("s{session_id}");
-                        ImageSnapshot::take(&sources, &tag, vm.powered_off, &export_dir()).map(
-                            |s| {
-                                let s = Arc::new(s);
-                                snapshots.insert(vm.name.as_str(), s.clone());
-                                s
-                            },
-                        )
-                    }
+                    None => take_snapshot(job, session_id, vm, &repo).map(|s| {
+                        report.notices.extend(s.notices().iter().cloned());
+                        let s = Arc::new(s);
+                        snapshots.insert(vm.name.as_str(), s.clone());
+                        s
+                    }),
                 };
                 let queued = queued_at.elapsed().as_secs_f64();
                 let tx = done_tx.clone();
@@ -399,7 +389,7 @@ fn run_one(
     session_id: u64,
     vm: &VmSettings,
     disk_index: usize,
-    snap: &ImageSnapshot,
+    snap: &VmSnapshot,
     pipeline: &LoadedPipeline,
     repo: &Repository,
     workers: usize,
@@ -411,7 +401,7 @@ fn run_one(
         .latest_point(&job.name, &vm.name, disk_name)
         .map_err(|e| e.to_string())?;
     tr.parent_point = previous.as_ref().map(|p| p.point_id.clone());
-    let disk: Arc<dyn DiskRead> = snap.disks[disk_index].clone();
+    let disk: Arc<dyn DiskRead> = snap.disk(disk_index);
     bar.set_length(disk.size());
     let input = TaskInput {
         job: job.name.clone(),
@@ -420,23 +410,65 @@ fn run_one(
         disk,
         block_size: job.block_size,
         previous,
-        consistency: snap.consistency,
+        consistency: snap.consistency(),
         session_id,
         pipeline: job.pipeline.name.clone(),
         workers,
-        dirty: None,
+        dirty: snap.dirty(disk_index),
+        cbt_bitmap: snap.cbt_bitmap(disk_index),
     };
-    tr.consistency = Some(snap.consistency.as_str().into());
+    tr.consistency = Some(snap.consistency().as_str().into());
     let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
     let writer = repo.writer().map_err(|e| e.to_string())?;
     let link = InProcessLink::new(writer);
     let progress = |n: u64| bar.inc(n);
     let outcome = pipeline::run(&input, stages, &link, &progress)
         .map_err(|e| format!("{}: {e}", input.label()))?;
+    snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
     tr.stats = Some(outcome.stats);
     tr.notices = outcome.notices;
     Ok(())
+}
+
+/// Takes the point-in-time snapshot of one VM from its source.
+fn take_snapshot(
+    job: &JobSettings,
+    session_id: u64,
+    vm: &VmSettings,
+    repo: &Repository,
+) -> Result<VmSnapshot, String> {
+    match &vm.hypervisor {
+        None => {
+            let sources: Vec<DiskSource> = vm
+                .disks
+                .iter()
+                .map(|d| DiskSource {
+                    path: d.path.clone(),
+                    format: d.format,
+                })
+                .collect();
+            let tag = format!("s{session_id}");
+            ImageSnapshot::take(&sources, &tag, vm.powered_off, &export_dir())
+                .map(VmSnapshot::Image)
+                .map_err(|e| e.to_string())
+        }
+        Some(h) => {
+            let mut requests = Vec::new();
+            for d in &vm.disks {
+                let previous = repo
+                    .latest_point(&job.name, &vm.name, &d.name)
+                    .map_err(|e| e.to_string())?;
+                requests.push(DiskRequest {
+                    node: d.node.clone().unwrap_or_default(),
+                    previous_bitmap: previous.map(|p| p.cbt_bitmap).filter(|b| !b.is_empty()),
+                });
+            }
+            QemuSnapshot::take(h, &job.name, session_id, &requests, &export_dir())
+                .map(VmSnapshot::Qemu)
+                .map_err(|e| format!("snapshot of vm '{}': {e}", vm.name))
+        }
+    }
 }
 
 /// Where QEMU exports of non-raw disks are mounted: `ARCA_EXPORT_DIR`, or

@@ -7,6 +7,7 @@
 
 pub mod image_file;
 pub mod nbd;
+pub mod qemu;
 pub mod qemu_export;
 pub mod qmp;
 
@@ -44,6 +45,58 @@ impl Consistency {
             Consistency::CrashConsistent => "crash-consistent",
             Consistency::PoweredOff => "powered-off",
             Consistency::PoweredOffOnly => "consistent-only-if-powered-off",
+        }
+    }
+}
+
+/// The snapshot of one VM, whatever its source: what tasks read, and how
+/// the source learns which restore points were committed.
+pub enum VmSnapshot {
+    Image(image_file::ImageSnapshot),
+    Qemu(qemu::QemuSnapshot),
+}
+
+impl VmSnapshot {
+    pub fn disk(&self, i: usize) -> std::sync::Arc<dyn DiskRead> {
+        match self {
+            VmSnapshot::Image(s) => s.disks[i].clone(),
+            VmSnapshot::Qemu(s) => s.disk(i),
+        }
+    }
+
+    pub fn consistency(&self) -> Consistency {
+        match self {
+            VmSnapshot::Image(s) => s.consistency,
+            VmSnapshot::Qemu(_) => Consistency::CrashConsistent,
+        }
+    }
+
+    /// Changed block tracking since the previous restore point, if any.
+    pub fn dirty(&self, i: usize) -> Option<Vec<Extent>> {
+        match self {
+            VmSnapshot::Image(_) => None,
+            VmSnapshot::Qemu(s) => s.dirty(i),
+        }
+    }
+
+    /// The CBT bitmap that counts from this snapshot (empty without CBT).
+    pub fn cbt_bitmap(&self, i: usize) -> String {
+        match self {
+            VmSnapshot::Image(_) => String::new(),
+            VmSnapshot::Qemu(s) => s.started_bitmap(i),
+        }
+    }
+
+    pub fn task_succeeded(&self, i: usize) {
+        if let VmSnapshot::Qemu(s) = self {
+            s.task_succeeded(i);
+        }
+    }
+
+    pub fn notices(&self) -> &[String] {
+        match self {
+            VmSnapshot::Image(_) => &[],
+            VmSnapshot::Qemu(s) => &s.notices,
         }
     }
 }

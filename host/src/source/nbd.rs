@@ -441,38 +441,48 @@ fn opt_reply(s: &mut UnixStream, opt: u32) -> io::Result<(u32, Vec<u8>)> {
 /// A disk read over NBD: allocation from `base:allocation` (holes and
 /// zero extents are never read).
 pub struct NbdDisk {
-    client: NbdClient,
+    client: Option<NbdClient>,
 }
 
 impl NbdDisk {
     pub fn new(client: NbdClient) -> Self {
-        Self { client }
+        Self {
+            client: Some(client),
+        }
     }
 
-    pub fn client(&self) -> &NbdClient {
-        &self.client
+    /// A disk whose connection was released; every read fails.
+    pub fn detached() -> Self {
+        Self { client: None }
+    }
+
+    pub fn client(&self) -> io::Result<&NbdClient> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the snapshot export was released"))
     }
 }
 
 impl DiskRead for NbdDisk {
     fn size(&self) -> u64 {
-        self.client.size()
+        self.client.as_ref().map_or(0, NbdClient::size)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let size = self.client.size();
+        let client = self.client()?;
+        let size = client.size();
         if offset >= size {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(size - offset) as usize;
-        self.client
+        client
             .read(&mut buf[..n], offset)
             .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(n)
     }
 
     fn allocation(&self) -> io::Result<Vec<Extent>> {
-        self.client
+        self.client()?
             .ranges("base:allocation", STATE_HOLE | STATE_ZERO, false)
             .map_err(|e| io::Error::other(e.to_string()))
     }
@@ -588,6 +598,7 @@ mod tests {
         );
         let dirty = disk
             .client()
+            .unwrap()
             .ranges("qemu:dirty-bitmap:bm0", STATE_DIRTY, true)
             .unwrap();
         let total: u64 = dirty.iter().map(|e| e.length).sum();

@@ -1,0 +1,522 @@
+//! QEMU/KVM VMs (seed steps 6, 8, 9, 11): live point-in-time snapshots by
+//! image fleecing, and changed block tracking by persistent dirty bitmaps.
+//!
+//! Snapshot (all disks of a VM at one instant, in one QMP `transaction`):
+//! a temporary qcow2 "fleece" node backed by the disk node, and a
+//! `blockdev-backup sync=none` job from the disk into it, which copies old
+//! data aside before the guest overwrites it. The fleece node is exported
+//! read-only over NBD and read with `base:allocation`.
+//!
+//! CBT: each job keeps one recording bitmap per disk, `arca.<job>.<seq>`,
+//! created at the snapshot of the restore point it counts from (the manifest
+//! records its name). The same transaction disables it (freezing "changed
+//! since the previous point") and adds `<seq+1>`. After success the frozen
+//! bitmap is removed; after failure it is re-enabled and the new one merged
+//! back into it and removed, so no change is ever lost and the names still
+//! match the newest restore point. A missing or inconsistent bitmap (QEMU
+//! killed) means a digest-based incremental, said in the report.
+//!
+//! Everything arca adds to QEMU is named `arca-*-<pid>-...`; whatever a
+//! killed arca left behind is removed by the next session.
+
+use super::DiskRead;
+use super::image_file::process_alive;
+use super::nbd::{NbdClient, NbdDisk, STATE_DIRTY};
+use super::qmp::{Qmp, QmpError};
+use crate::extent::Extent;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Nbd(#[from] super::nbd::NbdError),
+    #[error("hypervisor '{hypervisor}': block node '{node}' not found (nodes: {known})")]
+    NoSuchNode {
+        hypervisor: String,
+        node: String,
+        known: String,
+    },
+    #[error("fleece image {path}: {message}")]
+    Fleece { path: PathBuf, message: String },
+}
+
+/// How to reach one QEMU (qemu-system or qemu-storage-daemon).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hypervisor {
+    pub name: String,
+    pub qmp: PathBuf,
+    /// The socket of QEMU's NBD server (`--nbd-server` / `nbd-server-start`).
+    pub nbd: PathBuf,
+}
+
+/// One disk to snapshot: its block node and what the newest restore point
+/// says about CBT.
+pub struct DiskRequest {
+    pub node: String,
+    /// `cbt_bitmap` of the newest restore point of this disk, if any.
+    pub previous_bitmap: Option<String>,
+}
+
+/// A disk's snapshot objects, named before they exist.
+struct Planned {
+    node: String,
+    fleece_node: String,
+    fleece_file: PathBuf,
+    job: String,
+    export: String,
+    frozen: Option<String>,
+    started: String,
+}
+
+struct SnapDisk {
+    node: String,
+    fleece_node: String,
+    fleece_file: PathBuf,
+    job: String,
+    export: String,
+    /// The bitmap frozen by this snapshot (counts changes since the previous
+    /// point), when CBT is used.
+    frozen: Option<String>,
+    /// The bitmap this snapshot started.
+    started: String,
+    reader: Arc<NbdDisk>,
+    dirty: Option<Vec<Extent>>,
+}
+
+/// A live snapshot of a QEMU VM; cleaned up when dropped, with each disk's
+/// bitmaps rotated forward (success) or back (failure or never reported).
+pub struct QemuSnapshot {
+    hypervisor: Hypervisor,
+    disks: Vec<SnapDisk>,
+    succeeded: Mutex<Vec<bool>>,
+    pub notices: Vec<String>,
+}
+
+fn bitmap_name(job: &str, seq: u64) -> String {
+    format!("arca.{job}.{seq}")
+}
+
+fn bitmap_seq(job: &str, name: &str) -> Option<u64> {
+    name.strip_prefix(&format!("arca.{job}."))?.parse().ok()
+}
+
+/// Names of our objects carry the pid, so orphans of dead processes can be found.
+fn owner_pid(name: &str) -> Option<i32> {
+    name.split('-').nth(2)?.parse().ok()
+}
+
+impl QemuSnapshot {
+    pub fn take(
+        hypervisor: &Hypervisor,
+        job: &str,
+        session: u64,
+        disks: &[DiskRequest],
+        work_dir: &Path,
+    ) -> Result<Self, QemuError> {
+        let mut qmp = Qmp::connect(&hypervisor.qmp)?;
+        let mut notices = sweep(&mut qmp, hypervisor, job)?;
+        let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+        let nodes = nodes.as_array().cloned().unwrap_or_default();
+        std::fs::create_dir_all(work_dir).map_err(|e| QemuError::Fleece {
+            path: work_dir.to_owned(),
+            message: e.to_string(),
+        })?;
+
+        let pid = std::process::id();
+        let mut planned = Vec::new();
+        let mut actions = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let node = nodes
+                .iter()
+                .find(|n| n["node-name"] == d.node.as_str())
+                .ok_or_else(|| QemuError::NoSuchNode {
+                    hypervisor: hypervisor.name.clone(),
+                    node: d.node.clone(),
+                    known: nodes
+                        .iter()
+                        .filter_map(|n| n["node-name"].as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let size = node["image"]["virtual-size"].as_u64().unwrap_or(0);
+            let mut ours: Vec<(u64, Value)> = node["dirty-bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| Some((bitmap_seq(job, b["name"].as_str()?)?, b.clone())))
+                .collect();
+            ours.sort_by_key(|(s, _)| *s);
+            let next_seq = ours.last().map_or(1, |(s, _)| s + 1);
+            let mut frozen = None;
+            for (seq, b) in &ours {
+                let name = bitmap_name(job, *seq);
+                let usable = b["recording"] == true
+                    && b["inconsistent"] != true
+                    && d.previous_bitmap.as_deref() == Some(name.as_str());
+                if usable && frozen.is_none() {
+                    frozen = Some(name);
+                    continue;
+                }
+                if b["inconsistent"] == true {
+                    notices.push(format!(
+                        "disk {}: CBT bitmap {name} is inconsistent (QEMU stopped without saving it); removed, this backup compares digests instead",
+                        d.node
+                    ));
+                }
+                qmp.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({ "node": d.node, "name": name }),
+                )?;
+            }
+            if frozen.is_none() {
+                match &d.previous_bitmap {
+                    Some(b) if !b.is_empty() => notices.push(format!(
+                        "disk {}: CBT bitmap {b} of the previous restore point is gone (QEMU restarted without saving it?); this backup compares digests instead",
+                        d.node
+                    )),
+                    _ => {}
+                }
+            }
+            let started = bitmap_name(job, next_seq);
+            let tag = format!("{pid}-{session}-{i}");
+            let fleece_node = format!("arca-fleece-{tag}");
+            let fleece_file = work_dir.join(format!("arca-fleece-{tag}.qcow2"));
+            let out = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&fleece_file)
+                .arg(size.to_string())
+                .output()
+                .map_err(|e| QemuError::Fleece {
+                    path: fleece_file.clone(),
+                    message: format!("qemu-img: {e}"),
+                })?;
+            if !out.status.success() {
+                return Err(QemuError::Fleece {
+                    path: fleece_file,
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            qmp.execute(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2",
+                    "node-name": fleece_node,
+                    "backing": d.node,
+                    "file": { "driver": "file", "filename": fleece_file.to_string_lossy() },
+                }),
+            )?;
+            if let Some(f) = &frozen {
+                actions.push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": d.node, "name": f } }));
+            }
+            actions.push(json!({
+                "type": "block-dirty-bitmap-add",
+                "data": { "node": d.node, "name": started, "persistent": true }
+            }));
+            let job_id = format!("arca-job-{tag}");
+            actions.push(json!({
+                "type": "blockdev-backup",
+                "data": { "device": d.node, "target": fleece_node, "sync": "none", "job-id": job_id }
+            }));
+            planned.push(Planned {
+                node: d.node.clone(),
+                fleece_node,
+                fleece_file,
+                job: job_id,
+                export: format!("arca-snap-{tag}"),
+                frozen,
+                started,
+            });
+        }
+
+        let undo_nodes = |qmp: &mut Qmp, planned: &[Planned]| {
+            for p in planned {
+                let _ = qmp.execute("blockdev-del", json!({ "node-name": p.fleece_node }));
+                let _ = std::fs::remove_file(&p.fleece_file);
+            }
+        };
+        // The snapshot instant of every disk of the VM.
+        if let Err(e) = qmp.execute("transaction", json!({ "actions": actions })) {
+            undo_nodes(&mut qmp, &planned);
+            return Err(e.into());
+        }
+
+        let mut snap = QemuSnapshot {
+            hypervisor: hypervisor.clone(),
+            disks: Vec::new(),
+            succeeded: Mutex::new(vec![false; planned.len()]),
+            notices,
+        };
+        // From here on, dropping `snap` cleans up what exists.
+        for Planned {
+            node,
+            fleece_node,
+            fleece_file,
+            job: job_id,
+            export,
+            frozen,
+            started,
+        } in planned
+        {
+            let mut args = json!({
+                "type": "nbd", "id": export, "node-name": fleece_node, "name": export, "writable": false
+            });
+            if let Some(f) = &frozen {
+                args["bitmaps"] = json!([f]);
+            }
+            let added = qmp.execute("block-export-add", args);
+            let mut contexts = vec!["base:allocation".to_owned()];
+            if let Some(f) = &frozen {
+                contexts.push(format!("qemu:dirty-bitmap:{f}"));
+            }
+            let placeholder = |reader| SnapDisk {
+                node: node.clone(),
+                fleece_node: fleece_node.clone(),
+                fleece_file: fleece_file.clone(),
+                job: job_id.clone(),
+                export: export.clone(),
+                frozen: frozen.clone(),
+                started: started.clone(),
+                reader,
+                dirty: None,
+            };
+            if let Err(e) = added {
+                // Record the disk without an export so cleanup still runs.
+                snap.disks.push(placeholder(Arc::new(NbdDisk::detached())));
+                return Err(e.into());
+            }
+            let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+            let client = match NbdClient::connect(&hypervisor.nbd, &export, &refs) {
+                Ok(c) => c,
+                Err(e) => {
+                    snap.disks.push(placeholder(Arc::new(NbdDisk::detached())));
+                    return Err(e.into());
+                }
+            };
+            let dirty = match &frozen {
+                Some(f) => {
+                    Some(client.ranges(&format!("qemu:dirty-bitmap:{f}"), STATE_DIRTY, true)?)
+                }
+                None => None,
+            };
+            let mut d = placeholder(Arc::new(NbdDisk::new(client)));
+            d.dirty = dirty;
+            snap.disks.push(d);
+        }
+        Ok(snap)
+    }
+
+    pub fn disk(&self, i: usize) -> Arc<dyn DiskRead> {
+        self.disks[i].reader.clone()
+    }
+
+    pub fn dirty(&self, i: usize) -> Option<Vec<Extent>> {
+        self.disks[i].dirty.clone()
+    }
+
+    /// The bitmap to record in disk `i`'s restore point.
+    pub fn started_bitmap(&self, i: usize) -> String {
+        self.disks[i].started.clone()
+    }
+
+    /// Marks disk `i`'s restore point as committed.
+    pub fn task_succeeded(&self, i: usize) {
+        self.succeeded.lock().expect("snapshot lock")[i] = true;
+    }
+
+    fn cleanup(&mut self) -> Result<(), QemuError> {
+        let succeeded = self.succeeded.lock().expect("snapshot lock").clone();
+        // Readers go first: an export with a connected client cannot be deleted.
+        for d in &mut self.disks {
+            d.reader = Arc::new(NbdDisk::detached());
+        }
+        let mut qmp = Qmp::connect(&self.hypervisor.qmp)?;
+        for (d, ok) in self.disks.iter().zip(succeeded) {
+            remove_snapshot_objects(&mut qmp, &d.export, &d.job, &d.fleece_node, &d.fleece_file);
+            if ok {
+                if let Some(f) = &d.frozen {
+                    qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        json!({ "node": d.node, "name": f }),
+                    )?;
+                }
+            } else {
+                roll_back_bitmaps(&mut qmp, &d.node, d.frozen.as_deref(), &d.started)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QemuSnapshot {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            tracing::warn!(
+                "cleanup of the snapshot on hypervisor '{}': {e}",
+                self.hypervisor.name
+            );
+        }
+    }
+}
+
+fn remove_snapshot_objects(
+    qmp: &mut Qmp,
+    export: &str,
+    job: &str,
+    fleece_node: &str,
+    fleece_file: &Path,
+) {
+    // Hard mode: a reader that did not disconnect must not keep the export.
+    if qmp
+        .execute("block-export-del", json!({ "id": export, "mode": "hard" }))
+        .is_ok()
+    {
+        let _ = qmp.wait_event("BLOCK_EXPORT_DELETED", |d| d["id"] == export, EVENT_TIMEOUT);
+    }
+    if qmp
+        .execute("block-job-cancel", json!({ "device": job, "force": true }))
+        .is_ok()
+    {
+        let _ = qmp.wait_event(
+            "JOB_STATUS_CHANGE",
+            |d| d["id"] == job && d["status"] == "null",
+            EVENT_TIMEOUT,
+        );
+    }
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": fleece_node }));
+    let _ = std::fs::remove_file(fleece_file);
+}
+
+/// Puts the bitmaps back as they were before the snapshot, keeping every
+/// change: the new bitmap's changes are merged into the frozen one, which
+/// records again.
+fn roll_back_bitmaps(
+    qmp: &mut Qmp,
+    node: &str,
+    frozen: Option<&str>,
+    started: &str,
+) -> Result<(), QemuError> {
+    match frozen {
+        Some(f) => {
+            qmp.execute(
+                "transaction",
+                json!({ "actions": [
+                    { "type": "block-dirty-bitmap-merge", "data": { "node": node, "target": f, "bitmaps": [started] } },
+                    { "type": "block-dirty-bitmap-enable", "data": { "node": node, "name": f } },
+                    { "type": "block-dirty-bitmap-remove", "data": { "node": node, "name": started } }
+                ]}),
+            )?;
+        }
+        None => {
+            // No restore point counts from this bitmap.
+            let _ = qmp.execute(
+                "block-dirty-bitmap-remove",
+                json!({ "node": node, "name": started }),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes what dead arca processes left in this QEMU, and rolls their
+/// bitmaps back; returns notices for the report.
+fn sweep(qmp: &mut Qmp, hypervisor: &Hypervisor, job: &str) -> Result<Vec<String>, QemuError> {
+    let mut notices = Vec::new();
+    let dead = |name: &str| owner_pid(name).is_some_and(|p| !process_alive(p));
+    let exports = qmp.execute("query-block-exports", json!({}))?;
+    for e in exports.as_array().into_iter().flatten() {
+        let id = e["id"].as_str().unwrap_or_default();
+        if id.starts_with("arca-snap-") && dead(id) {
+            let tag = id.trim_start_matches("arca-snap-");
+            remove_snapshot_objects(
+                qmp,
+                id,
+                &format!("arca-job-{tag}"),
+                &format!("arca-fleece-{tag}"),
+                Path::new(""),
+            );
+            notices.push(format!(
+                "hypervisor '{}': removed snapshot {id} left by an interrupted session",
+                hypervisor.name
+            ));
+        }
+    }
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    for n in nodes.as_array().into_iter().flatten() {
+        let name = n["node-name"].as_str().unwrap_or_default();
+        if name.starts_with("arca-fleece-") && dead(name) {
+            let file = n["file"].as_str().map(PathBuf::from).unwrap_or_default();
+            let tag = name.trim_start_matches("arca-fleece-");
+            remove_snapshot_objects(
+                qmp,
+                &format!("arca-snap-{tag}"),
+                &format!("arca-job-{tag}"),
+                name,
+                &file,
+            );
+            notices.push(format!(
+                "hypervisor '{}': removed fleecing node {name} left by an interrupted session",
+                hypervisor.name
+            ));
+        }
+    }
+    // A session killed between its snapshot and its cleanup leaves the
+    // previous bitmap disabled and a newer one recording: roll back.
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    for n in nodes.as_array().into_iter().flatten() {
+        let node = n["node-name"].as_str().unwrap_or_default().to_owned();
+        let mut ours: Vec<(u64, bool)> = n["dirty-bitmaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                Some((
+                    bitmap_seq(job, b["name"].as_str()?)?,
+                    b["recording"] == true && b["inconsistent"] != true,
+                ))
+            })
+            .collect();
+        ours.sort();
+        if let [.., (old, false), (new, true)] = ours.as_slice() {
+            roll_back_bitmaps(
+                qmp,
+                &node,
+                Some(&bitmap_name(job, *old)),
+                &bitmap_name(job, *new),
+            )?;
+            notices.push(format!(
+                "disk {node}: rolled CBT bitmaps back after an interrupted session; no change is lost"
+            ));
+        }
+    }
+    Ok(notices)
+}
+
+/// Block nodes of a hypervisor, for `arca inventory`.
+pub fn inventory(hypervisor: &Hypervisor) -> Result<Value, QemuError> {
+    let mut qmp = Qmp::connect(&hypervisor.qmp)?;
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    let exports = qmp.execute("query-block-exports", json!({}))?;
+    let disks: Vec<Value> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["drv"] != "file" && !n["node-name"].as_str().unwrap_or("").starts_with("arca-"))
+        .map(|n| {
+            json!({
+                "node": n["node-name"],
+                "format": n["drv"],
+                "size": n["image"]["virtual-size"],
+                "file": n["file"],
+                "bitmaps": n["dirty-bitmaps"].as_array().map(|b| b.iter().map(|x| x["name"].clone()).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    Ok(json!({ "hypervisor": hypervisor.name, "disks": disks, "exports": exports }))
+}
