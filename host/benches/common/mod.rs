@@ -1,0 +1,106 @@
+//! Shared by the benchmarks: a disk built from this machine's real files,
+//! and clustered changes.
+
+#![allow(dead_code)]
+
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+pub const MIB: u64 = 1 << 20;
+
+/// Fills ~60% of the disk with real files (tar streams of system folders),
+/// leaving ~40% as holes and written zeros.
+pub fn make_disk(path: &Path, size: u64) -> u64 {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let target = size * 6 / 10;
+    let mut written = 0u64;
+    let mut off = 0u64;
+    let mut rng = StdRng::seed_from_u64(1);
+    'outer: for src in [
+        "/usr/lib",
+        "/usr/share",
+        "/usr/bin",
+        "/usr/include",
+        "/var/lib/dpkg",
+        "/usr",
+    ] {
+        let mut child = Command::new("tar")
+            .args(["-cf", "-", src])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buf = vec![0u8; 4 * MIB as usize];
+        loop {
+            let mut got = 0;
+            while got < buf.len() {
+                match std::io::Read::read(&mut stdout, &mut buf[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(_) => break,
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            f.write_all_at(&buf[..got], off).unwrap();
+            written += got as u64;
+            off += got as u64;
+            // Now and then a gap of zeros written or never written.
+            if rng.random_range(0..4) == 0 {
+                let gap = rng.random_range(1..8) * MIB;
+                if rng.random_bool(0.5) {
+                    f.write_all_at(&vec![0u8; gap as usize], off).unwrap();
+                }
+                off += gap;
+            }
+            if written >= target || off >= size - 16 * MIB {
+                let _ = child.kill();
+                let _ = child.wait();
+                break 'outer;
+            }
+        }
+        let _ = child.wait();
+    }
+    f.sync_all().unwrap();
+    written
+}
+
+/// Overwrites `total` bytes in runs of 64 KiB to 1 MiB.
+pub fn change_clustered(path: &Path, total: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut done = 0;
+    while done < total {
+        let run = rng.random_range(1..=16) * 64 * 1024;
+        let at = rng.random_range(0..(size - run) / 4096) * 4096;
+        let mut buf = vec![0u8; run as usize];
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, at).unwrap();
+        done += run;
+    }
+    f.sync_all().unwrap();
+}
+
+/// The same clustered changes as `change_clustered`, as qemu-io commands
+/// (for writes through a hypervisor).
+pub fn clustered_writes(size: u64, total: u64, seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < total {
+        let run = rng.random_range(1..=16) * 64 * 1024;
+        let at = rng.random_range(0..(size - run) / 4096) * 4096;
+        out.push(format!(
+            "write -P {} {at} {run}",
+            rng.random_range(1..=255u8)
+        ));
+        done += run;
+    }
+    out
+}
