@@ -213,3 +213,30 @@ fn third_party_codec_from_examples_is_kept_in_the_repository() {
     lab.ok(&["restore", point, "--to", out.to_str().unwrap()]);
     assert_eq!(sha256(&out), sha256(&disk));
 }
+
+#[test]
+fn an_exclusion_stage_that_cannot_judge_a_disk_keeps_it_whole() {
+    let lab = Lab::new();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 8 * MIB, 12);
+    // No partition table on this disk: the stage says so and excludes nothing.
+    let extra = "[[pipeline]]\nname = \"p\"\nexclusion = [{ plugin = \"exclude-ranges\", partitions = \"2\" }]\n\n[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\npipeline = \"p\"\n";
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], extra));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let notices = r["notices"].to_string();
+    assert!(
+        notices.contains("exclusion stage 'exclude-ranges' excluded nothing")
+            && notices.contains("backed up whole"),
+        "{notices}"
+    );
+    assert_eq!(r["tasks"][0]["stats"]["excluded_bytes"].as_u64(), Some(0));
+    let out = lab.path("out.raw");
+    lab.ok(&[
+        "restore",
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(sha256(&out), sha256(&disk));
+}

@@ -147,7 +147,22 @@ fn run_inner(
     for ex in &mut stages.exclusions {
         let found = clock.time("exclusion", || {
             ex.excluded(&label, input.disk.clone(), input.block_size)
-        })?;
+        });
+        let found = match found {
+            Ok(found) => found,
+            // The plugin ran and said it cannot judge this disk (unknown or
+            // damaged filesystem): keeping everything is always safe. A trap,
+            // a timeout or a malformed answer still fails the task.
+            Err(PluginError::Failed {
+                plugin, message, ..
+            }) => {
+                notices.push(format!(
+                    "{label}: exclusion stage '{plugin}' excluded nothing: {message}; the disk is backed up whole"
+                ));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let found = normalize(found, size);
         stats.add_exclusion(ex.name(), found.iter().map(|e| e.length).sum());
         excluded.extend(found);
