@@ -15,10 +15,23 @@ fn main() {
 
     let plugins = root.join("plugins");
     let plugin_out = build(&plugins, &target_root.join("wasm"));
-    let example = root.join("examples/plugins/lz4-codec");
-    let example_out = build(&example, &target_root.join("wasm-examples"));
+    // Every example plugin is a workspace of its own, as an outside author's
+    // would be; they share one target folder.
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root.join("examples/plugins"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("Cargo.toml").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    examples.sort();
+    let mut example_out = target_root.join("wasm-examples/wasm32-wasip2/release");
+    for example in &examples {
+        example_out = build(example, &target_root.join("wasm-examples"));
+    }
 
-    for dir in [&plugins, &example] {
+    for dir in std::iter::once(&plugins).chain(&examples) {
         println!(
             "cargo:rerun-if-changed={}",
             dir.join("Cargo.toml").display()
@@ -30,6 +43,10 @@ fn main() {
         rerun_for_sources(dir);
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("examples/plugins").display()
+    );
     println!("cargo:rustc-env=ARCA_PLUGIN_DIR={}", plugin_out.display());
     println!(
         "cargo:rustc-env=ARCA_EXAMPLE_PLUGIN_DIR={}",

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod extent;
+pub mod guest;
 pub mod pipeline;
 pub mod plugin;
 pub mod repository;

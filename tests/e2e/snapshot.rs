@@ -9,12 +9,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// An XFS filesystem in a file, loop-mounted; unmounted on drop.
-struct XfsMount {
-    dir: PathBuf,
+pub struct XfsMount {
+    pub dir: PathBuf,
 }
 
 impl XfsMount {
-    fn new(lab: &Lab) -> Self {
+    pub fn new(lab: &Lab) -> Self {
         let image = lab.path("xfs.img");
         let dir = lab.path("xfs");
         std::fs::create_dir_all(&dir).unwrap();

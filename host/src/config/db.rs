@@ -99,14 +99,15 @@ impl ConfigDb {
                  CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS hypervisors (name TEXT PRIMARY KEY, qmp TEXT NOT NULL, nbd TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT);
+                 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT,
+                     guest_agent TEXT);
                  CREATE TABLE IF NOT EXISTS disks (vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
                      name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL, node TEXT, position INTEGER NOT NULL, PRIMARY KEY (vm, name));
                  CREATE TABLE IF NOT EXISTS plugins (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
                      memory_mib INTEGER NOT NULL, deadline_ms INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, stages TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS jobs (name TEXT PRIMARY KEY, repository TEXT NOT NULL,
-                     pipeline TEXT NOT NULL, block_size INTEGER NOT NULL);
+                     pipeline TEXT NOT NULL, block_size INTEGER NOT NULL, guest TEXT);
                  CREATE TABLE IF NOT EXISTS job_vms (job TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
                      vm TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (job, vm));
                  CREATE TABLE IF NOT EXISTS job_proxies (job TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
@@ -234,10 +235,15 @@ impl ConfigDb {
         }
         for (v, hypervisor) in f.vms.iter().zip(&f.vm_hypervisors) {
             tx.execute(
-                "INSERT INTO vms (name, powered_off, hypervisor) VALUES (?1, ?2, ?3)
+                "INSERT INTO vms (name, powered_off, hypervisor, guest_agent) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET powered_off = excluded.powered_off,
-                 hypervisor = excluded.hypervisor",
-                params![v.name, v.powered_off, hypervisor],
+                 hypervisor = excluded.hypervisor, guest_agent = excluded.guest_agent",
+                params![
+                    v.name,
+                    v.powered_off,
+                    hypervisor,
+                    v.guest_agent.as_ref().map(|p| p.to_string_lossy().into_owned())
+                ],
             )
             .map_err(err)?;
             tx.execute("DELETE FROM disks WHERE vm = ?1", [&v.name])
@@ -272,10 +278,16 @@ impl ConfigDb {
         }
         for j in &f.jobs {
             tx.execute(
-                "INSERT INTO jobs (name, repository, pipeline, block_size) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO jobs (name, repository, pipeline, block_size, guest) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(name) DO UPDATE SET repository = excluded.repository,
-                 pipeline = excluded.pipeline, block_size = excluded.block_size",
-                params![j.name, j.repository, j.pipeline, j.block_size],
+                 pipeline = excluded.pipeline, block_size = excluded.block_size, guest = excluded.guest",
+                params![
+                    j.name,
+                    j.repository,
+                    j.pipeline,
+                    j.block_size,
+                    j.guest.as_ref().map(|g| serde_json::to_string(g).expect("guest settings serialize"))
+                ],
             )
             .map_err(err)?;
             tx.execute("DELETE FROM job_vms WHERE job = ?1", [&j.name])
@@ -389,16 +401,16 @@ impl ConfigDb {
 
     /// Resolves a job and everything it references.
     pub fn load_job(&self, name: &str) -> Result<JobSettings, DbError> {
-        let row: Option<(String, String, u32)> = self
+        let row: Option<(String, String, u32, Option<String>)> = self
             .conn
             .query_row(
-                "SELECT repository, pipeline, block_size FROM jobs WHERE name = ?1",
+                "SELECT repository, pipeline, block_size, guest FROM jobs WHERE name = ?1",
                 [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(self.err())?;
-        let Some((repo_name, pipeline_name, block_size)) = row else {
+        let Some((repo_name, pipeline_name, block_size, guest)) = row else {
             let known = self.job_names()?;
             return Err(DbError::UnknownJob {
                 name: name.into(),
@@ -477,16 +489,16 @@ impl ConfigDb {
         };
         let mut vms = Vec::new();
         for vm in vm_names {
-            let (powered_off, hypervisor): (bool, Option<String>) = self
-                .conn
-                .query_row(
-                    "SELECT powered_off, hypervisor FROM vms WHERE name = ?1",
-                    [&vm],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(self.err())?
-                .ok_or_else(|| corrupt(format!("job '{name}' names missing vm '{vm}'")))?;
+            let (powered_off, hypervisor, guest_agent): (bool, Option<String>, Option<String>) =
+                self.conn
+                    .query_row(
+                        "SELECT powered_off, hypervisor, guest_agent FROM vms WHERE name = ?1",
+                        [&vm],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
+                    .map_err(self.err())?
+                    .ok_or_else(|| corrupt(format!("job '{name}' names missing vm '{vm}'")))?;
             let hypervisor = match hypervisor {
                 None => None,
                 Some(h) => Some(
@@ -536,11 +548,19 @@ impl ConfigDb {
                 powered_off,
                 disks,
                 hypervisor,
+                guest_agent: guest_agent.map(PathBuf::from),
             });
         }
+        let guest: Option<super::GuestSettings> = guest
+            .map(|g| {
+                serde_json::from_str(&g)
+                    .map_err(|e| corrupt(format!("job '{name}' guest settings: {e}")))
+            })
+            .transpose()?;
         let used: Vec<&str> = std::iter::once(&pipeline.change_detection)
             .chain(&pipeline.exclusions)
             .chain(std::iter::once(&pipeline.codec))
+            .chain(guest.iter().map(|g| &g.hook))
             .map(|s| s.plugin.as_str())
             .collect();
         let plugins = self
@@ -556,6 +576,7 @@ impl ConfigDb {
             pipeline,
             vms,
             plugins,
+            guest,
         })
     }
 

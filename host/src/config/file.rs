@@ -79,7 +79,20 @@ struct RawVm {
     #[serde(default)]
     powered_off: bool,
     hypervisor: Option<Spanned<String>>,
+    guest_agent: Option<PathBuf>,
     disks: Vec<RawDisk>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuest {
+    mode: super::GuestMode,
+    hook: Option<RawStage>,
+    #[serde(default)]
+    allow_exec: Vec<String>,
+    allow_freeze: Option<bool>,
+    freeze_timeout_ms: Option<u64>,
+    agent_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +143,7 @@ struct RawJob {
     pipeline: Option<Spanned<String>>,
     proxies: Option<Vec<Spanned<String>>>,
     block_size: Option<Spanned<toml::Value>>,
+    guest: Option<RawGuest>,
 }
 
 /// A job as stored: references by name.
@@ -142,6 +156,7 @@ pub struct JobRow {
     /// Empty: any proxy.
     pub proxies: Vec<String>,
     pub block_size: u32,
+    pub guest: Option<super::GuestSettings>,
 }
 
 /// A parsed and validated file, ready for the database.
@@ -349,6 +364,7 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
             powered_off: v.powered_off,
             disks,
             hypervisor: None,
+            guest_agent: v.guest_agent.as_ref().map(|p| cx.resolve(p)),
         });
     }
     let mut plugins = known.plugins.clone();
@@ -459,7 +475,54 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                 }
             }
         };
+        let guest = match &j.guest {
+            None => None,
+            Some(g) => {
+                let hook = match &g.hook {
+                    Some(s) => {
+                        let plugin = s.plugin.get_ref();
+                        match plugins.get(plugin) {
+                            Some(StageKind::GuestHook) => StageSettings {
+                                plugin: plugin.clone(),
+                                settings: s.settings.clone(),
+                            },
+                            Some(k) => {
+                                return cx.invalid(
+                                    s.plugin.span(),
+                                    format!("job '{name}' uses plugin '{plugin}' as its guest hook, but it is a {k} plugin"),
+                                );
+                            }
+                            None => {
+                                return cx.invalid(
+                                    s.plugin.span(),
+                                    format!("job '{name}' names guest hook plugin '{plugin}', which is not defined"),
+                                );
+                            }
+                        }
+                    }
+                    None => StageSettings {
+                        plugin: "guest-scripts".into(),
+                        settings: toml::Table::new(),
+                    },
+                };
+                Some(super::GuestSettings {
+                    mode: g.mode,
+                    hook,
+                    policy: crate::guest::GuestPolicy {
+                        allow_exec: g.allow_exec.clone(),
+                        allow_freeze: g.allow_freeze.unwrap_or(true),
+                        freeze_timeout: std::time::Duration::from_millis(
+                            g.freeze_timeout_ms.unwrap_or(20_000),
+                        ),
+                        agent_timeout: std::time::Duration::from_millis(
+                            g.agent_timeout_ms.unwrap_or(10_000),
+                        ),
+                    },
+                })
+            }
+        };
         out.jobs.push(JobRow {
+            guest,
             vms: j
                 .vms
                 .iter()

@@ -68,6 +68,26 @@ pub struct VmSettings {
     pub disks: Vec<DiskSettings>,
     /// Set for VMs of a QEMU hypervisor; image-file VMs have none.
     pub hypervisor: Option<crate::source::qemu::Hypervisor>,
+    /// The socket of the VM's guest agent, for guest processing.
+    pub guest_agent: Option<PathBuf>,
+}
+
+/// What to do when guest processing fails (the seed vendor's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestMode {
+    /// A failure fails the VM: no restore point without application consistency.
+    Require,
+    /// A failure falls back to a crash-consistent restore point, said in the report.
+    Try,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestSettings {
+    pub mode: GuestMode,
+    pub hook: StageSettings,
+    pub policy: crate::guest::GuestPolicy,
 }
 
 /// Everything a session needs, resolved from the database.
@@ -81,6 +101,7 @@ pub struct JobSettings {
     pub vms: Vec<VmSettings>,
     /// Third-party plugins the pipeline uses (built-ins are not listed).
     pub plugins: Vec<PluginSettings>,
+    pub guest: Option<GuestSettings>,
 }
 
 /// Defaults that exist without any configuration: the embedded proxy and

@@ -22,3 +22,11 @@ pub mod compression {
         world: "arca:pipeline/compression",
     });
 }
+
+pub mod guest_hook {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "arca:pipeline/guest-hook",
+        imports: { default: trappable },
+    });
+}

@@ -35,6 +35,15 @@ pub const BUILTINS: &[Builtin] = &[
         )),
         summary: "excludes byte ranges and whole partitions named in config (settings: ranges, partitions)",
     },
+    Builtin {
+        name: "guest-scripts",
+        kind: StageKind::GuestHook,
+        bytes: include_bytes!(concat!(
+            env!("ARCA_PLUGIN_DIR"),
+            "/arca_plugin_guest_scripts.wasm"
+        )),
+        summary: "runs the job's scripts in the guest and freezes/thaws its filesystems around the snapshot (settings: pre_freeze, post_thaw, post_backup, freeze, timeout_ms)",
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Builtin> {

@@ -16,6 +16,7 @@ pub mod builtin;
 pub mod codec;
 pub mod detect;
 pub mod exclude;
+pub mod hook;
 mod runtime;
 
 pub use runtime::{Plugin, PluginLimits, PluginRuntime, StageKind, settings_to_wit};

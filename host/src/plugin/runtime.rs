@@ -57,6 +57,8 @@ pub struct PluginState {
     pub(super) table: ResourceTable,
     limiter: MemoryLimiter,
     stderr: MemoryOutputPipe,
+    /// The guest channel, for guest-hook plugins only.
+    pub(super) guest: Option<std::sync::Arc<crate::guest::GuestChannel>>,
 }
 
 impl WasiView for PluginState {
@@ -187,12 +189,7 @@ impl PluginRuntime {
         match kind {
             StageKind::Exclusion => super::exclude::add_to_linker(&mut linker).map_err(load_err)?,
             StageKind::ChangeDetection | StageKind::Codec => {}
-            StageKind::GuestHook => {
-                return Err(PluginError::Load {
-                    plugin: name.to_owned(),
-                    message: "guest-hook plugins need a guest channel, which this build does not provide yet".into(),
-                });
-            }
+            StageKind::GuestHook => super::hook::add_to_linker(&mut linker).map_err(load_err)?,
         }
         let pre = linker
             .instantiate_pre(&component)
@@ -276,6 +273,7 @@ impl Plugin {
                     hit: false,
                 },
                 stderr,
+                guest: None,
             },
         );
         store.limiter(|s| &mut s.limiter);

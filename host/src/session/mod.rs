@@ -7,9 +7,11 @@
 //! The embedded default runs the proxy and repository roles in this process
 //! and joins the movers with the in-process link.
 
+pub mod guest;
 pub mod report;
 pub mod scheduler;
 
+use crate::config::GuestMode;
 use crate::config::{ConfigDb, DbError, JobSettings, StageSettings, VmSettings};
 use crate::pipeline::{self, Stages, TaskInput};
 use crate::plugin::codec::Codec;
@@ -20,8 +22,9 @@ use crate::repository::{Repository, RepositoryError};
 use crate::source::image_file::{DiskSource, ImageSnapshot, sweep_orphans};
 use crate::source::qemu::{DiskRequest, QemuSnapshot};
 use crate::source::qemu_export::sweep_exports;
-use crate::source::{DiskRead, VmSnapshot};
+use crate::source::{Consistency, DiskRead, VmSnapshot};
 use arca_transport::InProcessLink;
+use guest::GuestRun;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{SessionReport, TaskReport, TaskState};
 use scheduler::Scheduler;
@@ -56,6 +59,14 @@ struct LoadedPipeline {
     detect: (Plugin, Vec<(String, String)>),
     exclusions: Vec<(Plugin, Vec<(String, String)>)>,
     codec: (Plugin, Vec<(String, String)>),
+    /// The guest hook, when the job's guest processing is on.
+    guest: Option<(Plugin, Vec<(String, String)>)>,
+}
+
+/// A VM's snapshot as its tasks see it.
+struct VmState {
+    snap: VmSnapshot,
+    consistency: Consistency,
 }
 
 impl LoadedPipeline {
@@ -96,6 +107,10 @@ impl LoadedPipeline {
                 .map(|s| one(s, StageKind::Exclusion))
                 .collect::<Result<_, _>>()?,
             codec: one(&p.codec, StageKind::Codec)?,
+            guest: match &job.guest {
+                Some(g) if g.mode != GuestMode::Off => Some(one(&g.hook, StageKind::GuestHook)?),
+                _ => None,
+            },
         })
     }
 
@@ -152,6 +167,7 @@ pub fn run_job(
         bottleneck: None,
         notices: Vec::new(),
         log: Vec::new(),
+        guest: Vec::new(),
     };
     let result = run_tasks(db, runtime, &job, session_id, opts, &mut report);
     report.duration_seconds = started.elapsed().as_secs_f64();
@@ -242,7 +258,10 @@ fn run_tasks(
 
     // Snapshots are per VM (all disks at one instant) and shared by the VM's
     // tasks; the last task to finish drops the snapshot, which removes it.
-    let mut snapshots: HashMap<&str, Arc<VmSnapshot>> = HashMap::new();
+    let mut snapshots: HashMap<&str, Arc<VmState>> = HashMap::new();
+    let mut failed_vms: HashMap<&str, String> = HashMap::new();
+    let mut guests: HashMap<&str, GuestRun> = HashMap::new();
+    let mut vm_ok: HashMap<&str, bool> = HashMap::new();
     let mut remaining: HashMap<&str, usize> = HashMap::new();
     for t in &tasks {
         *remaining.entry(t.vm.name.as_str()).or_default() += 1;
@@ -265,14 +284,65 @@ fn run_tasks(
                     job.repository.name,
                     queued_at.elapsed().as_secs_f64()
                 ));
-                let snapshot = match snapshots.get(vm.name.as_str()) {
-                    Some(s) => Ok(s.clone()),
-                    None => take_snapshot(job, session_id, vm, &repo).map(|s| {
-                        report.notices.extend(s.notices().iter().cloned());
-                        let s = Arc::new(s);
-                        snapshots.insert(vm.name.as_str(), s.clone());
-                        s
-                    }),
+                let snapshot = match (
+                    snapshots.get(vm.name.as_str()),
+                    failed_vms.get(vm.name.as_str()),
+                ) {
+                    (Some(s), _) => Ok(s.clone()),
+                    // The VM's snapshot failed for an earlier disk: same answer,
+                    // without running its guest hooks again.
+                    (None, Some(e)) => Err(e.clone()),
+                    (None, None) => {
+                        let mut guest = match (&job.guest, &pipeline.guest) {
+                            (Some(g), Some(p)) => Some(GuestRun::before_snapshot(g, p, vm)),
+                            _ => None,
+                        };
+                        let taken = match guest.as_ref().and_then(|g| g.fatal.clone()) {
+                            Some(fatal) => Err(fatal),
+                            None => {
+                                let snap = take_snapshot(job, session_id, vm, &repo);
+                                if let Some(g) = guest.as_mut() {
+                                    g.after_snapshot(snap.is_ok());
+                                }
+                                match (snap, guest.as_ref().and_then(|g| g.fatal.clone())) {
+                                    (Ok(_), Some(fatal)) => Err(fatal),
+                                    (Ok(snap), None) => {
+                                        let app = guest
+                                            .as_ref()
+                                            .is_some_and(GuestRun::application_consistent);
+                                        let consistency = match snap.consistency() {
+                                            Consistency::CrashConsistent if app => {
+                                                Consistency::ApplicationConsistent
+                                            }
+                                            c => c,
+                                        };
+                                        if let Some(g) = guest.as_mut() {
+                                            g.confirm_consistency(
+                                                consistency == Consistency::ApplicationConsistent,
+                                            );
+                                        }
+                                        Ok(VmState { snap, consistency })
+                                    }
+                                    (Err(e), _) => Err(e),
+                                }
+                            }
+                        };
+                        if let Some(g) = guest {
+                            guests.insert(vm.name.as_str(), g);
+                        }
+                        match taken {
+                            Ok(state) => {
+                                report.notices.extend(state.snap.notices().iter().cloned());
+                                let s = Arc::new(state);
+                                snapshots.insert(vm.name.as_str(), s.clone());
+                                Ok(s)
+                            }
+                            Err(e) => {
+                                failed_vms.insert(vm.name.as_str(), e.clone());
+                                Err(e)
+                            }
+                        }
+                    }
                 };
                 let queued = queued_at.elapsed().as_secs_f64();
                 let tx = done_tx.clone();
@@ -337,10 +407,18 @@ fn run_tasks(
             running -= 1;
             scheduler.release(&done.proxy);
             let spec = &tasks[done.index];
-            let left = remaining.get_mut(spec.vm.name.as_str()).expect("counted");
+            let vm_name = spec.vm.name.as_str();
+            *vm_ok.entry(vm_name).or_insert(true) &= done.report.state == TaskState::Success;
+            let left = remaining.get_mut(vm_name).expect("counted");
             *left -= 1;
             if *left == 0 {
-                snapshots.remove(spec.vm.name.as_str());
+                // Clean-up of the snapshot first, then the post-backup hook.
+                snapshots.remove(vm_name);
+                if let Some(g) = guests.remove(vm_name) {
+                    let (r, notices) = g.after_backup(vm_ok[vm_name]);
+                    report.guest.push(r);
+                    report.notices.extend(notices);
+                }
             }
             results[done.index] = Some(done.report);
         }
@@ -389,7 +467,7 @@ fn run_one(
     session_id: u64,
     vm: &VmSettings,
     disk_index: usize,
-    snap: &VmSnapshot,
+    state: &VmState,
     pipeline: &LoadedPipeline,
     repo: &Repository,
     workers: usize,
@@ -401,7 +479,7 @@ fn run_one(
         .latest_point(&job.name, &vm.name, disk_name)
         .map_err(|e| e.to_string())?;
     tr.parent_point = previous.as_ref().map(|p| p.point_id.clone());
-    let disk: Arc<dyn DiskRead> = snap.disk(disk_index);
+    let disk: Arc<dyn DiskRead> = state.snap.disk(disk_index);
     bar.set_length(disk.size());
     let input = TaskInput {
         job: job.name.clone(),
@@ -410,21 +488,21 @@ fn run_one(
         disk,
         block_size: job.block_size,
         previous,
-        consistency: snap.consistency(),
+        consistency: state.consistency,
         session_id,
         pipeline: job.pipeline.name.clone(),
         workers,
-        dirty: snap.dirty(disk_index),
-        cbt_bitmap: snap.cbt_bitmap(disk_index),
+        dirty: state.snap.dirty(disk_index),
+        cbt_bitmap: state.snap.cbt_bitmap(disk_index),
     };
-    tr.consistency = Some(snap.consistency().as_str().into());
+    tr.consistency = Some(state.consistency.as_str().into());
     let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
     let writer = repo.writer().map_err(|e| e.to_string())?;
     let link = InProcessLink::new(writer);
     let progress = |n: u64| bar.inc(n);
     let outcome = pipeline::run(&input, stages, &link, &progress)
         .map_err(|e| format!("{}: {e}", input.label()))?;
-    snap.task_succeeded(disk_index);
+    state.snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
     tr.stats = Some(outcome.stats);
     tr.notices = outcome.notices;

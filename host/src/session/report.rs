@@ -51,6 +51,8 @@ pub struct SessionReport {
     pub bottleneck: Option<Bottleneck>,
     pub notices: Vec<String>,
     pub log: Vec<String>,
+    /// Guest processing per VM (empty when the job has none).
+    pub guest: Vec<super::guest::GuestReport>,
 }
 
 impl SessionReport {
@@ -164,6 +166,47 @@ impl SessionReport {
                 b.busy_seconds,
                 b.share * 100.0
             );
+        }
+        for g in &self.guest {
+            let steps: Vec<String> = g
+                .steps
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} ({:.1} s)",
+                        s.step,
+                        if s.ok { "ok" } else { "FAILED" },
+                        s.seconds
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  guest processing of {} ({:?}, hook '{}'): {}; {} command(s); {}",
+                g.vm,
+                g.mode,
+                g.hook,
+                steps.join(", "),
+                g.commands.len(),
+                if g.application_consistent {
+                    "application-consistent"
+                } else {
+                    "not application-consistent"
+                }
+            );
+            for c in &g.commands {
+                let _ = writeln!(
+                    s,
+                    "      {} {}: {}",
+                    c.path,
+                    c.args.join(" "),
+                    match (&c.exit_code, &c.error) {
+                        (Some(code), _) => format!("exit {code}"),
+                        (None, Some(e)) => e.clone(),
+                        _ => "?".into(),
+                    }
+                );
+            }
         }
         for n in &self.notices {
             let _ = writeln!(s, "  note: {n}");

@@ -37,6 +37,9 @@ pub enum Consistency {
     /// Read from the live file of a VM that may be running: consistent only if
     /// it was in fact powered off.
     PoweredOffOnly,
+    /// A point-in-time copy taken while the guest's applications and
+    /// filesystems were quiesced by guest processing.
+    ApplicationConsistent,
 }
 
 impl Consistency {
@@ -45,6 +48,7 @@ impl Consistency {
             Consistency::CrashConsistent => "crash-consistent",
             Consistency::PoweredOff => "powered-off",
             Consistency::PoweredOffOnly => "consistent-only-if-powered-off",
+            Consistency::ApplicationConsistent => "application-consistent",
         }
     }
 }

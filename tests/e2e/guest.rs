@@ -1,0 +1,492 @@
+//! Guest processing: hooks over the QEMU guest agent protocol.
+//!
+//! Scripts, exit codes, modes and timeouts run against a real `qemu-ga`
+//! started here (its freeze commands blocked: it is this machine's own
+//! agent). Freeze/thaw ordering and the always-thaw guarantee run against
+//! `FakeAgent`, a protocol peer that speaks the agent's JSON exactly as
+//! qemu-ga does for these commands but freezes nothing; it also plays the
+//! agent that hangs, hangs up or talks garbage.
+
+use crate::common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct QemuGa(Child);
+
+impl QemuGa {
+    fn start(dir: &Path) -> (Self, PathBuf) {
+        let sock = dir.join("qga.sock");
+        let state = dir.join("qga-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let child = Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&sock)
+            .arg("-t")
+            .arg(&state)
+            .args([
+                "-b",
+                "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-ga (scripts/setup.sh installs qemu-guest-agent)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "qemu-ga did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (Self(child), sock)
+    }
+}
+
+impl Drop for QemuGa {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn script(lab: &Lab, name: &str, body: &str) -> PathBuf {
+    let p = lab.path(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn apply_guest(lab: &Lab, disk: &Path, agent: &Path, guest: &str) {
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\n{guest}\n",
+        lab.path("repo").display(),
+        disk.display(),
+        agent.display()
+    ));
+}
+
+#[test]
+fn scripts_run_around_the_snapshot_in_order() {
+    let lab = Lab::new();
+    let (_ga, sock) = QemuGa::start(lab.dir.path());
+    // A filesystem with reflinks, so the snapshot is a point in time between
+    // the pre-freeze and post-thaw scripts.
+    let fs = crate::snapshot::XfsMount::new(&lab);
+    let disk = fs.dir.join("vm.raw");
+    make_disk(&disk, 4 * MIB, 61);
+    let log = lab.path("hooks.log");
+    // The pre-freeze script writes a marker into the disk: it must be in the
+    // restore point. The post-thaw script writes another: it must not.
+    let pre = script(
+        &lab,
+        "pre.sh",
+        &format!(
+            "echo pre $1 >> {log}; printf PRE-FREEZE | dd of={disk} bs=1 seek=100 conv=notrunc status=none; echo quiesced",
+            log = log.display(),
+            disk = disk.display()
+        ),
+    );
+    let post = script(
+        &lab,
+        "post.sh",
+        &format!(
+            "echo post $1 >> {log}; printf POST-THAW! | dd of={disk} bs=1 seek=200 conv=notrunc status=none",
+            log = log.display(),
+            disk = disk.display()
+        ),
+    );
+    let after = script(
+        &lab,
+        "after.sh",
+        &format!("echo backup-done $1 >> {}", log.display()),
+    );
+    apply_guest(
+        &lab,
+        &disk,
+        &sock,
+        &format!(
+            "mode = \"require\"\nallow_exec = [\"{p}\", \"{q}\", \"{a}\"]\nhook = {{ plugin = \"guest-scripts\", pre_freeze = \"{p}\", post_thaw = \"{q}\", post_backup = \"{a}\", freeze = false }}",
+            p = pre.display(),
+            q = post.display(),
+            a = after.display()
+        ),
+    );
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre app01\npost app01\nbackup-done app01\n"
+    );
+    let g = &r["guest"][0];
+    assert_eq!(g["vm"], "app01");
+    let steps: Vec<&str> = g["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["pre-snapshot", "post-snapshot", "post-backup"]);
+    assert_eq!(
+        g["commands"][0]["stdout"], "quiesced\n",
+        "outputs are reported"
+    );
+    assert_eq!(g["application_consistent"], true);
+    assert_eq!(r["tasks"][0]["consistency"], "application-consistent");
+
+    let out = lab.path("restored.raw");
+    lab.ok(&[
+        "restore",
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    let data = std::fs::read(&out).unwrap();
+    assert_eq!(
+        &data[100..110],
+        b"PRE-FREEZE",
+        "pre-freeze ran before the snapshot"
+    );
+    assert_ne!(
+        &data[200..210],
+        b"POST-THAW!",
+        "post-thaw ran after the snapshot"
+    );
+}
+
+#[test]
+fn exit_codes_drive_the_modes_and_timeouts_hold() {
+    let lab = Lab::new();
+    let (_ga, sock) = QemuGa::start(lab.dir.path());
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 62);
+    let fail = script(&lab, "fail.sh", "echo db busy >&2; exit 3");
+    let slow = script(&lab, "slow.sh", "sleep 20");
+    let ran = lab.path("ran");
+    let marker = script(&lab, "mark.sh", &format!("touch {}", ran.display()));
+
+    let conf = |mode: &str, pre: &Path, extra: &str| {
+        format!(
+            "mode = \"{mode}\"\nallow_exec = [\"{p}\"]\nhook = {{ plugin = \"guest-scripts\", pre_freeze = \"{p}\", freeze = false{extra} }}",
+            p = pre.display()
+        )
+    };
+    // require + failing script: the VM fails, no restore point.
+    apply_guest(&lab, &disk, &sock, &conf("require", &fail, ""));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    let e = r["tasks"][0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("exited with 3") && e.contains("db busy") && e.contains("mode require"),
+        "{e}"
+    );
+    assert!(lab.points().is_empty());
+
+    // try + failing script: a crash-consistent restore point, said so.
+    apply_guest(&lab, &disk, &sock, &conf("try", &fail, ""));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_ne!(r["tasks"][0]["consistency"], "application-consistent");
+    assert!(r["notices"].to_string().contains("mode try"), "{r:#}");
+    assert_eq!(r["guest"][0]["application_consistent"], false);
+
+    // off: no hook runs at all.
+    apply_guest(&lab, &disk, &sock, &conf("off", &marker, ""));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(!ran.exists(), "mode off runs nothing in the guest");
+    assert!(r["guest"].as_array().unwrap().is_empty());
+
+    // A script that outlives its timeout fails in time.
+    apply_guest(
+        &lab,
+        &disk,
+        &sock,
+        &conf("require", &slow, ", timeout_ms = 500"),
+    );
+    let started = Instant::now();
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    let e = r["tasks"][0]["error"].as_str().unwrap();
+    assert!(e.contains("no answer") || e.contains("within"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the timeout held"
+    );
+
+    // A program the job does not allow is refused by the host.
+    apply_guest(
+        &lab,
+        &disk,
+        &sock,
+        &format!(
+            "mode = \"require\"\nhook = {{ plugin = \"guest-scripts\", pre_freeze = \"{}\", freeze = false }}",
+            marker.display()
+        ),
+    );
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    assert!(
+        r["tasks"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed by the job"),
+        "{r:#}"
+    );
+    assert!(!ran.exists());
+}
+
+/// How the fake agent behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Faithful,
+    Hang,
+    HangUp,
+    Garbage,
+}
+
+/// A guest-agent protocol peer for freeze/thaw (see the module comment).
+struct FakeAgent {
+    log: Arc<Mutex<Vec<String>>>,
+    sock: PathBuf,
+}
+
+impl FakeAgent {
+    fn start(dir: &Path, behaviour: Peer) -> Self {
+        let sock = dir.join("fake-qga.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let l = l.clone();
+                std::thread::spawn(move || serve(conn, behaviour, l));
+            }
+        });
+        Self { log, sock }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, log: Arc<Mutex<Vec<String>>>) {
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    let mut frozen = false;
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        // 0xFF resets the parser, as in qemu-ga.
+        let text: Vec<u8> = line.into_iter().filter(|b| *b != 0xff).collect();
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let cmd = msg["execute"].as_str().unwrap_or("").to_owned();
+        if cmd != "guest-sync" {
+            match behaviour {
+                Peer::Hang => {
+                    std::thread::sleep(Duration::from_secs(60));
+                    return;
+                }
+                Peer::HangUp => return,
+                Peer::Garbage => {
+                    let _ = w.write_all(b"\x00\x13garbage{{{\n");
+                    continue;
+                }
+                Peer::Faithful => {}
+            }
+        }
+        let reply = match cmd.as_str() {
+            "guest-sync" => serde_json::json!({ "return": msg["arguments"]["id"] }),
+            "guest-ping" => serde_json::json!({ "return": {} }),
+            "guest-fsfreeze-freeze" => {
+                frozen = true;
+                log.lock().unwrap().push("freeze".into());
+                serde_json::json!({ "return": 2 })
+            }
+            "guest-fsfreeze-thaw" => {
+                let n = if frozen { 2 } else { 0 };
+                frozen = false;
+                log.lock().unwrap().push("thaw".into());
+                serde_json::json!({ "return": n })
+            }
+            "guest-fsfreeze-status" => {
+                serde_json::json!({ "return": if frozen { "frozen" } else { "thawed" } })
+            }
+            other => {
+                serde_json::json!({ "error": { "class": "CommandNotFound", "desc": format!("The command {other} has not been found") } })
+            }
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        if w.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn freeze_conf(mode: &str) -> String {
+    format!("mode = \"{mode}\"\nagent_timeout_ms = 1000\nhook = {{ plugin = \"guest-scripts\" }}")
+}
+
+#[test]
+fn freeze_surrounds_the_snapshot_and_thaw_always_happens() {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
+    let fs = crate::snapshot::XfsMount::new(&lab);
+    let disk = fs.dir.join("vm.raw");
+    make_disk(&disk, 4 * MIB, 63);
+    apply_guest(&lab, &disk, &agent.sock, &freeze_conf("require"));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(agent.log(), ["freeze", "thaw"]);
+    assert_eq!(
+        r["guest"][0]["events"],
+        serde_json::json!(["freeze", "thaw"])
+    );
+    assert_eq!(r["guest"][0]["application_consistent"], true);
+    assert_eq!(r["tasks"][0]["consistency"], "application-consistent");
+
+    // The snapshot fails after the freeze (the disk is gone): thawed anyway.
+    std::fs::remove_file(&disk).unwrap();
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    assert!(
+        r["tasks"][0]["error"].as_str().unwrap().contains("vm.raw"),
+        "{r:#}"
+    );
+    assert_eq!(
+        agent.log(),
+        ["freeze", "thaw", "freeze", "thaw"],
+        "thaw after a failed snapshot"
+    );
+}
+
+#[test]
+fn a_hook_that_dies_while_frozen_is_thawed_by_the_host() {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 64);
+    // A third-party hook that freezes and then traps.
+    let plugin =
+        std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"bad-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
+         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"try\"\nhook = {{ plugin = \"bad-hook\" }}\n",
+        lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "mode try goes on crash-consistent: {r:#}");
+    assert_eq!(
+        agent.log(),
+        ["freeze", "thaw"],
+        "the host thawed what the hook left frozen"
+    );
+    let notices = r["notices"].to_string();
+    assert!(
+        notices.contains("plugin 'bad-hook'") && notices.contains("host thawed"),
+        "{notices}"
+    );
+    assert_ne!(r["tasks"][0]["consistency"], "application-consistent");
+}
+
+#[test]
+fn an_agent_that_hangs_hangs_up_or_talks_garbage_is_a_clear_error() {
+    for (peer, expect) in [
+        (Peer::Hang, "no answer to guest-ping within"),
+        (Peer::HangUp, "connection lost during guest-ping"),
+        (Peer::Garbage, "unintelligible answer to guest-ping"),
+    ] {
+        let lab = Lab::new();
+        let agent = FakeAgent::start(lab.dir.path(), peer);
+        let disk = lab.path("vm.raw");
+        make_disk(&disk, 4 * MIB, 65);
+        apply_guest(&lab, &disk, &agent.sock, &freeze_conf("require"));
+        let started = Instant::now();
+        let (ok, r) = lab.run_job("nightly");
+        assert!(!ok);
+        let e = r["tasks"][0]["error"].as_str().unwrap();
+        assert!(e.contains(expect), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(20), "nothing hangs");
+
+        apply_guest(&lab, &disk, &agent.sock, &freeze_conf("try"));
+        let (ok, r) = lab.run_job("nightly");
+        assert!(ok, "mode try backs up crash-consistent: {r:#}");
+        assert!(r["notices"].to_string().contains(expect), "{r:#}");
+    }
+}
+
+#[test]
+fn the_example_sqlite_hook_checkpoints_the_database_before_the_snapshot() {
+    let lab = Lab::new();
+    let (_ga, sock) = QemuGa::start(lab.dir.path());
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 66);
+    let db = lab.path("app.db");
+    // A database in WAL mode with committed rows still in its log: an idle
+    // second connection (an application) keeps the writer's close from
+    // checkpointing them.
+    let sqlite = |sql: &str| {
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .expect("sqlite3 (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sqlite("PRAGMA journal_mode=WAL; CREATE TABLE t(x);");
+    let mut app = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    app.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"SELECT count(*) FROM t;\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    sqlite("PRAGMA wal_autocheckpoint=0; INSERT INTO t VALUES (1),(2),(3);");
+    let wal = lab.path("app.db-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "rows wait in the WAL"
+    );
+
+    let plugin =
+        Path::new(env!("ARCA_EXAMPLE_PLUGIN_DIR")).join("arca_example_sqlite_quiesce.wasm");
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"sqlite-quiesce\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
+         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"require\"\n\
+         allow_exec = [\"/usr/bin/sqlite3\"]\nhook = {{ plugin = \"sqlite-quiesce\", database = \"{}\" }}\n",
+        lab.path("repo").display(), plugin.display(), disk.display(), sock.display(), db.display()
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let cmd = &r["guest"][0]["commands"][0];
+    assert_eq!(cmd["path"], "/usr/bin/sqlite3");
+    assert_eq!(cmd["exit_code"], 0);
+    assert!(cmd["stdout"].as_str().unwrap().starts_with("0|"), "{cmd:#}");
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        0,
+        "the WAL was checkpointed into the database"
+    );
+    let _ = app.kill();
+    let _ = app.wait();
+}
