@@ -8,6 +8,7 @@ mod config_errors;
 mod crash;
 mod damage;
 mod formats;
+mod guestfs;
 mod guest;
 mod hostile;
 mod qemu;

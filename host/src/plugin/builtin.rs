@@ -36,6 +36,30 @@ pub const BUILTINS: &[Builtin] = &[
         summary: "excludes byte ranges and whole partitions named in config (settings: ranges, partitions)",
     },
     Builtin {
+        name: "swap",
+        kind: StageKind::Exclusion,
+        bytes: include_bytes!(concat!(env!("ARCA_PLUGIN_DIR"), "/arca_plugin_swap.wasm")),
+        summary: "excludes Linux swap partitions and swap files (keeping their header page) and Windows pagefile.sys, swapfile.sys, hiberfil.sys (setting: swapfiles, default /swapfile, /swap.img)",
+    },
+    Builtin {
+        name: "free-space",
+        kind: StageKind::Exclusion,
+        bytes: include_bytes!(concat!(
+            env!("ARCA_PLUGIN_DIR"),
+            "/arca_plugin_free_space.wasm"
+        )),
+        summary: "excludes the blocks ext2/3/4 and NTFS filesystems call free, in partitions or on a bare disk",
+    },
+    Builtin {
+        name: "exclude-paths",
+        kind: StageKind::Exclusion,
+        bytes: include_bytes!(concat!(
+            env!("ARCA_PLUGIN_DIR"),
+            "/arca_plugin_exclude_paths.wasm"
+        )),
+        summary: "excludes the data of guest files matching path patterns on ext2/3/4 and NTFS (setting: exclude, e.g. \"/tmp/**, /var/cache/**\")",
+    },
+    Builtin {
         name: "guest-scripts",
         kind: StageKind::GuestHook,
         bytes: include_bytes!(concat!(

@@ -1,7 +1,7 @@
-use crate::disk::ReadAt;
-use crate::extent::{Extent, normalise};
 use crate::settings::Config;
-use crate::table;
+use arca_guestfs::disk::ReadAt;
+use arca_guestfs::extent::{Extent, normalise};
+use arca_guestfs::table;
 
 /// The extents `config` excludes on one disk, clipped to `disk_size`. The
 /// partition table is only read when partitions are requested.

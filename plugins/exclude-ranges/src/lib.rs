@@ -1,12 +1,12 @@
 //! Exclusion by configuration: byte ranges, and whole partitions found in the
 //! disk's MBR or GPT. Excluded ranges restore as zeros.
 
-mod disk;
 mod exclude;
-mod extent;
-mod gpt;
 mod settings;
-mod table;
+
+// Partition tables and the disk reader are shared with the guest-filesystem
+// plugins through `arca-guestfs`.
+use arca_guestfs::disk;
 
 use std::cell::RefCell;
 

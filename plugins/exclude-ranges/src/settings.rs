@@ -1,7 +1,7 @@
 //! The plugin's settings: `ranges = "OFFSET+LENGTH, ..."` and
 //! `partitions = "N, ..."`.
 
-use crate::extent::Extent;
+use arca_guestfs::extent::Extent;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Config {

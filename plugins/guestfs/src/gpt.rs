@@ -10,6 +10,7 @@ use crc::{CRC_32_ISO_HDLC, Crc};
 
 use crate::disk::{ReadAt, read_exact_at};
 use crate::extent::Extent;
+use crate::table::{Partition, PartitionType};
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 const HEADER_LEN: usize = 92;
@@ -33,12 +34,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
 }
 
-/// The used partitions of a GPT with `sector`-byte sectors, as (number,
-/// extent); `None` when neither the primary nor the backup header is there.
-pub fn read(
-    disk: &(impl ReadAt + ?Sized),
-    sector: u32,
-) -> Result<Option<Vec<(u32, Extent)>>, String> {
+/// The used partitions of a GPT with `sector`-byte sectors; `None` when
+/// neither the primary nor the backup header is there.
+pub fn read(disk: &(impl ReadAt + ?Sized), sector: u32) -> Result<Option<Vec<Partition>>, String> {
     let sectors = disk.size() / u64::from(sector);
     let mut first_error = None;
     // The backup header at the last sector is only consulted when the
@@ -62,7 +60,7 @@ fn read_at_lba(
     disk: &(impl ReadAt + ?Sized),
     sector: u32,
     lba: u64,
-) -> Result<Option<Vec<(u32, Extent)>>, String> {
+) -> Result<Option<Vec<Partition>>, String> {
     let bytes = read_exact_at(disk, lba * u64::from(sector), sector, "GPT header")?;
     let Some(header) = parse_header(&bytes, lba)? else {
         return Ok(None);
@@ -100,7 +98,13 @@ fn read_at_lba(
             .ok_or_else(|| {
                 format!("GPT partition {number} spans invalid sectors {first}..={last}")
             })?;
-        partitions.push((number, extent));
+        let mut guid = [0u8; 16];
+        guid.copy_from_slice(&entry[..16]);
+        partitions.push(Partition {
+            number,
+            extent,
+            kind: PartitionType::Gpt(guid),
+        });
     }
     Ok(Some(partitions))
 }

@@ -21,6 +21,38 @@ impl ReadAt for [u8] {
     }
 }
 
+/// A window of a disk (a partition) that reads as a disk of its own.
+pub struct Slice<'a, D: ReadAt + ?Sized> {
+    disk: &'a D,
+    offset: u64,
+    length: u64,
+}
+
+impl<'a, D: ReadAt + ?Sized> Slice<'a, D> {
+    /// `offset + length` must lie inside `disk` (checked by the caller).
+    pub fn new(disk: &'a D, offset: u64, length: u64) -> Self {
+        Slice {
+            disk,
+            offset,
+            length,
+        }
+    }
+}
+
+impl<D: ReadAt + ?Sized> ReadAt for Slice<'_, D> {
+    fn size(&self) -> u64 {
+        self.length
+    }
+    fn read_at(&self, offset: u64, length: u32) -> Result<Vec<u8>, String> {
+        if offset >= self.length {
+            return Ok(Vec::new());
+        }
+        let n = u64::from(length).min(self.length - offset) as u32;
+        let at = self.offset.checked_add(offset).ok_or("read past 2^64")?;
+        self.disk.read_at(at, n)
+    }
+}
+
 /// Reads exactly `length` bytes or fails naming `what`.
 pub fn read_exact_at(
     disk: &(impl ReadAt + ?Sized),
@@ -46,6 +78,9 @@ pub struct Cursor<'a, D: ReadAt + ?Sized> {
     pos: u64,
     chunk_start: u64,
     chunk: Vec<u8>,
+    /// Chunk fetches left before reads fail; bounds the work a parser that
+    /// follows on-disk links (and might be led in circles) can cause.
+    fetches_left: u32,
 }
 
 const CHUNK: u64 = 64 << 10;
@@ -57,7 +92,14 @@ impl<'a, D: ReadAt + ?Sized> Cursor<'a, D> {
             pos: 0,
             chunk_start: 0,
             chunk: Vec::new(),
+            fetches_left: u32::MAX,
         }
+    }
+
+    /// Fails reads once `fetches` chunks have been fetched from the disk.
+    pub fn with_seek_budget(mut self, fetches: u32) -> Self {
+        self.fetches_left = fetches;
+        self
     }
 }
 
@@ -65,6 +107,11 @@ impl<D: ReadAt + ?Sized> Read for Cursor<'_, D> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let cached = self.chunk_start..self.chunk_start + self.chunk.len() as u64;
         if !cached.contains(&self.pos) {
+            self.fetches_left = self.fetches_left.checked_sub(1).ok_or_else(|| {
+                io::Error::other(
+                    "too many reads: the structure leads in circles or is absurdly large",
+                )
+            })?;
             self.chunk_start = self.pos - self.pos % CHUNK;
             self.chunk = self
                 .disk

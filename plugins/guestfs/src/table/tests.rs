@@ -93,7 +93,7 @@ fn ext(lba: u64, sectors: u64) -> Extent {
 }
 
 fn numbers(t: &Table) -> Vec<u32> {
-    t.partitions.iter().map(|(n, _)| *n).collect()
+    t.partitions.iter().map(|p| p.number).collect()
 }
 
 #[test]
@@ -182,13 +182,14 @@ fn gpt_with_4k_sectors_and_large_entries() {
     let t = read(disk.as_slice()).unwrap().unwrap();
     assert_eq!(
         t.partitions,
-        vec![(
-            2,
-            Extent {
+        vec![Partition {
+            number: 2,
+            extent: Extent {
                 offset: 10 * 4096,
                 length: 10 * 4096
-            }
-        )]
+            },
+            kind: PartitionType::Gpt([0xAF; 16]),
+        }]
     );
 }
 
