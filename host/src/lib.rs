@@ -1,6 +1,7 @@
 //! arca: backups of virtual-machine disks through sandboxed WASM stages into
 //! a content-addressed repository. See ARCHITECTURE.md for the map.
 
+pub mod agent;
 pub mod config;
 pub mod extent;
 pub mod guest;

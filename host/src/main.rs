@@ -83,6 +83,21 @@ enum Command {
     Plugins,
     /// Disks (block nodes) of a configured hypervisor, with CBT bitmaps.
     Inventory { hypervisor: String },
+    /// This installation's certificate fingerprint, to enrol it with a peer.
+    Identity,
+    /// Serve a repository to enrolled peers over QUIC (the transport service).
+    Agent {
+        /// Address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The repository folder this agent serves.
+        #[arg(long)]
+        repository: PathBuf,
+        /// Fingerprint of a peer allowed to connect (repeat for more); peers
+        /// are also read from HOME/trusted-peers, one per line.
+        #[arg(long)]
+        trust: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,15 +146,19 @@ fn main() {
 }
 
 struct Home {
+    root: PathBuf,
     db: PathBuf,
     cache: PathBuf,
+    identity: PathBuf,
 }
 
 fn run(cli: Cli) -> Result<i32> {
     let root = cli.home.unwrap_or_else(default_home);
     let home = Home {
+        identity: root.join("identity"),
         db: root.join("arca.db"),
         cache: cli.cache.unwrap_or_else(|| root.join("cache")),
+        root,
     };
     match cli.command {
         Command::Apply { file: path } => apply(&home, &path),
@@ -154,6 +173,7 @@ fn run(cli: Cli) -> Result<i32> {
             let db = ConfigDb::open(&home.db)?;
             let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
             let opts = SessionOptions {
+                identity_dir: home.identity.clone(),
                 workers_per_task: workers,
                 show_progress: !json && std::io::stderr().is_terminal(),
             };
@@ -342,6 +362,40 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&inv)?);
             Ok(0)
         }
+        Command::Identity => {
+            let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
+            println!("{}", id.fingerprint);
+            Ok(0)
+        }
+        Command::Agent {
+            listen,
+            repository,
+            mut trust,
+        } => {
+            let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
+            if let Ok(text) = std::fs::read_to_string(home.root.join("trusted-peers")) {
+                trust.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            if trust.is_empty() {
+                bail!(
+                    "no peer is enrolled: pass --trust FINGERPRINT (the backup server's `arca identity`) or list it in {}",
+                    home.root.join("trusted-peers").display()
+                );
+            }
+            let repo = Repository::open_or_create(&repository)?;
+            let fp = id.fingerprint.clone();
+            arca::agent::run(&id, trust, repo, listen, |addr| {
+                println!("arca agent listening on {addr} (identity {fp})");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(0)
+        }
         Command::Plugins => {
             for b in builtin::BUILTINS {
                 println!(
@@ -397,7 +451,9 @@ fn repositories(db: &ConfigDb, only: Option<&str>) -> Result<Vec<(String, Reposi
         );
     }
     for r in all {
-        if only.is_some_and(|o| o != r.name) {
+        // Repositories served by an agent are listed, restored from and
+        // verified on the agent's host (configure them there by path).
+        if only.is_some_and(|o| o != r.name) || r.agent.is_some() {
             continue;
         }
         match Repository::open(&r.path) {

@@ -3,13 +3,14 @@
 
 mod common;
 
+mod agent;
 mod backup_restore;
 mod config_errors;
 mod crash;
 mod damage;
 mod formats;
-mod guestfs;
 mod guest;
+mod guestfs;
 mod hostile;
 mod qemu;
 mod snapshot;

@@ -7,6 +7,7 @@
 
 pub mod link;
 pub mod messages;
+pub mod quic;
 
 pub use link::{InProcessLink, LinkError, LinkStats, TargetLink, TargetMover};
 pub use messages::{

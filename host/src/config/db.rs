@@ -96,7 +96,8 @@ impl ConfigDb {
                 "PRAGMA journal_mode=WAL;
                  PRAGMA foreign_keys=ON;
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL,
+                     agent TEXT, fingerprint TEXT);
                  CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS hypervisors (name TEXT PRIMARY KEY, qmp TEXT NOT NULL, nbd TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT,
@@ -211,9 +212,10 @@ impl ConfigDb {
         let tx = self.conn.transaction().map_err(err)?;
         for r in &f.repositories {
             tx.execute(
-                "INSERT INTO repositories (name, path, max_tasks) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET path = excluded.path, max_tasks = excluded.max_tasks",
-                params![r.name, r.path.to_string_lossy(), r.max_tasks],
+                "INSERT INTO repositories (name, path, max_tasks, agent, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET path = excluded.path, max_tasks = excluded.max_tasks,
+                 agent = excluded.agent, fingerprint = excluded.fingerprint",
+                params![r.name, r.path.to_string_lossy(), r.max_tasks, r.agent, r.fingerprint],
             )
             .map_err(err)?;
         }
@@ -360,7 +362,9 @@ impl ConfigDb {
     pub fn repositories(&self) -> Result<Vec<RepositorySettings>, DbError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, path, max_tasks FROM repositories ORDER BY name")
+            .prepare(
+                "SELECT name, path, max_tasks, agent, fingerprint FROM repositories ORDER BY name",
+            )
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
@@ -368,6 +372,8 @@ impl ConfigDb {
                     name: r.get(0)?,
                     path: r.get::<_, String>(1)?.into(),
                     max_tasks: r.get(2)?,
+                    agent: r.get(3)?,
+                    fingerprint: r.get(4)?,
                 })
             })
             .map_err(self.err())?;

@@ -53,7 +53,9 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawRepository {
     name: Spanned<String>,
-    path: PathBuf,
+    path: Option<PathBuf>,
+    agent: Option<String>,
+    fingerprint: Option<String>,
     max_tasks: Option<u32>,
 }
 
@@ -255,11 +257,38 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                 format!("repository '{name}': max_tasks must be at least 1"),
             );
         }
+        match (&r.path, &r.agent, &r.fingerprint) {
+            (Some(_), None, None) => {}
+            (None, Some(a), Some(f)) => {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    return cx.invalid(
+                        r.name.span(),
+                        format!(
+                            "repository '{name}': agent '{a}' is not an address like 192.0.2.7:7700"
+                        ),
+                    );
+                }
+                if !f.starts_with("sha256:") {
+                    return cx.invalid(
+                        r.name.span(),
+                        format!("repository '{name}': fingerprint must be `sha256:...`, as `arca identity` prints on the agent"),
+                    );
+                }
+            }
+            _ => {
+                return cx.invalid(
+                    r.name.span(),
+                    format!("repository '{name}' needs either `path` (local) or both `agent` and `fingerprint` (served by an arca agent)"),
+                );
+            }
+        }
         repositories.insert(name.clone());
         out.repositories.push(RepositorySettings {
             name,
-            path: cx.resolve(&r.path),
+            path: r.path.as_ref().map(|p| cx.resolve(p)).unwrap_or_default(),
             max_tasks: r.max_tasks.unwrap_or(4),
+            agent: r.agent.clone(),
+            fingerprint: r.fingerprint.clone(),
         });
     }
     let mut proxies = known.proxies.clone();

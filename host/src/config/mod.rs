@@ -42,8 +42,13 @@ pub struct PluginSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RepositorySettings {
     pub name: String,
+    /// Local folder; empty when the repository is served by an agent.
     pub path: PathBuf,
     pub max_tasks: u32,
+    /// `host:port` of the `arca agent` that serves it, if remote.
+    pub agent: Option<String>,
+    /// The agent's pinned certificate fingerprint (`sha256:...`).
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@
 pub mod guest;
 pub mod report;
 pub mod scheduler;
+pub mod target;
 
 use crate::config::GuestMode;
 use crate::config::{ConfigDb, DbError, JobSettings, StageSettings, VmSettings};
@@ -18,12 +19,12 @@ use crate::plugin::codec::Codec;
 use crate::plugin::detect::Detector;
 use crate::plugin::exclude::Excluder;
 use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind, builtin};
-use crate::repository::{Repository, RepositoryError};
+use crate::repository::RepositoryError;
 use crate::source::image_file::{DiskSource, ImageSnapshot, sweep_orphans};
 use crate::source::qemu::{DiskRequest, QemuSnapshot};
 use crate::source::qemu_export::sweep_exports;
 use crate::source::{Consistency, DiskRead, VmSnapshot};
-use arca_transport::InProcessLink;
+use arca_transport::quic::OpenTask;
 use guest::GuestRun;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{SessionReport, TaskReport, TaskState};
@@ -31,6 +32,7 @@ use scheduler::Scheduler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use target::RepoAccess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -40,6 +42,8 @@ pub enum SessionError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error("repository: {0}")]
+    Target(String),
     #[error("plugin '{name}': cannot read {path}: {source}")]
     PluginFile {
         name: String,
@@ -49,6 +53,8 @@ pub enum SessionError {
 }
 
 pub struct SessionOptions {
+    /// Where this installation's identity (for agents) lives.
+    pub identity_dir: std::path::PathBuf,
     /// Worker threads per task (codec instances); 0 means one per core.
     pub workers_per_task: usize,
     pub show_progress: bool,
@@ -195,8 +201,9 @@ fn run_tasks(
     opts: &SessionOptions,
     report: &mut SessionReport,
 ) -> Result<(), SessionError> {
-    let repo = Repository::open_or_create(&job.repository.path)?;
-    let swept = repo.sweep_staging()?;
+    let repo =
+        RepoAccess::open(&job.repository, &opts.identity_dir).map_err(SessionError::Target)?;
+    let swept = repo.sweep().map_err(SessionError::Target)?;
     if swept > 0 {
         report.notices.push(format!(
             "removed {swept} unfinished restore point(s) left in repository '{}' by an interrupted session",
@@ -469,15 +476,18 @@ fn run_one(
     disk_index: usize,
     state: &VmState,
     pipeline: &LoadedPipeline,
-    repo: &Repository,
+    repo: &RepoAccess,
     workers: usize,
     bar: &ProgressBar,
     tr: &mut TaskReport,
 ) -> Result<(), String> {
     let disk_name = &vm.disks[disk_index].name;
-    let previous = repo
-        .latest_point(&job.name, &vm.name, disk_name)
-        .map_err(|e| e.to_string())?;
+    let (link, previous) = repo.open_task(&OpenTask {
+        job: job.name.clone(),
+        vm: vm.name.clone(),
+        disk: disk_name.clone(),
+        session_id,
+    })?;
     tr.parent_point = previous.as_ref().map(|p| p.point_id.clone());
     let disk: Arc<dyn DiskRead> = state.snap.disk(disk_index);
     bar.set_length(disk.size());
@@ -497,10 +507,8 @@ fn run_one(
     };
     tr.consistency = Some(state.consistency.as_str().into());
     let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
-    let writer = repo.writer().map_err(|e| e.to_string())?;
-    let link = InProcessLink::new(writer);
     let progress = |n: u64| bar.inc(n);
-    let outcome = pipeline::run(&input, stages, &link, &progress)
+    let outcome = pipeline::run(&input, stages, link.as_ref(), &progress)
         .map_err(|e| format!("{}: {e}", input.label()))?;
     state.snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
@@ -514,7 +522,7 @@ fn take_snapshot(
     job: &JobSettings,
     session_id: u64,
     vm: &VmSettings,
-    repo: &Repository,
+    repo: &RepoAccess,
 ) -> Result<VmSnapshot, String> {
     match &vm.hypervisor {
         None => {
@@ -534,9 +542,12 @@ fn take_snapshot(
         Some(h) => {
             let mut requests = Vec::new();
             for d in &vm.disks {
-                let previous = repo
-                    .latest_point(&job.name, &vm.name, &d.name)
-                    .map_err(|e| e.to_string())?;
+                let previous = repo.latest(&OpenTask {
+                    job: job.name.clone(),
+                    vm: vm.name.clone(),
+                    disk: d.name.clone(),
+                    session_id,
+                })?;
                 requests.push(DiskRequest {
                     node: d.node.clone().unwrap_or_default(),
                     previous_bitmap: previous.map(|p| p.cbt_bitmap).filter(|b| !b.is_empty()),

@@ -120,6 +120,8 @@ mod tests {
             name: "r".into(),
             path: "/r".into(),
             max_tasks: max,
+            agent: None,
+            fingerprint: None,
         }
     }
 

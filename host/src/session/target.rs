@@ -1,0 +1,97 @@
+//! Where a task's restore point goes: a repository in this process (the
+//! embedded default, joined by the in-process link), or one served by an
+//! `arca agent` over QUIC with pinned certificates.
+
+use crate::config::RepositorySettings;
+use crate::repository::{Repository, RepositoryError};
+use arca_transport::quic::{Identity, OpenTask, QuicLink};
+use arca_transport::{InProcessLink, Manifest, TargetLink};
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub enum RepoAccess {
+    Local(Repository),
+    Remote {
+        addr: SocketAddr,
+        fingerprint: String,
+        identity: Identity,
+        rt: tokio::runtime::Runtime,
+    },
+}
+
+impl RepoAccess {
+    pub fn open(settings: &RepositorySettings, identity_dir: &Path) -> Result<Self, String> {
+        match (&settings.agent, &settings.fingerprint) {
+            (Some(agent), Some(fingerprint)) => {
+                let addr = agent.parse().map_err(|_| {
+                    format!(
+                        "repository '{}': agent '{agent}' is not an address",
+                        settings.name
+                    )
+                })?;
+                let identity = Identity::load_or_create(identity_dir).map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("arca-quic")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the network runtime: {e}"))?;
+                Ok(RepoAccess::Remote {
+                    addr,
+                    fingerprint: fingerprint.clone(),
+                    identity,
+                    rt,
+                })
+            }
+            _ => Repository::open_or_create(&settings.path)
+                .map(RepoAccess::Local)
+                .map_err(|e: RepositoryError| e.to_string()),
+        }
+    }
+
+    /// Removes what interrupted sessions left (an agent does this itself).
+    pub fn sweep(&self) -> Result<usize, String> {
+        match self {
+            RepoAccess::Local(r) => r.sweep_staging().map_err(|e| e.to_string()),
+            RepoAccess::Remote { .. } => Ok(0),
+        }
+    }
+
+    /// The newest restore point of a disk.
+    pub fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
+        match self {
+            RepoAccess::Local(r) => r
+                .latest_point(&task.job, &task.vm, &task.disk)
+                .map_err(|e| e.to_string()),
+            RepoAccess::Remote { .. } => self.open_task(task).map(|(_, latest)| latest),
+        }
+    }
+
+    /// A link to a new target mover for `task`, and the disk's newest restore
+    /// point (the parent of an incremental).
+    pub fn open_task(
+        &self,
+        task: &OpenTask,
+    ) -> Result<(Box<dyn TargetLink>, Option<Manifest>), String> {
+        match self {
+            RepoAccess::Local(r) => {
+                let latest = r
+                    .latest_point(&task.job, &task.vm, &task.disk)
+                    .map_err(|e| e.to_string())?;
+                let writer = r.writer().map_err(|e| e.to_string())?;
+                Ok((Box::new(InProcessLink::new(writer)), latest))
+            }
+            RepoAccess::Remote {
+                addr,
+                fingerprint,
+                identity,
+                rt,
+            } => {
+                let link = QuicLink::connect(rt.handle(), *addr, fingerprint, identity, task)
+                    .map_err(|e| e.to_string())?;
+                let latest = link.latest(task).map_err(|e| e.to_string())?;
+                Ok((Box::new(link), latest))
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Repositories served by a separate `arca agent` process over QUIC, on
+//! loopback: mutual TLS with pinned certificates, refusals, and an agent
+//! killed mid-task.
+
+use crate::common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Agent {
+    child: Child,
+    addr: String,
+    fingerprint: String,
+}
+
+impl Agent {
+    fn start(lab: &Lab, repo: &Path, trust: &[&str]) -> Self {
+        let home = lab.path("agent-home");
+        let mut cmd = Command::new(arca_bin());
+        cmd.env("ARCA_HOME", &home)
+            .args(["agent", "--listen", "127.0.0.1:0", "--repository"])
+            .arg(repo)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for t in trust {
+            cmd.args(["--trust", t]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "arca agent listening on ADDR (identity FP)"
+        let addr = line
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or_else(|| panic!("agent said: {line:?}"))
+            .to_owned();
+        let fingerprint = line
+            .trim()
+            .trim_end_matches(')')
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        Self {
+            child,
+            addr,
+            fingerprint,
+        }
+    }
+
+    fn stderr(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut s);
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn remote_config(lab: &Lab, disks: &[&Path], agent: &Agent, fingerprint: &str) -> String {
+    let list: Vec<String> = disks
+        .iter()
+        .map(|d| format!("\"{}\"", d.display()))
+        .collect();
+    format!(
+        "[[repository]]\nname = \"remote\"\nagent = \"{}\"\nfingerprint = \"{fingerprint}\"\n\n\
+         [[repository]]\nname = \"local-view\"\npath = \"{}\"\n\n\
+         [[vm]]\nname = \"web01\"\ndisks = [{}]\n\n[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"remote\"\n",
+        agent.addr,
+        lab.path("agent-repo").display(),
+        list.join(", ")
+    )
+}
+
+#[test]
+fn backups_go_to_a_repository_agent_over_quic() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    let d0 = lab.path("d0.raw");
+    let d1 = lab.path("d1.raw");
+    make_disk(&d0, 24 * MIB, 81);
+    make_disk(&d1, 24 * MIB, 82);
+    lab.apply(&remote_config(
+        &lab,
+        &[&d0, &d1],
+        &agent,
+        &agent.fingerprint,
+    ));
+
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(r["totals"]["transferred_bytes"].as_u64().unwrap() > 0);
+    change_disk(&d0, 4, 64 * 1024, 83);
+    let (ok, r2) = lab.run_job("nightly");
+    assert!(ok, "{r2:#}");
+    let t0 = r2["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["disk"] == "disk0")
+        .unwrap();
+    assert!(
+        t0["parent_point"].is_string(),
+        "incremental against the agent's repository: {t0:#}"
+    );
+
+    // Restore and verify on the repository's host (here: the same machine).
+    lab.ok(&["verify", "--repository", "local-view"]);
+    for t in r2["tasks"].as_array().unwrap() {
+        let out = lab.path("out.raw");
+        lab.ok(&[
+            "restore",
+            t["restore_point"].as_str().unwrap(),
+            "--to",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        let src = if t["disk"] == "disk0" { &d0 } else { &d1 };
+        assert_eq!(sha256(&out), sha256(src));
+    }
+}
+
+#[test]
+fn unenrolled_peers_wrong_certificates_and_garbage_are_refused() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 4 * MIB, 84);
+
+    // The agent does not know this backup server.
+    let stranger = Agent::start(&lab, &lab.path("agent-repo"), &["sha256:00"]);
+    lab.apply(&remote_config(
+        &lab,
+        &[&disk],
+        &stranger,
+        &stranger.fingerprint,
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    let e = r["tasks"][0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("the agent refused this server") && e.contains("--trust"),
+        "{e}"
+    );
+    let log = stranger.stderr();
+    assert!(log.contains("not enrolled"), "the agent says why: {log}");
+
+    // The server pins another certificate than the agent's.
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    lab.apply(&remote_config(
+        &lab,
+        &[&disk],
+        &agent,
+        "sha256:0123456789abcdef",
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    assert!(r["tasks"].to_string().contains("not enrolled"), "{r:#}");
+
+    // Garbage on the port: the agent shrugs and goes on serving.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..1200).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+        sock.send_to(&junk, &agent.addr).unwrap();
+    }
+    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "the agent still serves after garbage: {r:#}");
+}
+
+#[test]
+fn an_agent_killed_mid_task_fails_the_task_clearly_and_leaves_no_partial_point() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 256 * MIB, 85);
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+    let session = lab
+        .command()
+        .args(["job", "run", "nightly", "--json", "--workers", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the agent once it has staged some chunks.
+    let staging = lab.path("agent-repo/staging");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let staged = std::fs::read_dir(&staging)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_dir(e.path())
+                        .map(|f| f.count() > 3)
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if staged {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never staged anything"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    drop(agent); // SIGKILL
+    let out = session.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = r["tasks"][0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("link to target mover lost") || e.contains("cannot reach"),
+        "{e}"
+    );
+    assert!(
+        lab.points().is_empty() || lab.points().iter().all(|p| p["repository"] != "local-view")
+    );
+
+    // A restarted agent sweeps the staging; the repository verifies clean and
+    // the next session succeeds.
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+    lab.ok(&["verify", "--repository", "local-view"]);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+}

@@ -1,0 +1,181 @@
+//! The agent side: accepts connections from enrolled peers, starts a target
+//! mover per connection (one task each, isolated from the others), and
+//! answers requests concurrently. A connection that ends without a commit
+//! aborts its mover, so nothing it stored becomes visible.
+
+use super::wire::{self, LatestReply, OpenTask};
+use crate::link::TargetMover;
+use crate::messages::{ChunkQuery, CommitPoint, Manifest, RegisterCodec, StoreChunks};
+use prost::Message;
+use std::sync::{Arc, Mutex};
+
+/// What an agent serves: target movers and the newest restore points.
+pub trait TargetService: Send + Sync + 'static {
+    fn open(&self, task: &OpenTask) -> Result<Box<dyn TargetMover>, String>;
+    fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String>;
+}
+
+type Mover = Arc<Mutex<Option<Arc<dyn TargetMover>>>>;
+
+/// Serves until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, service: Arc<dyn TargetService>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => connection(conn, service).await,
+                // Unenrolled certificates, garbage and scans end here.
+                Err(e) => tracing::warn!("refused connection from {remote}: {e}"),
+            }
+        });
+    }
+}
+
+async fn connection(conn: quinn::Connection, service: Arc<dyn TargetService>) {
+    let peer = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(|c| super::fingerprint(c)))
+        .unwrap_or_default();
+    let mover: Mover = Arc::new(Mutex::new(None));
+    let task: Arc<Mutex<Option<OpenTask>>> = Arc::new(Mutex::new(None));
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let (service, mover, task, peer) =
+            (service.clone(), mover.clone(), task.clone(), peer.clone());
+        tokio::spawn(async move {
+            request(send, recv, service, mover, task, &peer).await;
+        });
+    }
+    // Gone without a commit: whatever the mover staged is dropped.
+    let left = mover.lock().expect("mover lock").take();
+    if let Some(m) = left {
+        let t = task.lock().expect("task lock").clone().unwrap_or_default();
+        tracing::warn!(
+            "session {} task {}/{}: connection from {peer} ended before its commit; aborting",
+            t.session_id,
+            t.vm,
+            t.disk
+        );
+        tokio::task::spawn_blocking(move || m.abort());
+    }
+}
+
+async fn request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    service: Arc<dyn TargetService>,
+    mover: Mover,
+    task: Arc<Mutex<Option<OpenTask>>>,
+    peer: &str,
+) {
+    let Ok(body) = recv.read_to_end(wire::MAX_MESSAGE).await else {
+        return;
+    };
+    let answer = match body.split_first() {
+        None => Err("empty request".to_owned()),
+        Some((&kind, payload)) => {
+            let payload = payload.to_vec();
+            let current = mover.lock().expect("mover lock").clone();
+            let t = task.clone();
+            let (service, mover2) = (service.clone(), mover.clone());
+            tokio::task::spawn_blocking(move || {
+                dispatch(kind, &payload, service, current, mover2, t)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
+        }
+    };
+    let mut out = Vec::new();
+    match answer {
+        Ok(bytes) => {
+            out.push(wire::OK);
+            out.extend_from_slice(&bytes);
+        }
+        Err(e) => {
+            let t = task.lock().expect("task lock").clone().unwrap_or_default();
+            tracing::warn!(
+                "session {} task {}/{} from {peer}: {e}",
+                t.session_id,
+                t.vm,
+                t.disk
+            );
+            out.push(wire::FAILED);
+            out.extend_from_slice(e.as_bytes());
+        }
+    }
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
+}
+
+fn dispatch(
+    kind: u8,
+    payload: &[u8],
+    service: Arc<dyn TargetService>,
+    current: Option<Arc<dyn TargetMover>>,
+    mover: Mover,
+    task: Arc<Mutex<Option<OpenTask>>>,
+) -> Result<Vec<u8>, String> {
+    let bad = |e: prost::DecodeError| format!("malformed request: {e}");
+    let need = || {
+        current
+            .clone()
+            .ok_or_else(|| "no task opened on this connection".to_owned())
+    };
+    match kind {
+        wire::OPEN => {
+            let t = OpenTask::decode(payload).map_err(bad)?;
+            let m = service.open(&t)?;
+            tracing::info!(
+                "session {} task {}/{}: target mover started",
+                t.session_id,
+                t.vm,
+                t.disk
+            );
+            *mover.lock().expect("mover lock") = Some(Arc::from(m));
+            *task.lock().expect("task lock") = Some(t);
+            Ok(Vec::new())
+        }
+        wire::LATEST => {
+            let t = OpenTask::decode(payload).map_err(bad)?;
+            let manifest = service.latest(&t)?;
+            Ok(LatestReply { manifest }.encode_to_vec())
+        }
+        wire::QUERY => {
+            let q = ChunkQuery::decode(payload).map_err(bad)?;
+            need()?
+                .query(q)
+                .map(|r| r.encode_to_vec())
+                .map_err(|e| e.to_string())
+        }
+        wire::STORE => {
+            let s = StoreChunks::decode(payload).map_err(bad)?;
+            need()?
+                .store(s)
+                .map(|()| Vec::new())
+                .map_err(|e| e.to_string())
+        }
+        wire::CODEC => {
+            let c = RegisterCodec::decode(payload).map_err(bad)?;
+            need()?
+                .register_codec(c)
+                .map(|()| Vec::new())
+                .map_err(|e| e.to_string())
+        }
+        wire::COMMIT => {
+            let c = CommitPoint::decode(payload).map_err(bad)?;
+            let reply = need()?.commit(c).map_err(|e| e.to_string())?;
+            // Committed: nothing to abort when the connection ends.
+            mover.lock().expect("mover lock").take();
+            Ok(reply.encode_to_vec())
+        }
+        other => Err(format!("unknown request kind {other}")),
+    }
+}

@@ -1,0 +1,45 @@
+//! Framing: every request is one bidirectional stream carrying a kind byte
+//! and a prost message; the answer is a status byte and a prost message (or
+//! an error text).
+
+use crate::messages::Manifest;
+
+pub const OPEN: u8 = 1;
+pub const LATEST: u8 = 2;
+pub const QUERY: u8 = 3;
+pub const STORE: u8 = 4;
+pub const CODEC: u8 = 5;
+pub const COMMIT: u8 = 6;
+
+pub const OK: u8 = 0;
+pub const FAILED: u8 = 1;
+
+/// Largest request or answer: a store of one batch plus headers.
+pub const MAX_MESSAGE: usize = 80 << 20;
+
+/// Which task a connection serves.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OpenTask {
+    #[prost(string, tag = "1")]
+    pub job: String,
+    #[prost(string, tag = "2")]
+    pub vm: String,
+    #[prost(string, tag = "3")]
+    pub disk: String,
+    #[prost(uint64, tag = "4")]
+    pub session_id: u64,
+}
+
+/// The newest restore point of the task's disk, if any.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LatestReply {
+    #[prost(message, optional, tag = "1")]
+    pub manifest: Option<Manifest>,
+}
+
+pub fn frame(kind: u8, body: &impl prost::Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + body.encoded_len());
+    out.push(kind);
+    body.encode(&mut out).expect("Vec grows");
+    out
+}
