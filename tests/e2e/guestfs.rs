@@ -399,10 +399,10 @@ fn a_damaged_partition_table_keeps_the_disk_whole_with_a_notice() {
 /// The numbers of docs/BENCHMARKS.md ("Guest-filesystem exclusion"): a
 /// guest disk with a 256 MiB swap partition, a 64 MiB swap file, deleted
 /// data and about 40% free space, backed up with and without the stages.
-/// `cargo test --release --test e2e -- --ignored --nocapture guestfs_bench`
-#[test]
-#[ignore]
-fn guestfs_bench() {
+/// Run by `cargo bench --bench guestfs` (host/benches/guestfs.rs), never as
+/// a test: it times things.
+#[allow(dead_code)]
+pub fn bench() {
     let dir = tempfile::tempdir().unwrap();
     let g = guest_disk(dir.path(), 16, false);
     // Fill the kept part of the filesystem with incompressible files so

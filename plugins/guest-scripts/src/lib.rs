@@ -50,7 +50,9 @@ fn parse(settings: &Settings) -> Result<Config, String> {
             if v.starts_with('/') {
                 Ok(Some(v.clone()))
             } else {
-                Err(format!("guest-scripts: `{k}` must be an absolute path in the guest, got `{v}`"))
+                Err(format!(
+                    "guest-scripts: `{k}` must be an absolute path in the guest, got `{v}`"
+                ))
             }
         };
         match k.as_str() {
@@ -61,15 +63,17 @@ fn parse(settings: &Settings) -> Result<Config, String> {
                 c.freeze = match v.as_str() {
                     "true" => true,
                     "false" => false,
-                    _ => return Err(format!("guest-scripts: `freeze` must be true or false, got `{v}`")),
+                    _ => {
+                        return Err(format!(
+                            "guest-scripts: `freeze` must be true or false, got `{v}`"
+                        ));
+                    }
                 }
             }
             "timeout_ms" => {
-                c.timeout_ms = v
-                    .parse()
-                    .ok()
-                    .filter(|t| *t > 0)
-                    .ok_or_else(|| format!("guest-scripts: `timeout_ms` must be a positive integer, got `{v}`"))?
+                c.timeout_ms = v.parse().ok().filter(|t| *t > 0).ok_or_else(|| {
+                    format!("guest-scripts: `timeout_ms` must be a positive integer, got `{v}`")
+                })?
             }
             other => {
                 return Err(format!(
@@ -83,13 +87,18 @@ fn parse(settings: &Settings) -> Result<Config, String> {
 
 fn run(what: &str, script: &Option<String>, vm: &str, timeout_ms: u32) -> Result<(), String> {
     let Some(path) = script else { return Ok(()) };
-    let out = guest::exec(path, &[vm.to_string()], timeout_ms).map_err(|e| format!("{what} script {path}: {e}"))?;
+    let out = guest::exec(path, &[vm.to_string()], timeout_ms)
+        .map_err(|e| format!("{what} script {path}: {e}"))?;
     if out.exit_code != 0 {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(format!(
             "{what} script {path} exited with {}{}",
             out.exit_code,
-            if stderr.trim().is_empty() { String::new() } else { format!(": {}", stderr.trim()) }
+            if stderr.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", stderr.trim())
+            }
         ));
     }
     Ok(())
