@@ -242,6 +242,8 @@ fn exit_codes_drive_the_modes_and_timeouts_hold() {
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
     Faithful,
+    /// Someone else has frozen the guest.
+    AlreadyFrozen,
     Hang,
     HangUp,
     Garbage,
@@ -277,7 +279,7 @@ impl FakeAgent {
 fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, log: Arc<Mutex<Vec<String>>>) {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
-    let mut frozen = false;
+    let mut frozen = behaviour == Peer::AlreadyFrozen;
     loop {
         let mut line = Vec::new();
         if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
@@ -300,7 +302,7 @@ fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, log: Arc<Mutex<V
                     let _ = w.write_all(b"\x00\x13garbage{{{\n");
                     continue;
                 }
-                Peer::Faithful => {}
+                Peer::Faithful | Peer::AlreadyFrozen => {}
             }
         }
         let reply = match cmd.as_str() {
@@ -489,4 +491,68 @@ fn the_example_sqlite_hook_checkpoints_the_database_before_the_snapshot() {
     );
     let _ = app.kill();
     let _ = app.wait();
+}
+
+#[test]
+fn a_guest_frozen_by_someone_else_is_not_frozen_again() {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::AlreadyFrozen);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 67);
+    apply_guest(&lab, &disk, &agent.sock, &freeze_conf("require"));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok);
+    assert!(
+        r["tasks"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already frozen by someone else"),
+        "{r:#}"
+    );
+    assert!(
+        agent.log().iter().all(|e| e != "freeze"),
+        "no second freeze: {:?}",
+        agent.log()
+    );
+}
+
+#[test]
+fn the_stamp_is_written_in_the_guest_only_where_the_job_allows() {
+    let lab = Lab::new();
+    let (_ga, sock) = QemuGa::start(lab.dir.path());
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 68);
+    let stamp = lab.path("stamps/last-backup");
+    std::fs::create_dir_all(stamp.parent().unwrap()).unwrap();
+    let conf = |allow: &str| {
+        format!(
+            "mode = \"try\"\nallow_files = [{allow}]\nhook = {{ plugin = \"guest-scripts\", freeze = false, stamp = \"{}\" }}",
+            stamp.display()
+        )
+    };
+    apply_guest(
+        &lab,
+        &disk,
+        &sock,
+        &conf(&format!("\"{}/\"", stamp.parent().unwrap().display())),
+    );
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(
+        std::fs::read_to_string(&stamp).unwrap(),
+        "app01: backed up by arca\n"
+    );
+
+    std::fs::remove_file(&stamp).unwrap();
+    apply_guest(&lab, &disk, &sock, &conf(""));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(
+        ok,
+        "a failed post-backup hook does not undo the backup: {r:#}"
+    );
+    assert!(
+        r["notices"].to_string().contains("not allowed by the job"),
+        "{r:#}"
+    );
+    assert!(!stamp.exists());
 }

@@ -92,6 +92,8 @@ struct RawGuest {
     hook: Option<RawStage>,
     #[serde(default)]
     allow_exec: Vec<String>,
+    #[serde(default)]
+    allow_files: Vec<String>,
     allow_freeze: Option<bool>,
     freeze_timeout_ms: Option<u64>,
     agent_timeout_ms: Option<u64>,
@@ -539,6 +541,7 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                     hook,
                     policy: crate::guest::GuestPolicy {
                         allow_exec: g.allow_exec.clone(),
+                        allow_files: g.allow_files.clone(),
                         allow_freeze: g.allow_freeze.unwrap_or(true),
                         freeze_timeout: std::time::Duration::from_millis(
                             g.freeze_timeout_ms.unwrap_or(20_000),

@@ -20,6 +20,10 @@ pub struct GuestPolicy {
     /// Programs plugins may run in the guest (exact paths).
     pub allow_exec: Vec<String>,
     pub allow_freeze: bool,
+    /// Guest files plugins may read or write: exact paths, or folders
+    /// ending in `/`.
+    #[serde(default)]
+    pub allow_files: Vec<String>,
     pub freeze_timeout: Duration,
     /// Longest wait for one answer of the agent.
     pub agent_timeout: Duration,
@@ -182,6 +186,53 @@ impl GuestChannel {
                 ));
             }
         }
+    }
+
+    pub fn fs_status(&self) -> Result<String, String> {
+        self.with_agent(Agent::fs_status)
+    }
+
+    fn file_allowed(&self, path: &str) -> Result<(), String> {
+        let ok = !path.contains("/../")
+            && self
+                .policy
+                .allow_files
+                .iter()
+                .any(|a| a == path || (a.ends_with('/') && path.starts_with(a.as_str())));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "guest file {path} is not allowed by the job (allow_files: {})",
+                if self.policy.allow_files.is_empty() {
+                    "none".into()
+                } else {
+                    self.policy.allow_files.join(", ")
+                }
+            ))
+        }
+    }
+
+    pub fn file_read(&self, path: &str, max: usize) -> Result<Vec<u8>, String> {
+        self.file_allowed(path)?;
+        let r = self.with_agent(|a| a.file_read(path, max));
+        self.state
+            .lock()
+            .expect("state lock")
+            .events
+            .push(format!("read {path}"));
+        r
+    }
+
+    pub fn file_write(&self, path: &str, data: &[u8]) -> Result<(), String> {
+        self.file_allowed(path)?;
+        let r = self.with_agent(|a| a.file_write(path, data));
+        self.state
+            .lock()
+            .expect("state lock")
+            .events
+            .push(format!("wrote {path}"));
+        r
     }
 
     pub fn thaw(&self) -> Result<u32, String> {

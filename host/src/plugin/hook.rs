@@ -52,6 +52,24 @@ impl Host for PluginState {
     fn fs_thaw(&mut self) -> wasmtime::Result<Result<u32, String>> {
         Ok(self.channel().and_then(|c| c.thaw()))
     }
+
+    fn fs_status(&mut self) -> wasmtime::Result<Result<String, String>> {
+        Ok(self.channel().and_then(|c| c.fs_status()))
+    }
+
+    fn file_read(
+        &mut self,
+        path: String,
+        max_bytes: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        // Bounded by the host too: a plugin's memory is capped anyway.
+        let max = (max_bytes as usize).min(16 << 20);
+        Ok(self.channel().and_then(|c| c.file_read(&path, max)))
+    }
+
+    fn file_write(&mut self, path: String, data: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.channel().and_then(|c| c.file_write(&path, &data)))
+    }
 }
 
 /// One guest-hook plugin instance, bound to one VM's guest channel.

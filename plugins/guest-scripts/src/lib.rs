@@ -22,6 +22,7 @@ struct Config {
     pre_freeze: Option<String>,
     post_thaw: Option<String>,
     post_backup: Option<String>,
+    stamp: Option<String>,
     freeze: bool,
     timeout_ms: u32,
 }
@@ -32,6 +33,7 @@ impl Default for Config {
             pre_freeze: None,
             post_thaw: None,
             post_backup: None,
+            stamp: None,
             freeze: true,
             timeout_ms: 60_000,
         }
@@ -59,6 +61,7 @@ fn parse(settings: &Settings) -> Result<Config, String> {
             "pre_freeze" => c.pre_freeze = path()?,
             "post_thaw" => c.post_thaw = path()?,
             "post_backup" => c.post_backup = path()?,
+            "stamp" => c.stamp = path()?,
             "freeze" => {
                 c.freeze = match v.as_str() {
                     "true" => true,
@@ -77,7 +80,7 @@ fn parse(settings: &Settings) -> Result<Config, String> {
             }
             other => {
                 return Err(format!(
-                    "guest-scripts: unknown setting `{other}` (pre_freeze, post_thaw, post_backup, freeze, timeout_ms)"
+                    "guest-scripts: unknown setting `{other}` (pre_freeze, post_thaw, post_backup, stamp, freeze, timeout_ms)"
                 ));
             }
         }
@@ -118,6 +121,10 @@ impl Guest for Component {
         guest::ping().map_err(|e| format!("guest agent: {e}"))?;
         run("pre-freeze", &c.pre_freeze, &vm, c.timeout_ms)?;
         if c.freeze {
+            // Someone else's freeze would be thawed by ours: refuse instead.
+            if guest::fs_status().map_err(|e| format!("freeze status: {e}"))? == "frozen" {
+                return Err("the guest's filesystems are already frozen by someone else".into());
+            }
             guest::fs_freeze().map_err(|e| format!("freeze: {e}"))?;
             FROZE.set(true);
         }
@@ -136,6 +143,11 @@ impl Guest for Component {
         let c = CONFIG.with_borrow(Clone::clone);
         if succeeded {
             run("post-backup", &c.post_backup, &vm, c.timeout_ms)?;
+            // Lets monitoring inside the guest see its last good backup.
+            if let Some(stamp) = &c.stamp {
+                guest::file_write(stamp, format!("{vm}: backed up by arca\n").as_bytes())
+                    .map_err(|e| format!("stamp {stamp}: {e}"))?;
+            }
         }
         Ok(())
     }
