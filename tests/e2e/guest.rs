@@ -556,3 +556,42 @@ fn the_stamp_is_written_in_the_guest_only_where_the_job_allows() {
     );
     assert!(!stamp.exists());
 }
+
+#[test]
+fn a_freeze_never_outlives_the_freeze_timeout() {
+    for (mode, ok_expected) in [("require", false), ("try", true)] {
+        let lab = Lab::new();
+        let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
+        let disk = lab.path("vm.raw");
+        make_disk(&disk, 4 * MIB, 69);
+        // The hook keeps the guest frozen for about a second; the job allows 100 ms.
+        let plugin =
+            std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
+        lab.apply(&format!(
+            "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"slow-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
+             [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+             [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"{mode}\"\nfreeze_timeout_ms = 100\n\
+             hook = {{ plugin = \"slow-hook\", behaviour = \"stall\" }}\n",
+            lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
+        ));
+        let (ok, r) = lab.run_job("nightly");
+        assert_eq!(ok, ok_expected, "{mode}: {r:#}");
+        let log = agent.log();
+        assert_eq!(
+            &log[..2],
+            ["freeze", "thaw"],
+            "{mode}: thawed by the watchdog before the hook returned"
+        );
+        let events = r["guest"][0]["events"].to_string();
+        assert!(
+            events.contains("thawed by the host after the freeze timeout"),
+            "{mode}: {events}"
+        );
+        let all = r.to_string();
+        assert!(
+            all.contains("stayed frozen past the freeze timeout"),
+            "{mode}: {all}"
+        );
+        assert_eq!(r["guest"][0]["application_consistent"], false);
+    }
+}
