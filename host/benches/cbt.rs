@@ -5,7 +5,8 @@
 //! files; arca backs it up live (fleecing), the "guest" writes 1% of the disk
 //! in clustered runs of 64 KiB–1 MiB through the VM's NBD export, and arca
 //! runs a CBT incremental. Prints time and bytes read of each and their
-//! ratios; never asserts on time.
+//! ratios; never asserts on time. `ARCA_BENCH_BLOCK` sets the job's block
+//! size (default 1MiB).
 
 mod common;
 
@@ -71,6 +72,8 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
+    let block = std::env::var("ARCA_BENCH_BLOCK").unwrap_or_else(|_| "1MiB".into());
+    println!("block size {block}");
     let home = dir.join("home");
     let cfg = dir.join("arca.toml");
     std::fs::write(
@@ -78,7 +81,7 @@ fn main() {
         format!(
             "[[repository]]\nname = \"bench\"\npath = \"{}\"\n\n[[hypervisor]]\nname = \"q\"\nqmp = \"{}\"\nnbd = \"{}\"\n\n\
              [[vm]]\nname = \"bench\"\nhypervisor = \"q\"\ndisks = [{{ node = \"disk0\" }}]\n\n\
-             [[job]]\nname = \"bench\"\nvms = [\"bench\"]\nrepository = \"bench\"\n",
+             [[job]]\nname = \"bench\"\nvms = [\"bench\"]\nrepository = \"bench\"\nblock_size = \"{block}\"\n",
             dir.join("repo").display(),
             qmp.display(),
             nbd.display()
