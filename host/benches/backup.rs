@@ -17,7 +17,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{MIB, change_clustered, make_disk};
+use common::{MIB, arca, change_clustered, make_disk, timed_job};
 
 fn main() {
     let gib: u64 = std::env::var("ARCA_BENCH_GIB")
@@ -116,29 +116,6 @@ fn main() {
     }
 
     codec_ratio(&disk, data_bytes);
-}
-
-fn arca(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_arca"))
-        .args(args)
-        .env("ARCA_HOME", home)
-        .output()
-        .expect("run arca");
-    assert!(
-        out.status.success(),
-        "arca {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn timed_job(home: &Path) -> (f64, serde_json::Value) {
-    let t = Instant::now();
-    let text = arca(home, &["job", "run", "bench", "--json"]);
-    (
-        t.elapsed().as_secs_f64(),
-        serde_json::from_str(&text).unwrap(),
-    )
 }
 
 /// Evicts the disk from the page cache so the full backup reads from disk as a

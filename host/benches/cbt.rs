@@ -10,11 +10,11 @@
 
 mod common;
 
-use common::{MIB, clustered_writes, make_disk};
+use common::{MIB, arca, clustered_writes, make_disk, timed_job};
 use std::io::Write;
-use std::path::Path;
+
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn main() {
     let gib: u64 = std::env::var("ARCA_BENCH_GIB")
@@ -144,27 +144,4 @@ fn run(cmd: &str, args: &[&str]) {
         Command::new(cmd).args(args).status().unwrap().success(),
         "{cmd} {args:?}"
     );
-}
-
-fn arca(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_arca"))
-        .args(args)
-        .env("ARCA_HOME", home)
-        .output()
-        .expect("run arca");
-    assert!(
-        out.status.success(),
-        "arca {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn timed_job(home: &Path) -> (f64, serde_json::Value) {
-    let t = Instant::now();
-    let text = arca(home, &["job", "run", "bench", "--json"]);
-    (
-        t.elapsed().as_secs_f64(),
-        serde_json::from_str(&text).unwrap(),
-    )
 }

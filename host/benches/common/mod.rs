@@ -7,6 +7,7 @@ use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -103,4 +104,29 @@ pub fn clustered_writes(size: u64, total: u64, seed: u64) -> Vec<String> {
         done += run;
     }
     out
+}
+
+/// Runs the real `arca` binary with its state in `home`; insists it succeeds.
+pub fn arca(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .args(args)
+        .env("ARCA_HOME", home)
+        .output()
+        .expect("run arca");
+    assert!(
+        out.status.success(),
+        "arca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the benchmark's job `bench` and times it; returns the JSON report.
+pub fn timed_job(home: &Path) -> (f64, serde_json::Value) {
+    let t = Instant::now();
+    let text = arca(home, &["job", "run", "bench", "--json"]);
+    (
+        t.elapsed().as_secs_f64(),
+        serde_json::from_str(&text).unwrap(),
+    )
 }
