@@ -235,3 +235,60 @@ fn an_agent_killed_mid_task_fails_the_task_clearly_and_leaves_no_partial_point()
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
 }
+
+#[test]
+fn a_throttling_rule_is_shared_by_parallel_tasks() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    // Incompressible disks, so what is sent is what the rule meters.
+    let disks: Vec<_> = (0..3)
+        .map(|i| {
+            let p = lab.path(&format!("d{i}.raw"));
+            let mut data = vec![0u8; (24 * MIB) as usize];
+            rand::RngCore::fill_bytes(
+                &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(90 + i),
+                &mut data,
+            );
+            std::fs::write(&p, data).unwrap();
+            p
+        })
+        .collect();
+    let rate = 12 * MIB;
+    lab.apply(&format!(
+        "[[repository]]\nname = \"remote\"\nagent = \"{}\"\nfingerprint = \"{}\"\nmax_tasks = 3\n\n\
+         [[proxy]]\nname = \"local\"\nmax_tasks = 3\n\n\
+         [[throttle]]\nname = \"wan\"\ntarget = \"127.0.0.0/8\"\nrate = \"12MiB\"\n\n\
+         [[vm]]\nname = \"a\"\ndisks = [\"{}\"]\n[[vm]]\nname = \"b\"\ndisks = [\"{}\"]\n[[vm]]\nname = \"c\"\ndisks = [\"{}\"]\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"a\", \"b\", \"c\"]\nrepository = \"remote\"\n",
+        agent.addr,
+        agent.fingerprint,
+        disks[0].display(),
+        disks[1].display(),
+        disks[2].display()
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(
+        r["notices"]
+            .to_string()
+            .contains("throttled by rule(s) wan"),
+        "{r:#}"
+    );
+    let sent = r["totals"]["transferred_bytes"].as_u64().unwrap() as f64;
+    let seconds = r["duration_seconds"].as_f64().unwrap();
+    let measured = sent / seconds;
+    eprintln!(
+        "throttled session: {:.2} MiB/s over {seconds:.2} s",
+        measured / MIB as f64
+    );
+    assert!(
+        sent > 70.0 * MIB as f64,
+        "all three disks went over the link: {sent}"
+    );
+    assert!(
+        (measured / rate as f64 - 1.0).abs() < 0.10,
+        "three tasks together ran at {:.2} MiB/s under a rule of 12 MiB/s",
+        measured / MIB as f64
+    );
+}

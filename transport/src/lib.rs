@@ -8,6 +8,7 @@
 pub mod link;
 pub mod messages;
 pub mod quic;
+pub mod throttle;
 
 pub use link::{InProcessLink, LinkError, LinkStats, TargetLink, TargetMover};
 pub use messages::{

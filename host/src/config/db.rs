@@ -99,6 +99,7 @@ impl ConfigDb {
                  CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL,
                      agent TEXT, fingerprint TEXT);
                  CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS throttles (name TEXT PRIMARY KEY, rule TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS hypervisors (name TEXT PRIMARY KEY, qmp TEXT NOT NULL, nbd TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT,
                      guest_agent TEXT);
@@ -224,6 +225,14 @@ impl ConfigDb {
                 "INSERT INTO proxies (name, max_tasks) VALUES (?1, ?2)
                  ON CONFLICT(name) DO UPDATE SET max_tasks = excluded.max_tasks",
                 params![p.name, p.max_tasks],
+            )
+            .map_err(err)?;
+        }
+        for t in &f.throttles {
+            tx.execute(
+                "INSERT INTO throttles (name, rule) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET rule = excluded.rule",
+                params![t.name, serde_json::to_string(t).expect("rule serializes")],
             )
             .map_err(err)?;
         }
@@ -574,7 +583,24 @@ impl ConfigDb {
             .into_iter()
             .filter(|p| used.contains(&p.name.as_str()))
             .collect();
+        let throttles = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT rule FROM throttles ORDER BY name")
+                .map_err(self.err())?;
+            let rows: Vec<String> = stmt
+                .query_map([], |r| r.get(0))
+                .map_err(self.err())?
+                .collect::<Result<_, _>>()
+                .map_err(self.err())?;
+            rows.iter()
+                .map(|r| {
+                    serde_json::from_str(r).map_err(|e| corrupt(format!("throttle rule: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         Ok(JobSettings {
+            throttles,
             name: name.into(),
             block_size,
             repository,

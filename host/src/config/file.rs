@@ -47,6 +47,28 @@ struct RawFile {
     pipeline: Vec<RawPipeline>,
     #[serde(default)]
     job: Vec<RawJob>,
+    #[serde(default)]
+    throttle: Vec<RawThrottle>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThrottle {
+    name: Spanned<String>,
+    source: Option<String>,
+    target: Option<String>,
+    rate: String,
+    window: Option<String>,
+}
+
+fn parse_window(w: &str) -> Option<(u16, u16)> {
+    let (a, b) = w.split_once('-')?;
+    let minute = |t: &str| -> Option<u16> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    };
+    Some((minute(a)?, minute(b)?))
 }
 
 #[derive(Deserialize)]
@@ -166,6 +188,7 @@ pub struct JobRow {
 /// A parsed and validated file, ready for the database.
 #[derive(Debug, Default)]
 pub struct ConfigFile {
+    pub throttles: Vec<super::ThrottleRule>,
     pub hypervisors: Vec<crate::source::qemu::Hypervisor>,
     /// Per entry of `vms`: the hypervisor it runs on, by name.
     pub vm_hypervisors: Vec<Option<String>>,
@@ -306,6 +329,51 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
         out.proxies.push(ProxySettings {
             name,
             max_tasks: p.max_tasks.unwrap_or(super::default_proxy().max_tasks),
+        });
+    }
+    for t in &raw.throttle {
+        let name = cx.name("throttle", &t.name)?;
+        let net = |what: &str, v: &Option<String>| -> Result<ipnet::IpNet, ConfigError> {
+            match v {
+                None => Ok("0.0.0.0/0".parse().expect("valid")),
+                Some(s) => s.parse().or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)).or_else(|_| {
+                    cx.invalid(t.name.span(), format!("throttle '{name}': {what} '{s}' is not a network range like 192.0.2.0/24"))
+                }),
+            }
+        };
+        let rate = match parse_size(&t.rate) {
+            Ok(r) if r > 0 => r,
+            Ok(_) => {
+                return cx.invalid(
+                    t.name.span(),
+                    format!("throttle '{name}': rate must be above 0"),
+                );
+            }
+            Err(e) => {
+                return cx.invalid(
+                    t.name.span(),
+                    format!("throttle '{name}': rate (bytes per second): {e}"),
+                );
+            }
+        };
+        let window = match &t.window {
+            None => None,
+            Some(w) => match parse_window(w) {
+                Some(w) => Some(w),
+                None => {
+                    return cx.invalid(
+                        t.name.span(),
+                        format!("throttle '{name}': window '{w}' is not like 08:00-18:00"),
+                    );
+                }
+            },
+        };
+        out.throttles.push(super::ThrottleRule {
+            source: net("source", &t.source)?,
+            target: net("target", &t.target)?,
+            name,
+            rate,
+            window,
         });
     }
     let mut hypervisors = known.hypervisors.clone();

@@ -95,6 +95,33 @@ pub struct GuestSettings {
     pub policy: crate::guest::GuestPolicy,
 }
 
+/// A throttling rule: traffic from `source` to `target` (network ranges) at
+/// most `rate` bytes per second, within `window` (`HH:MM-HH:MM`, local
+/// time, may wrap midnight) if set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleRule {
+    pub name: String,
+    pub source: ipnet::IpNet,
+    pub target: ipnet::IpNet,
+    pub rate: u64,
+    pub window: Option<(u16, u16)>,
+}
+
+impl ThrottleRule {
+    /// Whether the rule is in force at `minute` of the day (0..1440).
+    pub fn active_at(&self, minute: u16) -> bool {
+        match self.window {
+            None => true,
+            Some((from, to)) if from <= to => (from..to).contains(&minute),
+            Some((from, to)) => minute >= from || minute < to,
+        }
+    }
+
+    pub fn matches(&self, source: std::net::IpAddr, target: std::net::IpAddr) -> bool {
+        self.source.contains(&source) && self.target.contains(&target)
+    }
+}
+
 /// Everything a session needs, resolved from the database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSettings {
@@ -107,6 +134,8 @@ pub struct JobSettings {
     /// Third-party plugins the pipeline uses (built-ins are not listed).
     pub plugins: Vec<PluginSettings>,
     pub guest: Option<GuestSettings>,
+    /// Every throttling rule; the session applies those that match a link.
+    pub throttles: Vec<ThrottleRule>,
 }
 
 /// Defaults that exist without any configuration: the embedded proxy and

@@ -11,6 +11,7 @@ pub mod guest;
 pub mod report;
 pub mod scheduler;
 pub mod target;
+pub mod throttle;
 
 use crate::config::GuestMode;
 use crate::config::{ConfigDb, DbError, JobSettings, StageSettings, VmSettings};
@@ -229,6 +230,7 @@ fn run_tasks(
         ));
     }
     let pipeline = LoadedPipeline::load(job, runtime)?;
+    let throttles = throttle::Throttles::new(&job.throttles);
 
     let tasks: Vec<TaskSpec> = job
         .vms
@@ -358,6 +360,7 @@ fn run_tasks(
                 bar.set_prefix(format!("{}/{}", vm.name, disk.name));
                 let pipeline = &pipeline;
                 let repo = &repo;
+                let throttles = &throttles;
                 running += 1;
                 scope.spawn(move || {
                     let started = Instant::now();
@@ -384,6 +387,7 @@ fn run_tasks(
                             &snap,
                             pipeline,
                             repo,
+                            throttles,
                             workers,
                             &bar,
                             &mut tr,
@@ -477,17 +481,29 @@ fn run_one(
     state: &VmState,
     pipeline: &LoadedPipeline,
     repo: &RepoAccess,
+    throttles: &throttle::Throttles,
     workers: usize,
     bar: &ProgressBar,
     tr: &mut TaskReport,
 ) -> Result<(), String> {
     let disk_name = &vm.disks[disk_index].name;
-    let (link, previous) = repo.open_task(&OpenTask {
-        job: job.name.clone(),
-        vm: vm.name.clone(),
-        disk: disk_name.clone(),
-        session_id,
-    })?;
+    let (link, previous, rules) = repo.open_task(
+        &OpenTask {
+            job: job.name.clone(),
+            vm: vm.name.clone(),
+            disk: disk_name.clone(),
+            session_id,
+        },
+        throttles,
+    )?;
+    if !rules.is_empty() {
+        tr.notices.push(format!(
+            "{}/{}: throttled by rule(s) {}",
+            vm.name,
+            disk_name,
+            rules.join(", ")
+        ));
+    }
     tr.parent_point = previous.as_ref().map(|p| p.point_id.clone());
     let disk: Arc<dyn DiskRead> = state.snap.disk(disk_index);
     bar.set_length(disk.size());
@@ -513,7 +529,7 @@ fn run_one(
     state.snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
     tr.stats = Some(outcome.stats);
-    tr.notices = outcome.notices;
+    tr.notices.extend(outcome.notices);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use crate::config::RepositorySettings;
 use crate::repository::{Repository, RepositoryError};
 use arca_transport::quic::{Identity, OpenTask, QuicLink};
+use arca_transport::throttle::ThrottledLink;
 use arca_transport::{InProcessLink, Manifest, TargetLink};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -63,7 +64,9 @@ impl RepoAccess {
             RepoAccess::Local(r) => r
                 .latest_point(&task.job, &task.vm, &task.disk)
                 .map_err(|e| e.to_string()),
-            RepoAccess::Remote { .. } => self.open_task(task).map(|(_, latest)| latest),
+            RepoAccess::Remote { .. } => self
+                .open_task(task, &super::throttle::Throttles::new(&[]))
+                .map(|(_, latest, _)| latest),
         }
     }
 
@@ -72,14 +75,15 @@ impl RepoAccess {
     pub fn open_task(
         &self,
         task: &OpenTask,
-    ) -> Result<(Box<dyn TargetLink>, Option<Manifest>), String> {
+        throttles: &super::throttle::Throttles,
+    ) -> Result<(Box<dyn TargetLink>, Option<Manifest>, Vec<String>), String> {
         match self {
             RepoAccess::Local(r) => {
                 let latest = r
                     .latest_point(&task.job, &task.vm, &task.disk)
                     .map_err(|e| e.to_string())?;
                 let writer = r.writer().map_err(|e| e.to_string())?;
-                Ok((Box::new(InProcessLink::new(writer)), latest))
+                Ok((Box::new(InProcessLink::new(writer)), latest, Vec::new()))
             }
             RepoAccess::Remote {
                 addr,
@@ -90,7 +94,16 @@ impl RepoAccess {
                 let link = QuicLink::connect(rt.handle(), *addr, fingerprint, identity, task)
                     .map_err(|e| e.to_string())?;
                 let latest = link.latest(task).map_err(|e| e.to_string())?;
-                Ok((Box::new(link), latest))
+                let (buckets, rules) = throttles.for_target(*addr);
+                if buckets.is_empty() {
+                    Ok((Box::new(link), latest, rules))
+                } else {
+                    Ok((
+                        Box::new(ThrottledLink::new(Box::new(link), buckets)),
+                        latest,
+                        rules,
+                    ))
+                }
             }
         }
     }
