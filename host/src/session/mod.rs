@@ -487,7 +487,7 @@ fn run_one(
     tr: &mut TaskReport,
 ) -> Result<(), String> {
     let disk_name = &vm.disks[disk_index].name;
-    let (link, previous, rules) = repo.open_task(
+    let opened = repo.open_task(
         &OpenTask {
             job: job.name.clone(),
             vm: vm.name.clone(),
@@ -496,6 +496,7 @@ fn run_one(
         },
         throttles,
     )?;
+    let (link, previous, rules) = (opened.link, opened.previous, opened.throttled_by);
     if !rules.is_empty() {
         tr.notices.push(format!(
             "{}/{}: throttled by rule(s) {}",

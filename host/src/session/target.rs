@@ -10,6 +10,15 @@ use arca_transport::{InProcessLink, Manifest, TargetLink};
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// A task's way to its repository.
+pub struct OpenedTask {
+    pub link: Box<dyn TargetLink>,
+    /// The disk's newest restore point: the parent of an incremental.
+    pub previous: Option<Manifest>,
+    /// Names of the throttling rules the link is subject to.
+    pub throttled_by: Vec<String>,
+}
+
 pub enum RepoAccess {
     Local(Repository),
     Remote {
@@ -66,7 +75,7 @@ impl RepoAccess {
                 .map_err(|e| e.to_string()),
             RepoAccess::Remote { .. } => self
                 .open_task(task, &super::throttle::Throttles::new(&[]))
-                .map(|(_, latest, _)| latest),
+                .map(|t| t.previous),
         }
     }
 
@@ -76,14 +85,18 @@ impl RepoAccess {
         &self,
         task: &OpenTask,
         throttles: &super::throttle::Throttles,
-    ) -> Result<(Box<dyn TargetLink>, Option<Manifest>, Vec<String>), String> {
+    ) -> Result<OpenedTask, String> {
         match self {
             RepoAccess::Local(r) => {
                 let latest = r
                     .latest_point(&task.job, &task.vm, &task.disk)
                     .map_err(|e| e.to_string())?;
                 let writer = r.writer().map_err(|e| e.to_string())?;
-                Ok((Box::new(InProcessLink::new(writer)), latest, Vec::new()))
+                Ok(OpenedTask {
+                    link: Box::new(InProcessLink::new(writer)),
+                    previous: latest,
+                    throttled_by: Vec::new(),
+                })
             }
             RepoAccess::Remote {
                 addr,
@@ -95,15 +108,16 @@ impl RepoAccess {
                     .map_err(|e| e.to_string())?;
                 let latest = link.latest(task).map_err(|e| e.to_string())?;
                 let (buckets, rules) = throttles.for_target(*addr);
-                if buckets.is_empty() {
-                    Ok((Box::new(link), latest, rules))
+                let link: Box<dyn TargetLink> = if buckets.is_empty() {
+                    Box::new(link)
                 } else {
-                    Ok((
-                        Box::new(ThrottledLink::new(Box::new(link), buckets)),
-                        latest,
-                        rules,
-                    ))
-                }
+                    Box::new(ThrottledLink::new(Box::new(link), buckets))
+                };
+                Ok(OpenedTask {
+                    link,
+                    previous: latest,
+                    throttled_by: rules,
+                })
             }
         }
     }
