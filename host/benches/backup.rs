@@ -17,7 +17,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{MIB, arca, change_clustered, make_disk, timed_job};
+use common::{MIB, arca, change_clustered, make_disk, timed_job, timed_named_job};
 
 fn main() {
     let gib: u64 = std::env::var("ARCA_BENCH_GIB")
@@ -96,6 +96,8 @@ fn main() {
         full["compression_ratio"].as_f64().unwrap_or(0.0),
         incr_s / full_s
     );
+
+    quic_ratio(&dir, &home, &disk, full_s);
 
     // The "just compress it" limit from the product goals, same image, same run.
     let t = Instant::now();
@@ -197,4 +199,51 @@ fn codec_ratio(disk: &Path, data_bytes: u64) {
     );
     println!("  wasm/native speed: {:.2}", native_best / wasm_best);
     let _ = std::io::stdout().flush();
+}
+
+/// The same full backup to an `arca agent` on loopback (QUIC, mutual TLS)
+/// into a fresh repository, against the in-process full backup above.
+fn quic_ratio(dir: &Path, home: &Path, disk: &Path, in_process_s: f64) {
+    use std::io::BufRead;
+    let me = arca(home, &["identity"]).trim().to_owned();
+    let agent_home = dir.join("agent-home");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .env("ARCA_HOME", &agent_home)
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--trust",
+            &me,
+            "--repository",
+        ])
+        .arg(dir.join("agent-repo"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("arca agent");
+    let mut line = String::new();
+    std::io::BufReader::new(agent.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (addr, fp) = (words[4], words[6].trim_end_matches(')'));
+    let cfg = dir.join("quic.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[repository]]\nname = \"over-quic\"\nagent = \"{addr}\"\nfingerprint = \"{fp}\"\n\n\
+             [[vm]]\nname = \"bench-q\"\ndisks = [\"{}\"]\n\n[[job]]\nname = \"bench-quic\"\nvms = [\"bench-q\"]\nrepository = \"over-quic\"\n",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    arca(home, &["apply", cfg.to_str().unwrap()]);
+    let (quic_s, r) = timed_named_job(home, "bench-quic");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    println!(
+        "full backup to an agent over QUIC (loopback): {quic_s:.2} s, {:.0} MiB sent; QUIC/in-process speed {:.2}",
+        r["totals"]["transferred_bytes"].as_u64().unwrap_or(0) as f64 / MIB as f64,
+        in_process_s / quic_s
+    );
 }

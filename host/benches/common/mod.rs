@@ -123,8 +123,12 @@ pub fn arca(home: &Path, args: &[&str]) -> String {
 
 /// Runs the benchmark's job `bench` and times it; returns the JSON report.
 pub fn timed_job(home: &Path) -> (f64, serde_json::Value) {
+    timed_named_job(home, "bench")
+}
+
+pub fn timed_named_job(home: &Path, job: &str) -> (f64, serde_json::Value) {
     let t = Instant::now();
-    let text = arca(home, &["job", "run", "bench", "--json"]);
+    let text = arca(home, &["job", "run", job, "--json"]);
     (
         t.elapsed().as_secs_f64(),
         serde_json::from_str(&text).unwrap(),
