@@ -15,10 +15,14 @@ struct Agent {
 
 impl Agent {
     fn start(lab: &Lab, repo: &Path, trust: &[&str]) -> Self {
+        Self::start_on(lab, repo, trust, "127.0.0.1:0")
+    }
+
+    fn start_on(lab: &Lab, repo: &Path, trust: &[&str], listen: &str) -> Self {
         let home = lab.path("agent-home");
         let mut cmd = Command::new(arca_bin());
         cmd.env("ARCA_HOME", &home)
-            .args(["agent", "--listen", "127.0.0.1:0", "--repository"])
+            .args(["agent", "--listen", listen, "--repository"])
             .arg(repo)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -178,21 +182,15 @@ fn unenrolled_peers_wrong_certificates_and_garbage_are_refused() {
     assert!(ok, "the agent still serves after garbage: {r:#}");
 }
 
-#[test]
-fn an_agent_killed_mid_task_fails_the_task_clearly_and_leaves_no_partial_point() {
-    let lab = Lab::new();
-    let me = lab.ok(&["identity"]).trim().to_owned();
-    let disk = lab.path("d.raw");
-    make_disk(&disk, 256 * MIB, 85);
-    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
-    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+/// Starts a one-worker session and kills the agent once it has staged some
+/// chunks; returns the running session.
+fn session_with_agent_killed(lab: &Lab, agent: Agent) -> std::process::Child {
     let session = lab
         .command()
         .args(["job", "run", "nightly", "--json", "--workers", "1"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the agent once it has staged some chunks.
     let staging = lab.path("agent-repo/staging");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -215,25 +213,56 @@ fn an_agent_killed_mid_task_fails_the_task_clearly_and_leaves_no_partial_point()
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     drop(agent); // SIGKILL
+    session
+}
+
+#[test]
+fn a_task_whose_agent_dies_is_retried_and_fails_clearly_when_it_stays_down() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 192 * MIB, 85);
+
+    // The agent comes back: the retry succeeds.
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    let addr = agent.addr.clone();
+    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+    let session = session_with_agent_killed(&lab, agent);
+    let agent = Agent::start_on(&lab, &lab.path("agent-repo"), &[&me], &addr);
+    let out = session.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{r:#}");
+    assert!(
+        r["notices"].to_string().contains("attempt 1 lost its link"),
+        "{r:#}"
+    );
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
+    lab.ok(&["verify", "--repository", "local-view"]);
+    let restored = lab.path("out.raw");
+    lab.ok(&["restore", &point, "--to", restored.to_str().unwrap()]);
+    assert_eq!(sha256(&restored), sha256(&disk));
+
+    // The agent stays down: the task fails clearly, no partial point appears.
+    change_disk(&disk, 40, 1 << 20, 86);
+    let points_before = lab.points().len();
+    let session = session_with_agent_killed(&lab, agent);
     let out = session.wait_with_output().unwrap();
     assert!(!out.status.success());
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let e = r["tasks"][0]["error"].as_str().unwrap();
-    assert!(
-        e.contains("link to target mover lost") || e.contains("cannot reach"),
-        "{e}"
-    );
-    assert!(
-        lab.points().is_empty() || lab.points().iter().all(|p| p["repository"] != "local-view")
+    assert!(e.contains("gave up after 3 attempts"), "{e}");
+    assert_eq!(
+        lab.points().len(),
+        points_before,
+        "no partial restore point"
     );
 
-    // A restarted agent sweeps the staging; the repository verifies clean and
-    // the next session succeeds.
-    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
-    lab.apply(&remote_config(&lab, &[&disk], &agent, &agent.fingerprint));
+    // A restarted agent sweeps the staging; the repository verifies clean.
+    let agent = Agent::start_on(&lab, &lab.path("agent-repo"), &[&me], &addr);
     lab.ok(&["verify", "--repository", "local-view"]);
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
+    drop(agent);
 }
 
 #[test]

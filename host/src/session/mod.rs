@@ -33,7 +33,12 @@ use scheduler::Scheduler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use target::RepoAccess;
+use target::{RepoAccess, TaskFailure};
+
+/// Attempts per task when the link to the repository is lost.
+const MAX_ATTEMPTS: u32 = 3;
+/// Pause before a retry, times the attempt number.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -378,24 +383,32 @@ fn run_tasks(
                         stats: None,
                         notices: Vec::new(),
                     };
-                    let outcome = snapshot.map_err(|e| e.to_string()).and_then(|snap| {
-                        run_one(
-                            job,
-                            session_id,
-                            vm,
-                            spec.disk_index,
-                            &snap,
-                            pipeline,
-                            repo,
-                            throttles,
-                            workers,
-                            &bar,
-                            &mut tr,
-                        )
+                    let outcome = snapshot.map_err(TaskFailure::fatal).and_then(|snap| {
+                        // A lost link (an agent died, a connection dropped) is
+                        // retried on a fresh connection; chunks an earlier
+                        // attempt committed are not sent again (dedup).
+                        let mut attempt = 1;
+                        loop {
+                            match run_one(job, session_id, vm, spec.disk_index, &snap, pipeline, repo, throttles, workers, &bar, &mut tr) {
+                                Err(f) if f.retryable && attempt < MAX_ATTEMPTS => {
+                                    tr.notices.push(format!(
+                                        "{}/{}: attempt {attempt} lost its link to the repository ({}); retrying",
+                                        vm.name, disk.name, f.message
+                                    ));
+                                    std::thread::sleep(RETRY_PAUSE * attempt);
+                                    bar.set_position(0);
+                                    attempt += 1;
+                                }
+                                Err(f) if f.retryable => {
+                                    break Err(TaskFailure::fatal(format!("{} (gave up after {attempt} attempts)", f.message)));
+                                }
+                                other => break other,
+                            }
+                        }
                     });
                     match outcome {
                         Ok(()) => tr.state = TaskState::Success,
-                        Err(e) => tr.error = Some(e),
+                        Err(f) => tr.error = Some(f.message),
                     }
                     tr.seconds = started.elapsed().as_secs_f64();
                     bar.finish_and_clear();
@@ -485,7 +498,7 @@ fn run_one(
     workers: usize,
     bar: &ProgressBar,
     tr: &mut TaskReport,
-) -> Result<(), String> {
+) -> Result<(), TaskFailure> {
     let disk_name = &vm.disks[disk_index].name;
     let opened = repo.open_task(
         &OpenTask {
@@ -523,10 +536,18 @@ fn run_one(
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
     };
     tr.consistency = Some(state.consistency.as_str().into());
-    let stages = pipeline.instantiate().map_err(|e| e.to_string())?;
+    let stages = pipeline
+        .instantiate()
+        .map_err(|e| TaskFailure::fatal(e.to_string()))?;
     let progress = |n: u64| bar.inc(n);
-    let outcome = pipeline::run(&input, stages, link.as_ref(), &progress)
-        .map_err(|e| format!("{}: {e}", input.label()))?;
+    let outcome =
+        pipeline::run(&input, stages, link.as_ref(), &progress).map_err(|e| TaskFailure {
+            retryable: matches!(
+                e,
+                pipeline::TaskError::Link(arca_transport::LinkError::Lost(_))
+            ),
+            message: format!("{}: {e}", input.label()),
+        })?;
     state.snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
     tr.stats = Some(outcome.stats);

@@ -10,6 +10,30 @@ use arca_transport::{InProcessLink, Manifest, TargetLink};
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// Why a task could not run; `retryable` when the link to the target mover
+/// was lost (an agent died, a connection dropped), so a new attempt may work.
+#[derive(Debug)]
+pub struct TaskFailure {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TaskFailure {
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn from_link(e: arca_transport::LinkError) -> Self {
+        Self {
+            retryable: matches!(e, arca_transport::LinkError::Lost(_)),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// A task's way to its repository.
 pub struct OpenedTask {
     pub link: Box<dyn TargetLink>,
@@ -75,7 +99,8 @@ impl RepoAccess {
                 .map_err(|e| e.to_string()),
             RepoAccess::Remote { .. } => self
                 .open_task(task, &super::throttle::Throttles::new(&[]))
-                .map(|t| t.previous),
+                .map(|t| t.previous)
+                .map_err(|f| f.message),
         }
     }
 
@@ -85,13 +110,13 @@ impl RepoAccess {
         &self,
         task: &OpenTask,
         throttles: &super::throttle::Throttles,
-    ) -> Result<OpenedTask, String> {
+    ) -> Result<OpenedTask, TaskFailure> {
         match self {
             RepoAccess::Local(r) => {
                 let latest = r
                     .latest_point(&task.job, &task.vm, &task.disk)
-                    .map_err(|e| e.to_string())?;
-                let writer = r.writer().map_err(|e| e.to_string())?;
+                    .map_err(|e| TaskFailure::fatal(e.to_string()))?;
+                let writer = r.writer().map_err(|e| TaskFailure::fatal(e.to_string()))?;
                 Ok(OpenedTask {
                     link: Box::new(InProcessLink::new(writer)),
                     previous: latest,
@@ -105,8 +130,8 @@ impl RepoAccess {
                 rt,
             } => {
                 let link = QuicLink::connect(rt.handle(), *addr, fingerprint, identity, task)
-                    .map_err(|e| e.to_string())?;
-                let latest = link.latest(task).map_err(|e| e.to_string())?;
+                    .map_err(TaskFailure::from_link)?;
+                let latest = link.latest(task).map_err(TaskFailure::from_link)?;
                 let (buckets, rules) = throttles.for_target(*addr);
                 let link: Box<dyn TargetLink> = if buckets.is_empty() {
                     Box::new(link)

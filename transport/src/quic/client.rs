@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 
 /// Stores in flight per task.
 const IN_FLIGHT: usize = 32;
+/// Longest wait for an agent to answer a new connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct QuicLink {
     rt: Handle,
@@ -44,7 +46,8 @@ fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> LinkError {
         Some(reason) => {
             let text = reason.to_string();
             if text.contains("cryptographic handshake failed") || text.contains("certificate") {
-                LinkError::Lost(format!(
+                // A refusal is a decision, not a lost link: retrying changes nothing.
+                LinkError::Target(format!(
                     "the agent refused this server ({text}); enrol it there: `arca identity` here, `arca agent --trust` there"
                 ))
             } else {
@@ -94,10 +97,15 @@ impl QuicLink {
             .expect("valid");
             let mut endpoint = quinn::Endpoint::client(bind).map_err(lost)?;
             endpoint.set_default_client_config(config);
-            let conn = endpoint
-                .connect(addr, "arca")
-                .map_err(lost)?
+            // A dead agent sends nothing back; do not wait out the idle timeout.
+            let connecting = endpoint.connect(addr, "arca").map_err(lost)?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                 .await
+                .map_err(|_| {
+                    LinkError::Lost(format!(
+                        "cannot reach agent {addr}: no answer within {CONNECT_TIMEOUT:?}"
+                    ))
+                })?
                 .map_err(|e| LinkError::Lost(format!("cannot reach agent {addr}: {e}")))?;
             Ok::<_, LinkError>((endpoint, conn))
         })?;

@@ -186,10 +186,13 @@ fn tune(t: &mut quinn::TransportConfig) {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    // A killed peer sends nothing: its loss is noticed after the idle
+    // timeout. Keep-alives flow whatever the movers are doing (their work
+    // runs off the network threads), so a short timeout is safe.
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
     t.max_idle_timeout(Some(
-        std::time::Duration::from_secs(30)
+        std::time::Duration::from_secs(8)
             .try_into()
-            .expect("30 s fits"),
+            .expect("8 s fits"),
     ));
 }
