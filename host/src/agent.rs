@@ -17,6 +17,10 @@ impl TargetService for RepositoryService {
         Ok(Box::new(self.repo.writer().map_err(|e| e.to_string())?))
     }
 
+    fn describe(&self) -> String {
+        self.repo.root().display().to_string()
+    }
+
     fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
         self.repo
             .latest_point(&task.job, &task.vm, &task.disk)

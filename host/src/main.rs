@@ -85,18 +85,36 @@ enum Command {
     Inventory { hypervisor: String },
     /// This installation's certificate fingerprint, to enrol it with a peer.
     Identity,
-    /// Serve a repository to enrolled peers over QUIC (the transport service).
+    /// Serve a repository to enrolled peers over QUIC (the transport
+    /// service): `arca agent --listen ADDR --repository DIR`; or ask a
+    /// running agent how it is doing: `arca agent status`.
+    #[command(args_conflicts_with_subcommands = true)]
     Agent {
+        #[command(subcommand)]
+        action: Option<AgentAction>,
         /// Address to listen on, e.g. 0.0.0.0:7700.
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: Option<std::net::SocketAddr>,
         /// The repository folder this agent serves.
         #[arg(long)]
-        repository: PathBuf,
+        repository: Option<PathBuf>,
         /// Fingerprint of a peer allowed to connect (repeat for more); peers
         /// are also read from HOME/trusted-peers, one per line.
         #[arg(long)]
         trust: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Repository, uptime and tasks of a running agent.
+    Status {
+        /// The agent's address.
+        #[arg(long)]
+        agent: std::net::SocketAddr,
+        /// The agent's pinned fingerprint.
+        #[arg(long)]
+        fingerprint: String,
     },
 }
 
@@ -128,14 +146,20 @@ fn default_home() -> PathBuf {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // An agent is a service: its log says which session and task each
+    // line is about, so it logs task events by default.
+    let default_level = match &cli.command {
+        Command::Agent { action: None, .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ARCA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -368,10 +392,39 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Agent {
+            action: Some(AgentAction::Status { agent, fingerprint }),
+            ..
+        } => {
+            let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
+            // Multi-thread: QuicLink drives its calls through a runtime
+            // handle, which only a multi-thread runtime serves on its own.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let s = arca_transport::quic::QuicLink::status(rt.handle(), agent, &fingerprint, &id)?;
+            println!(
+                "agent {agent}: arca {}, up {} s, repository {}, tasks running {}, committed {}, aborted {}",
+                s.version,
+                s.uptime_seconds,
+                s.repository,
+                s.tasks_running,
+                s.tasks_committed,
+                s.tasks_aborted
+            );
+            Ok(0)
+        }
+        Command::Agent {
+            action: None,
             listen,
             repository,
             mut trust,
         } => {
+            let (Some(listen), Some(repository)) = (listen, repository) else {
+                bail!(
+                    "arca agent needs --listen ADDR and --repository DIR (or `arca agent status`)"
+                );
+            };
             let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
             if let Ok(text) = std::fs::read_to_string(home.root.join("trusted-peers")) {
                 trust.extend(

@@ -11,6 +11,9 @@ struct Agent {
     child: Child,
     addr: String,
     fingerprint: String,
+    /// The agent's log: a file, because an unread pipe would fill and
+    /// block the agent.
+    log: std::path::PathBuf,
 }
 
 impl Agent {
@@ -20,12 +23,13 @@ impl Agent {
 
     fn start_on(lab: &Lab, repo: &Path, trust: &[&str], listen: &str) -> Self {
         let home = lab.path("agent-home");
+        let log = lab.path(&format!("agent-{}.log", rand::random::<u32>()));
         let mut cmd = Command::new(arca_bin());
         cmd.env("ARCA_HOME", &home)
             .args(["agent", "--listen", listen, "--repository"])
             .arg(repo)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(std::fs::File::create(&log).unwrap());
         for t in trust {
             cmd.args(["--trust", t]);
         }
@@ -51,15 +55,14 @@ impl Agent {
             child,
             addr,
             fingerprint,
+            log,
         }
     }
 
     fn stderr(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut s);
-        s
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -118,6 +121,20 @@ fn backups_go_to_a_repository_agent_over_quic() {
         "incremental against the agent's repository: {t0:#}"
     );
 
+    let status = lab.ok(&[
+        "agent",
+        "status",
+        "--agent",
+        &agent.addr,
+        "--fingerprint",
+        &agent.fingerprint,
+    ]);
+    assert!(
+        status.contains("tasks running 0, committed 4, aborted 0"),
+        "{status}"
+    );
+    assert!(status.contains("agent-repo"), "{status}");
+
     // Restore and verify on the repository's host (here: the same machine).
     lab.ok(&["verify", "--repository", "local-view"]);
     for t in r2["tasks"].as_array().unwrap() {
@@ -132,6 +149,15 @@ fn backups_go_to_a_repository_agent_over_quic() {
         let src = if t["disk"] == "disk0" { &d0 } else { &d1 };
         assert_eq!(sha256(&out), sha256(src));
     }
+    // The agent's log names the session and task of each line.
+    let log = agent.stderr();
+    let session = r2["session_id"].as_u64().unwrap();
+    assert!(
+        log.contains(&format!(
+            "session {session} task web01/disk0: restore point"
+        )),
+        "{log}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use super::identity::Identity;
 use super::tls::client_config;
-use super::wire::{self, LatestReply, OpenTask};
+use super::wire::{self, AgentStatus, LatestReply, OpenTask};
 use crate::link::{LinkError, LinkStats, TargetLink};
 use crate::messages::{
     ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, Manifest, RegisterCodec, StoreChunks,
@@ -85,6 +85,29 @@ impl QuicLink {
         identity: &Identity,
         task: &OpenTask,
     ) -> Result<Self, LinkError> {
+        let link = Self::connect_only(rt, addr, agent_fingerprint, identity)?;
+        link.call(wire::OPEN, task)?;
+        Ok(link)
+    }
+
+    /// Asks an agent how it is doing (`arca agent status`).
+    pub fn status(
+        rt: &Handle,
+        addr: SocketAddr,
+        agent_fingerprint: &str,
+        identity: &Identity,
+    ) -> Result<AgentStatus, LinkError> {
+        let link = Self::connect_only(rt, addr, agent_fingerprint, identity)?;
+        let body = link.call(wire::STATUS, &OpenTask::default())?;
+        AgentStatus::decode(body.as_slice()).map_err(|e| LinkError::Lost(e.to_string()))
+    }
+
+    fn connect_only(
+        rt: &Handle,
+        addr: SocketAddr,
+        agent_fingerprint: &str,
+        identity: &Identity,
+    ) -> Result<Self, LinkError> {
         let config = client_config(identity, agent_fingerprint)
             .map_err(|e| LinkError::Lost(e.to_string()))?;
         let (endpoint, conn) = rt.block_on(async {
@@ -118,7 +141,6 @@ impl QuicLink {
             sent: Arc::new(AtomicU64::new(0)),
             received: Arc::new(AtomicU64::new(0)),
         };
-        link.call(wire::OPEN, task)?;
         Ok(link)
     }
 

@@ -14,7 +14,7 @@ pub use client::QuicLink;
 pub use identity::{Identity, fingerprint};
 pub use server::{TargetService, serve};
 pub use tls::{client_config, server_config};
-pub use wire::OpenTask;
+pub use wire::{AgentStatus, OpenTask};
 
 /// Application protocol name; a peer that speaks anything else is refused.
 pub const ALPN: &[u8] = b"arca-mover/1";

@@ -3,24 +3,47 @@
 //! answers requests concurrently. A connection that ends without a commit
 //! aborts its mover, so nothing it stored becomes visible.
 
-use super::wire::{self, LatestReply, OpenTask};
+use super::wire::{self, AgentStatus, LatestReply, OpenTask};
 use crate::link::TargetMover;
 use crate::messages::{ChunkQuery, CommitPoint, Manifest, RegisterCodec, StoreChunks};
 use prost::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// What an agent serves: target movers and the newest restore points.
 pub trait TargetService: Send + Sync + 'static {
     fn open(&self, task: &OpenTask) -> Result<Box<dyn TargetMover>, String>;
     fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String>;
+    /// Names what is served, for `arca agent status`.
+    fn describe(&self) -> String;
+}
+
+/// Counters for `arca agent status`.
+#[derive(Default)]
+struct Counters {
+    running: AtomicU64,
+    committed: AtomicU64,
+    aborted: AtomicU64,
+}
+
+struct Shared {
+    service: Arc<dyn TargetService>,
+    counters: Counters,
+    started: Instant,
 }
 
 type Mover = Arc<Mutex<Option<Arc<dyn TargetMover>>>>;
 
 /// Serves until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, service: Arc<dyn TargetService>) {
+    let shared = Arc::new(Shared {
+        service,
+        counters: Counters::default(),
+        started: Instant::now(),
+    });
     while let Some(incoming) = endpoint.accept().await {
-        let service = service.clone();
+        let service = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
@@ -32,7 +55,7 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<dyn TargetService>) {
     }
 }
 
-async fn connection(conn: quinn::Connection, service: Arc<dyn TargetService>) {
+async fn connection(conn: quinn::Connection, service: Arc<Shared>) {
     let peer = conn
         .peer_identity()
         .and_then(|id| {
@@ -57,6 +80,8 @@ async fn connection(conn: quinn::Connection, service: Arc<dyn TargetService>) {
     // Gone without a commit: whatever the mover staged is dropped.
     let left = mover.lock().expect("mover lock").take();
     if let Some(m) = left {
+        service.counters.running.fetch_sub(1, Ordering::Relaxed);
+        service.counters.aborted.fetch_add(1, Ordering::Relaxed);
         let t = task.lock().expect("task lock").clone().unwrap_or_default();
         tracing::warn!(
             "session {} task {}/{}: connection from {peer} ended before its commit; aborting",
@@ -71,7 +96,7 @@ async fn connection(conn: quinn::Connection, service: Arc<dyn TargetService>) {
 async fn request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    service: Arc<dyn TargetService>,
+    service: Arc<Shared>,
     mover: Mover,
     task: Arc<Mutex<Option<OpenTask>>>,
     peer: &str,
@@ -118,7 +143,7 @@ async fn request(
 fn dispatch(
     kind: u8,
     payload: &[u8],
-    service: Arc<dyn TargetService>,
+    shared: Arc<Shared>,
     current: Option<Arc<dyn TargetMover>>,
     mover: Mover,
     task: Arc<Mutex<Option<OpenTask>>>,
@@ -132,7 +157,10 @@ fn dispatch(
     match kind {
         wire::OPEN => {
             let t = OpenTask::decode(payload).map_err(bad)?;
-            let m = service.open(&t)?;
+            let m = shared.service.open(&t)?;
+            if mover.lock().expect("mover lock").is_none() {
+                shared.counters.running.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::info!(
                 "session {} task {}/{}: target mover started",
                 t.session_id,
@@ -145,7 +173,7 @@ fn dispatch(
         }
         wire::LATEST => {
             let t = OpenTask::decode(payload).map_err(bad)?;
-            let manifest = service.latest(&t)?;
+            let manifest = shared.service.latest(&t)?;
             Ok(LatestReply { manifest }.encode_to_vec())
         }
         wire::QUERY => {
@@ -173,9 +201,29 @@ fn dispatch(
             let c = CommitPoint::decode(payload).map_err(bad)?;
             let reply = need()?.commit(c).map_err(|e| e.to_string())?;
             // Committed: nothing to abort when the connection ends.
-            mover.lock().expect("mover lock").take();
+            if mover.lock().expect("mover lock").take().is_some() {
+                shared.counters.running.fetch_sub(1, Ordering::Relaxed);
+                shared.counters.committed.fetch_add(1, Ordering::Relaxed);
+            }
+            let t = task.lock().expect("task lock").clone().unwrap_or_default();
+            tracing::info!(
+                "session {} task {}/{}: restore point {} committed",
+                t.session_id,
+                t.vm,
+                t.disk,
+                reply.point_id
+            );
             Ok(reply.encode_to_vec())
         }
+        wire::STATUS => Ok(AgentStatus {
+            repository: shared.service.describe(),
+            uptime_seconds: shared.started.elapsed().as_secs(),
+            tasks_running: shared.counters.running.load(Ordering::Relaxed),
+            tasks_committed: shared.counters.committed.load(Ordering::Relaxed),
+            tasks_aborted: shared.counters.aborted.load(Ordering::Relaxed),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+        .encode_to_vec()),
         other => Err(format!("unknown request kind {other}")),
     }
 }

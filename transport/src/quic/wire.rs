@@ -10,6 +10,7 @@ pub const QUERY: u8 = 3;
 pub const STORE: u8 = 4;
 pub const CODEC: u8 = 5;
 pub const COMMIT: u8 = 6;
+pub const STATUS: u8 = 7;
 
 pub const OK: u8 = 0;
 pub const FAILED: u8 = 1;
@@ -35,6 +36,23 @@ pub struct OpenTask {
 pub struct LatestReply {
     #[prost(message, optional, tag = "1")]
     pub manifest: Option<Manifest>,
+}
+
+/// What `arca agent status` shows.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AgentStatus {
+    #[prost(string, tag = "1")]
+    pub repository: String,
+    #[prost(uint64, tag = "2")]
+    pub uptime_seconds: u64,
+    #[prost(uint64, tag = "3")]
+    pub tasks_running: u64,
+    #[prost(uint64, tag = "4")]
+    pub tasks_committed: u64,
+    #[prost(uint64, tag = "5")]
+    pub tasks_aborted: u64,
+    #[prost(string, tag = "6")]
+    pub version: String,
 }
 
 pub fn frame(kind: u8, body: &impl prost::Message) -> Vec<u8> {
