@@ -341,8 +341,13 @@ fn a_throttling_rule_is_shared_by_parallel_tasks() {
         sent > 70.0 * MIB as f64,
         "all three disks went over the link: {sent}"
     );
+    // The rule is a cap: over the whole session the three tasks together
+    // stay within 10% of it. The floor is loose on purpose: the session
+    // also pays plugin compilation on a cold cache and shares two cores with
+    // the other tests; it only shows the rule does not starve the link.
+    let ratio = measured / rate as f64;
     assert!(
-        (measured / rate as f64 - 1.0).abs() < 0.10,
+        (0.75..1.10).contains(&ratio),
         "three tasks together ran at {:.2} MiB/s under a rule of 12 MiB/s",
         measured / MIB as f64
     );
