@@ -85,9 +85,10 @@ enum Command {
     Inventory { hypervisor: String },
     /// This installation's certificate fingerprint, to enrol it with a peer.
     Identity,
-    /// Serve a repository to enrolled peers over QUIC (the transport
-    /// service): `arca agent --listen ADDR --repository DIR`; or ask a
-    /// running agent how it is doing: `arca agent status`.
+    /// Serve a repository and/or the proxy role to enrolled peers over QUIC
+    /// (the transport service): `arca agent --listen ADDR --repository DIR`,
+    /// `arca agent --listen ADDR --proxy NAME`, or both; or ask a running
+    /// agent how it is doing: `arca agent status`.
     #[command(args_conflicts_with_subcommands = true)]
     Agent {
         #[command(subcommand)]
@@ -95,9 +96,13 @@ enum Command {
         /// Address to listen on, e.g. 0.0.0.0:7700.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        /// The repository folder this agent serves.
+        /// The repository folder this agent serves (repository role).
         #[arg(long)]
         repository: Option<PathBuf>,
+        /// Serve the proxy role under this name: run the source movers of
+        /// tasks that sessions assign here.
+        #[arg(long)]
+        proxy: Option<String>,
         /// Fingerprint of a peer allowed to connect (repeat for more); peers
         /// are also read from HOME/trusted-peers, one per line.
         #[arg(long)]
@@ -418,11 +423,12 @@ fn run(cli: Cli) -> Result<i32> {
             action: None,
             listen,
             repository,
+            proxy,
             mut trust,
         } => {
-            let (Some(listen), Some(repository)) = (listen, repository) else {
+            let Some(listen) = listen.filter(|_| repository.is_some() || proxy.is_some()) else {
                 bail!(
-                    "arca agent needs --listen ADDR and --repository DIR (or `arca agent status`)"
+                    "arca agent needs --listen ADDR and a role: --repository DIR, --proxy NAME or both (or `arca agent status`)"
                 );
             };
             let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
@@ -440,9 +446,14 @@ fn run(cli: Cli) -> Result<i32> {
                     home.root.join("trusted-peers").display()
                 );
             }
-            let repo = Repository::open_or_create(&repository)?;
+            let roles = arca::agent::AgentRoles {
+                repository: repository
+                    .map(|r| Repository::open_or_create(&r))
+                    .transpose()?,
+                proxy: proxy.map(|name| (name, Some(home.cache.clone()))),
+            };
             let fp = id.fingerprint.clone();
-            arca::agent::run(&id, trust, repo, listen, |addr| {
+            arca::agent::run(id, trust, roles, listen, |addr| {
                 println!("arca agent listening on {addr} (identity {fp})");
                 use std::io::Write;
                 let _ = std::io::stdout().flush();

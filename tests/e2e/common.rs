@@ -89,6 +89,120 @@ impl Lab {
     }
 }
 
+/// An `arca agent` process with its own home (so its own identity),
+/// killed with SIGKILL when dropped.
+pub struct Agent {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub fingerprint: String,
+    /// The agent's log: a file, because an unread pipe would fill and
+    /// block the agent.
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent with `role` arguments (`--repository DIR`,
+    /// `--proxy NAME`) that trusts the `trust` fingerprints.
+    pub fn spawn(lab: &Lab, home: &str, role: &[&str], trust: &[&str], listen: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let log = lab.path(&format!("{home}-{}.log", rand::random::<u32>()));
+        let mut cmd = lab.command();
+        cmd.env("ARCA_HOME", lab.path(home))
+            .args(["agent", "--listen", listen])
+            .args(role)
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap());
+        for t in trust {
+            cmd.args(["--trust", t]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "arca agent listening on ADDR (identity FP)"
+        let addr = line
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or_else(|| panic!("agent said: {line:?}"))
+            .to_owned();
+        let fingerprint = line
+            .trim()
+            .trim_end_matches(')')
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        Self {
+            child,
+            addr,
+            fingerprint,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent and returns its log.
+    pub fn stderr(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log_text()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[[vm]]` table of image-file disks.
+pub fn vm_toml(name: &str, disks: &[&Path]) -> String {
+    let list: Vec<String> = disks
+        .iter()
+        .map(|d| format!("\"{}\"", d.display()))
+        .collect();
+    format!(
+        "[[vm]]\nname = \"{name}\"\ndisks = [{}]\n\n",
+        list.join(", ")
+    )
+}
+
+/// Checks that a session's tasks were throttled by `rule` at `rate` bytes/s
+/// and that, over the whole session, they stayed under the rate (+10%)
+/// without being starved (the floor is loose on purpose: the session time
+/// also pays plugin compilation on a cold cache and shares two cores with
+/// the other tests).
+pub fn assert_rule_held(r: &serde_json::Value, rule: &str, rate: u64, min_sent: u64) {
+    assert!(
+        r["notices"]
+            .to_string()
+            .contains(&format!("throttled by rule(s) {rule}")),
+        "{r:#}"
+    );
+    let sent = r["totals"]["transferred_bytes"].as_u64().unwrap();
+    assert!(sent > min_sent, "everything went over the link: {sent}");
+    let seconds = r["duration_seconds"].as_f64().unwrap();
+    let measured = sent as f64 / seconds;
+    eprintln!(
+        "throttled session: {:.2} MiB/s over {seconds:.2} s under a rule of {:.2} MiB/s",
+        measured / MIB as f64,
+        rate as f64 / MIB as f64
+    );
+    let ratio = measured / rate as f64;
+    assert!(
+        (0.7..1.10).contains(&ratio),
+        "the tasks together ran at {:.2} MiB/s under a rule of {:.2} MiB/s",
+        measured / MIB as f64,
+        rate as f64 / MIB as f64
+    );
+}
+
 /// The standard config of a lab: one repository, the given VMs
 /// (`name -> disk paths`), one job per call.
 pub fn config(lab: &Lab, vms: &[(&str, &[&Path])], extra: &str) -> String {
@@ -97,14 +211,7 @@ pub fn config(lab: &Lab, vms: &[(&str, &[&Path])], extra: &str) -> String {
         lab.path("repo").display()
     );
     for (name, disks) in vms {
-        let list: Vec<String> = disks
-            .iter()
-            .map(|d| format!("\"{}\"", d.display()))
-            .collect();
-        s.push_str(&format!(
-            "[[vm]]\nname = \"{name}\"\ndisks = [{}]\n\n",
-            list.join(", ")
-        ));
+        s.push_str(&vm_toml(name, disks));
     }
     s.push_str(extra);
     s

@@ -21,35 +21,30 @@ fn killed_sessions_leave_no_visible_damage() {
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
     let full_run = started.elapsed();
-    let expected: Vec<(String, String)> = lab
-        .points()
-        .iter()
-        .map(|p| {
-            (
-                p["point_id"].as_str().unwrap().to_owned(),
-                p["disk"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let sha_before = [sha256(&d0), sha256(&d1)];
-
-    // New data so that killed sessions have chunks in flight.
-    change_disk(&d0, 40, 256 * 1024, 23);
-    change_disk(&d1, 40, 256 * 1024, 24);
-    let sha_after = [sha256(&d0), sha256(&d1)];
-
+    // What each disk has been: every visible restore point must restore to
+    // one of these states, and to the same one every time it is checked.
+    let mut states: [Vec<String>; 2] = [vec![sha256(&d0)], vec![sha256(&d1)]];
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
     let mut rng = StdRng::seed_from_u64(99);
-    let mut killed_mid_session = 0;
-    let mut killed_late = 0;
-    // The killed sessions are incrementals: time one (its restore point is
-    // of the changed state, which the checks below accept), and land the
-    // kills between start-up and 80% of that.
+    let change = |seed: u64, states: &mut [Vec<String>; 2]| {
+        // New data each time, so that a killed session has chunks in flight.
+        change_disk(&d0, 40, 256 * 1024, seed);
+        change_disk(&d1, 40, 256 * 1024, seed + 1);
+        states[0].push(sha256(&d0));
+        states[1].push(sha256(&d1));
+    };
+    // The killed sessions are incrementals over fresh changes: time one such
+    // session and land the kills between start-up and 80% of it.
+    change(23, &mut states);
     let started = Instant::now();
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
     let incremental_run = started.elapsed();
     let window = (incremental_run.as_millis() as u64 * 8 / 10).max(60);
-    for trial in 0..8 {
+    let mut killed_mid_session = 0;
+    let mut killed_late = 0;
+    for trial in 0..8u64 {
+        change(100 + 2 * trial, &mut states);
         let mut child = lab
             .command()
             .args(["job", "run", "nightly"])
@@ -74,26 +69,18 @@ fn killed_sessions_leave_no_visible_damage() {
             "trial {trial} (killed after {wait} ms): verify is not clean:\n{}",
             String::from_utf8_lossy(&v.stdout)
         );
-        // Every visible restore point restores bit-exact to one of the two
-        // states the disks have been in.
         for p in lab.points() {
-            let id = p["point_id"].as_str().unwrap();
+            let id = p["point_id"].as_str().unwrap().to_owned();
             let disk = if p["disk"] == "disk0" { 0 } else { 1 };
             let out = lab.path("check.raw");
-            lab.ok(&["restore", id, "--to", out.to_str().unwrap(), "--force"]);
+            lab.ok(&["restore", &id, "--to", out.to_str().unwrap(), "--force"]);
             let got = sha256(&out);
-            let earlier = expected.iter().any(|(e, _)| e == id);
-            if earlier {
-                assert_eq!(
-                    got, sha_before[disk],
-                    "trial {trial}: earlier point {id} changed"
-                );
-            } else {
-                assert_eq!(
-                    got, sha_after[disk],
-                    "trial {trial}: point {id} is neither state"
-                );
-            }
+            assert!(
+                states[disk].contains(&got),
+                "trial {trial}: point {id} is none of the states disk{disk} has been in"
+            );
+            let first = seen.entry(id.clone()).or_insert_with(|| got.clone());
+            assert_eq!(*first, got, "trial {trial}: earlier point {id} changed");
         }
     }
     assert!(
@@ -108,17 +95,17 @@ fn killed_sessions_leave_no_visible_damage() {
         .filter(|e| e.as_ref().unwrap().path().is_dir())
         .count();
     assert_eq!(staging, 0, "interrupted sessions' staging is swept");
-    let latest = r["tasks"][0]["restore_point"].as_str().unwrap();
-    let out = lab.path("final.raw");
-    lab.ok(&["restore", latest, "--to", out.to_str().unwrap()]);
-    assert_eq!(
-        sha256(&out),
-        sha_after[if r["tasks"][0]["disk"] == "disk0" {
-            0
-        } else {
-            1
-        }]
-    );
+    for t in r["tasks"].as_array().unwrap() {
+        let out = lab.path("final.raw");
+        let latest = t["restore_point"].as_str().unwrap();
+        lab.ok(&["restore", latest, "--to", out.to_str().unwrap(), "--force"]);
+        let disk = if t["disk"] == "disk0" { 0 } else { 1 };
+        assert_eq!(
+            &sha256(&out),
+            states[disk].last().unwrap(),
+            "the last session has the disks' current state"
+        );
+    }
     let sessions = lab.ok(&["sessions"]);
     assert!(
         sessions.contains("killed") || killed_late == 0,

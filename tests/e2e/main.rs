@@ -12,5 +12,6 @@ mod formats;
 mod guest;
 mod guestfs;
 mod hostile;
+mod proxies;
 mod qemu;
 mod snapshot;

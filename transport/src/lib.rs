@@ -5,12 +5,13 @@
 //! same bytes: the in-process link of the embedded default passes them by
 //! value, the QUIC link encodes them. Nothing here does I/O.
 
+pub mod control;
 pub mod link;
 pub mod messages;
 pub mod quic;
 pub mod throttle;
 
-pub use link::{InProcessLink, LinkError, LinkStats, TargetLink, TargetMover};
+pub use link::{CancellableLink, InProcessLink, LinkError, LinkStats, TargetLink, TargetMover};
 pub use messages::{
     Chunk, ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, HASH_LEN,
     MANIFEST_FORMAT_VERSION, Manifest, RegisterCodec, StoreChunks,

@@ -113,3 +113,53 @@ impl<T: TargetMover> TargetLink for InProcessLink<T> {
         }
     }
 }
+
+/// A link that fails every request once its flag is raised, so that a
+/// source mover cancelled by its session stops at its next request and
+/// aborts (nothing it stored becomes visible).
+pub struct CancellableLink {
+    inner: Box<dyn TargetLink>,
+    cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CancellableLink {
+    pub fn new(
+        inner: Box<dyn TargetLink>,
+        cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self { inner, cancelled }
+    }
+
+    fn check(&self) -> Result<(), LinkError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            Err(LinkError::Target("task cancelled by its session".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl TargetLink for CancellableLink {
+    fn query(&self, query: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
+        self.check()?;
+        self.inner.query(query)
+    }
+    fn store(&self, chunks: StoreChunks) -> Result<(), LinkError> {
+        self.check()?;
+        self.inner.store(chunks)
+    }
+    fn register_codec(&self, codec: RegisterCodec) -> Result<(), LinkError> {
+        self.check()?;
+        self.inner.register_codec(codec)
+    }
+    fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError> {
+        self.check()?;
+        self.inner.commit(commit)
+    }
+    fn abort(&self) {
+        self.inner.abort()
+    }
+    fn stats(&self) -> LinkStats {
+        self.inner.stats()
+    }
+}

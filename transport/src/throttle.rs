@@ -15,25 +15,47 @@ use std::time::{Duration, Instant};
 /// A token bucket: `rate` bytes per second, at most `burst` bytes at once.
 #[derive(Debug)]
 pub struct TokenBucket {
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
     rate: f64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+    tokens: f64,
+    last: Instant,
+}
+
+/// The burst is a tenth of a second of traffic: enough to keep a link busy,
+/// small enough that the rate holds over any second.
+fn burst(rate: f64) -> f64 {
+    (rate / 10.0).max(64.0 * 1024.0)
 }
 
 impl TokenBucket {
-    /// The burst is a tenth of a second of traffic: enough to keep a link
-    /// busy, small enough that the rate holds over any second.
     pub fn new(rate_bytes_per_s: u64, now: Instant) -> Self {
         let rate = rate_bytes_per_s.max(1) as f64;
         Self {
-            rate,
-            burst: (rate / 10.0).max(64.0 * 1024.0),
-            state: Mutex::new((0.0, now)),
+            state: Mutex::new(BucketState {
+                rate,
+                burst: burst(rate),
+                tokens: 0.0,
+                last: now,
+            }),
         }
     }
 
     pub fn rate(&self) -> u64 {
-        self.rate as u64
+        self.state.lock().expect("bucket lock").rate as u64
+    }
+
+    /// Changes the rate from now on (a session sharing one rule's rate
+    /// among tasks on several agents rebalances as tasks start and end).
+    pub fn set_rate(&self, rate_bytes_per_s: u64) {
+        let mut st = self.state.lock().expect("bucket lock");
+        st.rate = rate_bytes_per_s.max(1) as f64;
+        st.burst = burst(st.rate);
+        st.tokens = st.tokens.min(st.burst);
     }
 
     /// Takes `bytes` and says how long the caller must wait before sending
@@ -41,14 +63,14 @@ impl TokenBucket {
     /// fair time instead of never passing.
     pub fn reserve(&self, bytes: u64, now: Instant) -> Duration {
         let mut st = self.state.lock().expect("bucket lock");
-        let (tokens, last) = *st;
-        let refill = now.saturating_duration_since(last).as_secs_f64() * self.rate;
-        let available = (tokens + refill).min(self.burst) - bytes as f64;
-        *st = (available, now.max(last));
+        let refill = now.saturating_duration_since(st.last).as_secs_f64() * st.rate;
+        let available = (st.tokens + refill).min(st.burst) - bytes as f64;
+        st.tokens = available;
+        st.last = now.max(st.last);
         if available >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-available / self.rate)
+            Duration::from_secs_f64(-available / st.rate)
         }
     }
 }

@@ -98,7 +98,8 @@ impl ConfigDb {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS repositories (name TEXT PRIMARY KEY, path TEXT NOT NULL, max_tasks INTEGER NOT NULL,
                      agent TEXT, fingerprint TEXT);
-                 CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS proxies (name TEXT PRIMARY KEY, max_tasks INTEGER NOT NULL,
+                     agent TEXT, fingerprint TEXT);
                  CREATE TABLE IF NOT EXISTS throttles (name TEXT PRIMARY KEY, rule TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS hypervisors (name TEXT PRIMARY KEY, qmp TEXT NOT NULL, nbd TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, powered_off INTEGER NOT NULL, hypervisor TEXT,
@@ -151,6 +152,23 @@ impl ConfigDb {
                     ),
                 });
             }
+        }
+        // Databases made before proxies could be agents lack their columns.
+        let has_agent: bool = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('proxies') WHERE name = 'agent'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        if !has_agent {
+            self.conn
+                .execute_batch(
+                    "ALTER TABLE proxies ADD COLUMN agent TEXT;
+                     ALTER TABLE proxies ADD COLUMN fingerprint TEXT;",
+                )
+                .map_err(self.err())?;
         }
         // The embedded defaults exist without any configuration.
         let proxy = super::default_proxy();
@@ -222,9 +240,10 @@ impl ConfigDb {
         }
         for p in &f.proxies {
             tx.execute(
-                "INSERT INTO proxies (name, max_tasks) VALUES (?1, ?2)
-                 ON CONFLICT(name) DO UPDATE SET max_tasks = excluded.max_tasks",
-                params![p.name, p.max_tasks],
+                "INSERT INTO proxies (name, max_tasks, agent, fingerprint) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET max_tasks = excluded.max_tasks,
+                 agent = excluded.agent, fingerprint = excluded.fingerprint",
+                params![p.name, p.max_tasks, p.agent, p.fingerprint],
             )
             .map_err(err)?;
         }
@@ -469,13 +488,15 @@ impl ConfigDb {
         let all_proxies: Vec<ProxySettings> = {
             let mut stmt = self
                 .conn
-                .prepare("SELECT name, max_tasks FROM proxies ORDER BY name")
+                .prepare("SELECT name, max_tasks, agent, fingerprint FROM proxies ORDER BY name")
                 .map_err(self.err())?;
             let rows = stmt
                 .query_map([], |r| {
                     Ok(ProxySettings {
                         name: r.get(0)?,
                         max_tasks: r.get(1)?,
+                        agent: r.get(2)?,
+                        fingerprint: r.get(3)?,
                     })
                 })
                 .map_err(self.err())?;

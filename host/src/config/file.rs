@@ -86,6 +86,8 @@ struct RawRepository {
 struct RawProxy {
     name: Spanned<String>,
     max_tasks: Option<u32>,
+    agent: Option<String>,
+    fingerprint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -285,19 +287,8 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
         match (&r.path, &r.agent, &r.fingerprint) {
             (Some(_), None, None) => {}
             (None, Some(a), Some(f)) => {
-                if a.parse::<std::net::SocketAddr>().is_err() {
-                    return cx.invalid(
-                        r.name.span(),
-                        format!(
-                            "repository '{name}': agent '{a}' is not an address like 192.0.2.7:7700"
-                        ),
-                    );
-                }
-                if !f.starts_with("sha256:") {
-                    return cx.invalid(
-                        r.name.span(),
-                        format!("repository '{name}': fingerprint must be `sha256:...`, as `arca identity` prints on the agent"),
-                    );
+                if let Some(problem) = agent_problem(a, f) {
+                    return cx.invalid(r.name.span(), format!("repository '{name}': {problem}"));
                 }
             }
             _ => {
@@ -325,10 +316,26 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                 format!("proxy '{name}': max_tasks must be at least 1"),
             );
         }
+        match (&p.agent, &p.fingerprint) {
+            (None, None) => {}
+            (Some(a), Some(f)) => {
+                if let Some(problem) = agent_problem(a, f) {
+                    return cx.invalid(p.name.span(), format!("proxy '{name}': {problem}"));
+                }
+            }
+            _ => {
+                return cx.invalid(
+                    p.name.span(),
+                    format!("proxy '{name}' needs both `agent` and `fingerprint` (an arca agent with the proxy role), or neither (runs in the session's process)"),
+                );
+            }
+        }
         proxies.insert(name.clone());
         out.proxies.push(ProxySettings {
             name,
             max_tasks: p.max_tasks.unwrap_or(super::default_proxy().max_tasks),
+            agent: p.agent.clone(),
+            fingerprint: p.fingerprint.clone(),
         });
     }
     for t in &raw.throttle {
@@ -644,6 +651,21 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
         });
     }
     Ok(out)
+}
+
+/// What is wrong with an agent's address and pinned fingerprint, if anything.
+fn agent_problem(agent: &str, fingerprint: &str) -> Option<String> {
+    if agent.parse::<std::net::SocketAddr>().is_err() {
+        return Some(format!(
+            "agent '{agent}' is not an address like 192.0.2.7:7700"
+        ));
+    }
+    if !fingerprint.starts_with("sha256:") {
+        return Some(
+            "fingerprint must be `sha256:...`, as `arca identity` prints on the agent".into(),
+        );
+    }
+    None
 }
 
 #[cfg(test)]

@@ -55,6 +55,13 @@ pub struct RepositorySettings {
 pub struct ProxySettings {
     pub name: String,
     pub max_tasks: u32,
+    /// `host:port` of the `arca agent` (proxy role) that runs this proxy's
+    /// source movers; `None` for a proxy in the session's own process.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// The agent's pinned certificate fingerprint (`sha256:...`).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +155,8 @@ pub fn default_proxy() -> ProxySettings {
     ProxySettings {
         name: DEFAULT_PROXY.into(),
         max_tasks: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+        agent: None,
+        fingerprint: None,
     }
 }
 

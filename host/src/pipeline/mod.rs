@@ -13,8 +13,11 @@
 //! matches the previous restore point, and every allocated block must be
 //! either read or carried from the previous restore point.
 
+mod loaded;
 mod stats;
 mod worker;
+
+pub use loaded::{LoadError, LoadedPipeline};
 
 pub use stats::{StageClock, TaskStats};
 

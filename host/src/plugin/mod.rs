@@ -22,7 +22,7 @@ mod runtime;
 pub use runtime::{Plugin, PluginLimits, PluginRuntime, StageKind, settings_to_wit};
 
 /// Why a plugin call failed. Every variant names the plugin.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
     #[error("plugin '{plugin}': cannot load component: {message}")]
     Load { plugin: String, message: String },

@@ -157,14 +157,21 @@ impl TargetMover for PointWriter {
         if !query.hashes.len().is_multiple_of(HASH_LEN) {
             return Err(target_err("chunk query is not a list of 32-byte addresses"));
         }
-        let state = self.state.lock().expect("writer state lock");
-        let missing = query
+        let hashes: Vec<ChunkHash> = query
             .hashes
             .chunks_exact(HASH_LEN)
-            .map(|h| {
-                let hash: ChunkHash = h.try_into().expect("32 bytes");
-                !state.chunks.contains(&hash) && !self.repo.has_chunk(&hash)
-            })
+            .map(|h| h.try_into().expect("32 bytes"))
+            .collect();
+        // Staged chunks under the lock; the published ones by stat, outside
+        // it, so that the workers' queries do not wait on each other's I/O.
+        let staged: Vec<bool> = {
+            let state = self.state.lock().expect("writer state lock");
+            hashes.iter().map(|h| state.chunks.contains(h)).collect()
+        };
+        let missing = hashes
+            .iter()
+            .zip(staged)
+            .map(|(h, staged)| !staged && !self.repo.has_chunk(h))
             .collect();
         Ok(ChunkQueryReply { missing })
     }

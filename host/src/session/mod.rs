@@ -5,21 +5,20 @@
 //! reports.
 //!
 //! The embedded default runs the proxy and repository roles in this process
-//! and joins the movers with the in-process link.
+//! and joins the movers with the in-process link. A proxy served by an
+//! `arca agent` runs the task's source mover there (`remote.rs`); a task
+//! whose link is lost is queued again, for another proxy when there is one.
 
 pub mod guest;
+mod remote;
 pub mod report;
 pub mod scheduler;
 pub mod target;
 pub mod throttle;
 
-use crate::config::GuestMode;
-use crate::config::{ConfigDb, DbError, JobSettings, StageSettings, VmSettings};
-use crate::pipeline::{self, Stages, TaskInput};
-use crate::plugin::codec::Codec;
-use crate::plugin::detect::Detector;
-use crate::plugin::exclude::Excluder;
-use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind, builtin};
+use crate::config::{ConfigDb, DbError, JobSettings, VmSettings};
+use crate::pipeline::{self, LoadError, LoadedPipeline, TaskInput};
+use crate::plugin::{PluginError, PluginRuntime};
 use crate::repository::RepositoryError;
 use crate::source::image_file::{DiskSource, ImageSnapshot, sweep_orphans};
 use crate::source::qemu::{DiskRequest, QemuSnapshot};
@@ -33,9 +32,10 @@ use scheduler::Scheduler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use target::{RepoAccess, TaskFailure};
+use target::{Network, RepoAccess, TaskFailure};
 
-/// Attempts per task when the link to the repository is lost.
+/// Attempts per task when a link (to the repository, or to the proxy agent)
+/// is lost.
 const MAX_ATTEMPTS: u32 = 3;
 /// Pause before a retry, times the attempt number.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -48,14 +48,12 @@ pub enum SessionError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("repository: {0}")]
     Target(String),
-    #[error("plugin '{name}': cannot read {path}: {source}")]
-    PluginFile {
-        name: String,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("proxies: {0}")]
+    Proxy(String),
 }
 
 pub struct SessionOptions {
@@ -66,82 +64,10 @@ pub struct SessionOptions {
     pub show_progress: bool,
 }
 
-/// The pipeline's plugins, loaded once per session.
-struct LoadedPipeline {
-    detect: (Plugin, Vec<(String, String)>),
-    exclusions: Vec<(Plugin, Vec<(String, String)>)>,
-    codec: (Plugin, Vec<(String, String)>),
-    /// The guest hook, when the job's guest processing is on.
-    guest: Option<(Plugin, Vec<(String, String)>)>,
-}
-
 /// A VM's snapshot as its tasks see it.
 struct VmState {
     snap: VmSnapshot,
     consistency: Consistency,
-}
-
-impl LoadedPipeline {
-    fn load(job: &JobSettings, runtime: &PluginRuntime) -> Result<Self, SessionError> {
-        let one = |stage: &StageSettings,
-                   kind: StageKind|
-         -> Result<(Plugin, Vec<(String, String)>), SessionError> {
-            let settings = crate::plugin::settings_to_wit(&stage.settings);
-            if let Some(b) = builtin::find(&stage.plugin) {
-                let p = runtime.load(b.name, b.kind, b.bytes.to_vec(), PluginLimits::default())?;
-                return Ok((p, settings));
-            }
-            let def = job
-                .plugins
-                .iter()
-                .find(|p| p.name == stage.plugin)
-                .ok_or_else(|| PluginError::Load {
-                    plugin: stage.plugin.clone(),
-                    message: "not a built-in plugin and not defined with [[plugin]]".into(),
-                })?;
-            let bytes = std::fs::read(&def.path).map_err(|source| SessionError::PluginFile {
-                name: def.name.clone(),
-                path: def.path.clone(),
-                source,
-            })?;
-            let limits = PluginLimits {
-                memory_bytes: (def.memory_mib as usize) << 20,
-                deadline: Duration::from_millis(def.deadline_ms),
-            };
-            Ok((runtime.load(&def.name, kind, bytes, limits)?, settings))
-        };
-        let p = &job.pipeline;
-        Ok(Self {
-            detect: one(&p.change_detection, StageKind::ChangeDetection)?,
-            exclusions: p
-                .exclusions
-                .iter()
-                .map(|s| one(s, StageKind::Exclusion))
-                .collect::<Result<_, _>>()?,
-            codec: one(&p.codec, StageKind::Codec)?,
-            guest: match &job.guest {
-                Some(g) if g.mode != GuestMode::Off => Some(one(&g.hook, StageKind::GuestHook)?),
-                _ => None,
-            },
-        })
-    }
-
-    /// Fresh stage instances for one task.
-    fn instantiate(&self) -> Result<Stages, PluginError> {
-        // Instantiating the codec once here surfaces a bad setting before any
-        // data is read; workers make their own instances.
-        drop(Codec::new(&self.codec.0, &self.codec.1)?);
-        Ok(Stages {
-            exclusions: self
-                .exclusions
-                .iter()
-                .map(|(p, s)| Excluder::new(p, s))
-                .collect::<Result<_, _>>()?,
-            detector: Detector::new(&self.detect.0, &self.detect.1)?,
-            codec: self.codec.0.clone(),
-            codec_settings: self.codec.1.clone(),
-        })
-    }
 }
 
 struct TaskSpec<'a> {
@@ -153,6 +79,18 @@ struct TaskDone {
     index: usize,
     proxy: String,
     report: TaskReport,
+    failure: Option<TaskFailure>,
+}
+
+/// Where a proxy runs its source movers.
+enum ProxyPlace {
+    /// In this process (the embedded default).
+    Local,
+    /// On an `arca agent` with the proxy role.
+    Agent {
+        addr: std::net::SocketAddr,
+        fingerprint: String,
+    },
 }
 
 pub fn run_job(
@@ -207,8 +145,52 @@ fn run_tasks(
     opts: &SessionOptions,
     report: &mut SessionReport,
 ) -> Result<(), SessionError> {
-    let repo =
-        RepoAccess::open(&job.repository, &opts.identity_dir).map_err(SessionError::Target)?;
+    let mut net_made: Option<Arc<Network>> = None;
+    let mut net = || -> Result<Arc<Network>, String> {
+        if let Some(n) = &net_made {
+            return Ok(n.clone());
+        }
+        let n = Arc::new(Network::new(&opts.identity_dir)?);
+        net_made = Some(n.clone());
+        Ok(n)
+    };
+    let repo = RepoAccess::open(&job.repository, &mut net).map_err(SessionError::Target)?;
+    let mut places: HashMap<&str, ProxyPlace> = HashMap::new();
+    let mut unreachable = Vec::new();
+    for p in &job.proxies {
+        let place = match (&p.agent, &p.fingerprint) {
+            (Some(agent), Some(fingerprint)) => {
+                let addr: std::net::SocketAddr = agent.parse().map_err(|_| {
+                    SessionError::Proxy(format!(
+                        "proxy '{}': agent '{agent}' is not an address",
+                        p.name
+                    ))
+                })?;
+                if repo.agent().is_none() {
+                    return Err(SessionError::Proxy(format!(
+                        "proxy '{}' runs on an agent, so repository '{}' must be served by an agent too (its movers talk to each other directly)",
+                        p.name, job.repository.name
+                    )));
+                }
+                let n = net().map_err(SessionError::Proxy)?;
+                // Only proxies that answer take tasks.
+                if let Err(e) = arca_transport::quic::QuicLink::status(
+                    n.rt.handle(),
+                    addr,
+                    fingerprint,
+                    &n.identity,
+                ) {
+                    unreachable.push((p.name.clone(), e.to_string()));
+                }
+                ProxyPlace::Agent {
+                    addr,
+                    fingerprint: fingerprint.clone(),
+                }
+            }
+            _ => ProxyPlace::Local,
+        };
+        places.insert(p.name.as_str(), place);
+    }
     let swept = repo.sweep().map_err(SessionError::Target)?;
     if swept > 0 {
         report.notices.push(format!(
@@ -235,6 +217,15 @@ fn run_tasks(
         ));
     }
     let pipeline = LoadedPipeline::load(job, runtime)?;
+    // Sent to proxy agents with each assignment.
+    let specs = if places
+        .values()
+        .any(|p| matches!(p, ProxyPlace::Agent { .. }))
+    {
+        pipeline.specs()
+    } else {
+        Vec::new()
+    };
     let throttles = throttle::Throttles::new(&job.throttles);
 
     let tasks: Vec<TaskSpec> = job
@@ -243,6 +234,23 @@ fn run_tasks(
         .flat_map(|vm| (0..vm.disks.len()).map(move |disk_index| TaskSpec { vm, disk_index }))
         .collect();
     let mut scheduler = Scheduler::new(&job.proxies, &job.repository, tasks.len());
+    for (name, why) in &unreachable {
+        scheduler.disable(name);
+        report.log.push(format!(
+            "proxy '{name}' is out of service for this session: {why}"
+        ));
+    }
+    if !scheduler.usable() {
+        return Err(SessionError::Proxy(format!(
+            "no proxy of job '{}' can take tasks: {}",
+            job.name,
+            unreachable
+                .iter()
+                .map(|(n, why)| format!("'{n}': {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
     report.log.push(format!(
         "{} task(s); proxies: {}; repository '{}' with {} slot(s)",
         tasks.len(),
@@ -282,6 +290,9 @@ fn run_tasks(
     }
     let queued_at = Instant::now();
     let mut results: Vec<Option<TaskReport>> = vec![None; tasks.len()];
+    // Reports of tasks being retried, and how many attempts each has had.
+    let mut carried: Vec<Option<TaskReport>> = vec![None; tasks.len()];
+    let mut attempts: Vec<u32> = vec![0; tasks.len()];
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<TaskDone>();
     std::thread::scope(|scope| {
         let mut running = 0usize;
@@ -363,16 +374,27 @@ fn run_tasks(
                 let bar = bars.add(ProgressBar::new(0));
                 bar.set_style(style.clone());
                 bar.set_prefix(format!("{}/{}", vm.name, disk.name));
-                let pipeline = &pipeline;
-                let repo = &repo;
-                let throttles = &throttles;
+                attempts[assign.task] += 1;
+                let attempt = attempts[assign.task];
+                let carried = carried[assign.task].take();
+                let place = &places[assign.proxy.as_str()];
+                let ctx = TaskContext {
+                    job,
+                    session_id,
+                    pipeline: &pipeline,
+                    specs: &specs,
+                    repo: &repo,
+                    net: net_made.as_deref(),
+                    throttles: &throttles,
+                    workers,
+                };
                 running += 1;
                 scope.spawn(move || {
                     let started = Instant::now();
-                    let mut tr = TaskReport {
+                    let mut tr = carried.unwrap_or_else(|| TaskReport {
                         vm: vm.name.clone(),
                         disk: disk.name.clone(),
-                        proxy: Some(assign.proxy.clone()),
+                        proxy: None,
                         state: TaskState::Failed,
                         error: None,
                         restore_point: None,
@@ -382,40 +404,47 @@ fn run_tasks(
                         seconds: 0.0,
                         stats: None,
                         notices: Vec::new(),
-                    };
-                    let outcome = snapshot.map_err(TaskFailure::fatal).and_then(|snap| {
-                        // A lost link (an agent died, a connection dropped) is
-                        // retried on a fresh connection; chunks an earlier
-                        // attempt committed are not sent again (dedup).
-                        let mut attempt = 1;
-                        loop {
-                            match run_one(job, session_id, vm, spec.disk_index, &snap, pipeline, repo, throttles, workers, &bar, &mut tr) {
-                                Err(f) if f.retryable && attempt < MAX_ATTEMPTS => {
-                                    tr.notices.push(format!(
-                                        "{}/{}: attempt {attempt} lost its link to the repository ({}); retrying",
-                                        vm.name, disk.name, f.message
-                                    ));
-                                    std::thread::sleep(RETRY_PAUSE * attempt);
-                                    bar.set_position(0);
-                                    attempt += 1;
-                                }
-                                Err(f) if f.retryable => {
-                                    break Err(TaskFailure::fatal(format!("{} (gave up after {attempt} attempts)", f.message)));
-                                }
-                                other => break other,
-                            }
-                        }
                     });
-                    match outcome {
-                        Ok(()) => tr.state = TaskState::Success,
-                        Err(f) => tr.error = Some(f.message),
-                    }
-                    tr.seconds = started.elapsed().as_secs_f64();
+                    tr.proxy = Some(assign.proxy.clone());
+                    let outcome = snapshot.map_err(TaskFailure::fatal).and_then(|snap| match place {
+                        ProxyPlace::Local => run_one(&ctx, vm, spec.disk_index, &snap, &bar, &mut tr),
+                        ProxyPlace::Agent { addr, fingerprint } => remote::run(
+                            &ctx, vm, spec.disk_index, &snap, (*addr, fingerprint), &bar, &mut tr,
+                        ),
+                    });
+                    let failure = match outcome {
+                        Ok(()) => {
+                            tr.state = TaskState::Success;
+                            tr.error = None;
+                            None
+                        }
+                        // A lost link (an agent died, a connection dropped):
+                        // the task is queued again; chunks an earlier attempt
+                        // sent are not sent again (dedup).
+                        Err(f) if f.retryable && attempt < MAX_ATTEMPTS => {
+                            tr.notices.push(format!(
+                                "{}/{}: attempt {attempt} on proxy '{}' lost its link ({}); retrying",
+                                vm.name, disk.name, assign.proxy, f.message
+                            ));
+                            std::thread::sleep(RETRY_PAUSE * attempt);
+                            Some(f)
+                        }
+                        Err(f) => {
+                            tr.error = Some(if f.retryable {
+                                format!("{} (gave up after {attempt} attempts)", f.message)
+                            } else {
+                                f.message
+                            });
+                            None
+                        }
+                    };
+                    tr.seconds += started.elapsed().as_secs_f64();
                     bar.finish_and_clear();
                     let _ = tx.send(TaskDone {
                         index: assign.task,
                         proxy: assign.proxy,
                         report: tr,
+                        failure,
                     });
                 });
             }
@@ -430,6 +459,15 @@ fn run_tasks(
             let done = done_rx.recv().expect("a running task always reports");
             running -= 1;
             scheduler.release(&done.proxy);
+            if done.failure.is_some() {
+                report.log.push(format!(
+                    "task {}/{} queued again after attempt {} on proxy '{}' lost its link",
+                    done.report.vm, done.report.disk, attempts[done.index], done.proxy
+                ));
+                scheduler.retry(done.index, &done.proxy);
+                carried[done.index] = Some(done.report);
+                continue;
+            }
             let spec = &tasks[done.index];
             let vm_name = spec.vm.name.as_str();
             *vm_ok.entry(vm_name).or_insert(true) &= done.report.state == TaskState::Success;
@@ -485,20 +523,37 @@ fn run_tasks(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_one(
-    job: &JobSettings,
+/// What every task of a session shares.
+struct TaskContext<'a> {
+    job: &'a JobSettings,
     session_id: u64,
+    pipeline: &'a LoadedPipeline,
+    /// The data stages as sent to proxy agents (empty without any).
+    specs: &'a [arca_transport::control::StageSpec],
+    repo: &'a RepoAccess,
+    net: Option<&'a Network>,
+    throttles: &'a throttle::Throttles,
+    workers: usize,
+}
+
+/// One attempt of a task whose source mover runs in this process.
+fn run_one(
+    ctx: &TaskContext,
     vm: &VmSettings,
     disk_index: usize,
     state: &VmState,
-    pipeline: &LoadedPipeline,
-    repo: &RepoAccess,
-    throttles: &throttle::Throttles,
-    workers: usize,
     bar: &ProgressBar,
     tr: &mut TaskReport,
 ) -> Result<(), TaskFailure> {
+    let TaskContext {
+        job,
+        session_id,
+        pipeline,
+        repo,
+        throttles,
+        workers,
+        ..
+    } = *ctx;
     let disk_name = &vm.disks[disk_index].name;
     let opened = repo.open_task(
         &OpenTask {
@@ -509,7 +564,8 @@ fn run_one(
         },
         throttles,
     )?;
-    let (link, previous, rules) = (opened.link, opened.previous, opened.throttled_by);
+    let (link, previous, share) = (opened.link, opened.previous, opened.share);
+    let rules = share.as_ref().map(|s| s.names.clone()).unwrap_or_default();
     if !rules.is_empty() {
         tr.notices.push(format!(
             "{}/{}: throttled by rule(s) {}",

@@ -47,6 +47,8 @@ pub struct SessionReport {
     pub totals: TaskStats,
     pub compression_ratio: f64,
     pub dedup_ratio: f64,
+    /// Bytes read over the whole session's wall time (plugin loading,
+    /// snapshots and queueing included): what the operator waited for.
     pub read_mb_per_second: f64,
     pub bottleneck: Option<Bottleneck>,
     pub notices: Vec<String>,
@@ -140,7 +142,7 @@ impl SessionReport {
         }
         let _ = writeln!(
             s,
-            "  processed {}, read {} ({:.0} MB/s), skipped: holes {}, zeros {}, excluded {}, unchanged {}",
+            "  processed {}, read {} ({:.0} MB/s over the session), skipped: holes {}, zeros {}, excluded {}, unchanged {}",
             bytes(t.disk_bytes),
             bytes(t.read_bytes),
             self.read_mb_per_second,

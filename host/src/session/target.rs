@@ -2,6 +2,7 @@
 //! embedded default, joined by the in-process link), or one served by an
 //! `arca agent` over QUIC with pinned certificates.
 
+use super::throttle::{Share, Throttles};
 use crate::config::RepositorySettings;
 use crate::repository::{Repository, RepositoryError};
 use arca_transport::quic::{Identity, OpenTask, QuicLink};
@@ -9,6 +10,7 @@ use arca_transport::throttle::ThrottledLink;
 use arca_transport::{InProcessLink, Manifest, TargetLink};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Why a task could not run; `retryable` when the link to the target mover
 /// was lost (an agent died, a connection dropped), so a new attempt may work.
@@ -34,13 +36,33 @@ impl TaskFailure {
     }
 }
 
+/// This installation's identity and the runtime that drives its QUIC
+/// connections: one per session, shared by every link to every agent.
+pub struct Network {
+    pub identity: Identity,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Network {
+    pub fn new(identity_dir: &Path) -> Result<Self, String> {
+        let identity = Identity::load_or_create(identity_dir).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("arca-quic")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the network runtime: {e}"))?;
+        Ok(Self { identity, rt })
+    }
+}
+
 /// A task's way to its repository.
-pub struct OpenedTask {
+pub struct OpenedTask<'a> {
     pub link: Box<dyn TargetLink>,
     /// The disk's newest restore point: the parent of an incremental.
     pub previous: Option<Manifest>,
-    /// Names of the throttling rules the link is subject to.
-    pub throttled_by: Vec<String>,
+    /// The task's part of the throttling rules (names for the report).
+    pub share: Option<Share<'a>>,
 }
 
 pub enum RepoAccess {
@@ -48,13 +70,17 @@ pub enum RepoAccess {
     Remote {
         addr: SocketAddr,
         fingerprint: String,
-        identity: Identity,
-        rt: tokio::runtime::Runtime,
+        net: Arc<Network>,
     },
 }
 
 impl RepoAccess {
-    pub fn open(settings: &RepositorySettings, identity_dir: &Path) -> Result<Self, String> {
+    /// `net` is made on first need: a session without agents never starts
+    /// a network runtime.
+    pub fn open(
+        settings: &RepositorySettings,
+        net: &mut dyn FnMut() -> Result<Arc<Network>, String>,
+    ) -> Result<Self, String> {
         match (&settings.agent, &settings.fingerprint) {
             (Some(agent), Some(fingerprint)) => {
                 let addr = agent.parse().map_err(|_| {
@@ -63,18 +89,10 @@ impl RepoAccess {
                         settings.name
                     )
                 })?;
-                let identity = Identity::load_or_create(identity_dir).map_err(|e| e.to_string())?;
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("arca-quic")
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start the network runtime: {e}"))?;
                 Ok(RepoAccess::Remote {
                     addr,
                     fingerprint: fingerprint.clone(),
-                    identity,
-                    rt,
+                    net: net()?,
                 })
             }
             _ => Repository::open_or_create(&settings.path)
@@ -97,20 +115,24 @@ impl RepoAccess {
             RepoAccess::Local(r) => r
                 .latest_point(&task.job, &task.vm, &task.disk)
                 .map_err(|e| e.to_string()),
-            RepoAccess::Remote { .. } => self
-                .open_task(task, &super::throttle::Throttles::new(&[]))
-                .map(|t| t.previous)
-                .map_err(|f| f.message),
+            // A query-only connection: no target mover is opened for it.
+            RepoAccess::Remote {
+                addr,
+                fingerprint,
+                net,
+            } => QuicLink::connect_only(net.rt.handle(), *addr, fingerprint, &net.identity)
+                .and_then(|link| link.latest(task))
+                .map_err(|e| e.to_string()),
         }
     }
 
     /// A link to a new target mover for `task`, and the disk's newest restore
     /// point (the parent of an incremental).
-    pub fn open_task(
+    pub fn open_task<'t>(
         &self,
         task: &OpenTask,
-        throttles: &super::throttle::Throttles,
-    ) -> Result<OpenedTask, TaskFailure> {
+        throttles: &'t Throttles,
+    ) -> Result<OpenedTask<'t>, TaskFailure> {
         match self {
             RepoAccess::Local(r) => {
                 let latest = r
@@ -120,30 +142,40 @@ impl RepoAccess {
                 Ok(OpenedTask {
                     link: Box::new(InProcessLink::new(writer)),
                     previous: latest,
-                    throttled_by: Vec::new(),
+                    share: None,
                 })
             }
             RepoAccess::Remote {
                 addr,
                 fingerprint,
-                identity,
-                rt,
+                net,
             } => {
-                let link = QuicLink::connect(rt.handle(), *addr, fingerprint, identity, task)
-                    .map_err(TaskFailure::from_link)?;
+                let link =
+                    QuicLink::connect(net.rt.handle(), *addr, fingerprint, &net.identity, task)
+                        .map_err(TaskFailure::from_link)?;
                 let latest = link.latest(task).map_err(TaskFailure::from_link)?;
-                let (buckets, rules) = throttles.for_target(*addr);
-                let link: Box<dyn TargetLink> = if buckets.is_empty() {
+                let share = throttles.local(*addr);
+                let link: Box<dyn TargetLink> = if share.buckets.is_empty() {
                     Box::new(link)
                 } else {
-                    Box::new(ThrottledLink::new(Box::new(link), buckets))
+                    Box::new(ThrottledLink::new(Box::new(link), share.buckets.clone()))
                 };
                 Ok(OpenedTask {
                     link,
                     previous: latest,
-                    throttled_by: rules,
+                    share: Some(share),
                 })
             }
+        }
+    }
+
+    /// The repository agent's address and fingerprint, for a proxy agent.
+    pub fn agent(&self) -> Option<(SocketAddr, &str)> {
+        match self {
+            RepoAccess::Local(_) => None,
+            RepoAccess::Remote {
+                addr, fingerprint, ..
+            } => Some((*addr, fingerprint.as_str())),
         }
     }
 }

@@ -122,6 +122,9 @@ pub struct DiskSource {
 /// exports and clones to remove when it is dropped.
 pub struct ImageSnapshot {
     pub disks: Vec<Arc<RawImage>>,
+    /// The file each disk is read from (a clone, an export, or the live file),
+    /// for a proxy agent that reads it itself.
+    pub paths: Vec<PathBuf>,
     pub consistency: Consistency,
     exports: Vec<QemuExport>,
     clones: Vec<PathBuf>,
@@ -139,6 +142,7 @@ impl ImageSnapshot {
     ) -> Result<Self, SourceError> {
         let mut snap = ImageSnapshot {
             disks: Vec::new(),
+            paths: Vec::new(),
             consistency: Consistency::CrashConsistent,
             exports: Vec::new(),
             clones: Vec::new(),
@@ -177,9 +181,11 @@ impl ImageSnapshot {
         for (d, path) in disks.iter().zip(&read_from) {
             if d.format == DiskFormat::Raw {
                 snap.disks.push(Arc::new(RawImage::open(path)?));
+                snap.paths.push(path.clone());
             } else {
                 let export = QemuExport::start(path, d.format, false, export_dir)?;
                 snap.disks.push(Arc::new(RawImage::open(export.path())?));
+                snap.paths.push(export.path().to_owned());
                 snap.exports.push(export);
             }
         }

@@ -43,6 +43,17 @@ pub enum Consistency {
 }
 
 impl Consistency {
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Consistency::CrashConsistent,
+            Consistency::PoweredOff,
+            Consistency::PoweredOffOnly,
+            Consistency::ApplicationConsistent,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Consistency::CrashConsistent => "crash-consistent",
@@ -65,6 +76,26 @@ impl VmSnapshot {
         match self {
             VmSnapshot::Image(s) => s.disks[i].clone(),
             VmSnapshot::Qemu(s) => s.disk(i),
+        }
+    }
+
+    /// Where a proxy agent on this host reads disk `i` of the snapshot.
+    pub fn locator(&self, i: usize) -> arca_transport::control::DiskLocator {
+        use arca_transport::control::DiskLocator;
+        match self {
+            VmSnapshot::Image(s) => DiskLocator {
+                path: s.paths[i].to_string_lossy().into_owned(),
+                ..Default::default()
+            },
+            VmSnapshot::Qemu(s) => {
+                let (socket, export) = s.export(i);
+                DiskLocator {
+                    nbd_socket: socket.to_string_lossy().into_owned(),
+                    nbd_export: export,
+                    nbd_contexts: vec!["base:allocation".into()],
+                    ..Default::default()
+                }
+            }
         }
     }
 

@@ -320,6 +320,11 @@ impl QemuSnapshot {
         self.disks[i].dirty.clone()
     }
 
+    /// The NBD server socket and export that serve disk `i`'s snapshot.
+    pub fn export(&self, i: usize) -> (PathBuf, String) {
+        (self.hypervisor.nbd.clone(), self.disks[i].export.clone())
+    }
+
     /// The bitmap to record in disk `i`'s restore point.
     pub fn started_bitmap(&self, i: usize) -> String {
         self.disks[i].started.clone()

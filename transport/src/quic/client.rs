@@ -41,7 +41,7 @@ fn lost(e: impl std::fmt::Display) -> LinkError {
 
 /// Says why a connection ended: with TLS 1.3 a client learns that the agent
 /// refused its certificate only when the connection closes.
-fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> LinkError {
+pub(super) fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> LinkError {
     match conn.close_reason() {
         Some(reason) => {
             let text = reason.to_string();
@@ -102,7 +102,9 @@ impl QuicLink {
         AgentStatus::decode(body.as_slice()).map_err(|e| LinkError::Lost(e.to_string()))
     }
 
-    fn connect_only(
+    /// Connects without opening a target mover: for `latest`, `status` and
+    /// task streams to a proxy.
+    pub fn connect_only(
         rt: &Handle,
         addr: SocketAddr,
         agent_fingerprint: &str,
@@ -142,6 +144,10 @@ impl QuicLink {
             received: Arc::new(AtomicU64::new(0)),
         };
         Ok(link)
+    }
+
+    pub(super) fn connection(&self) -> quinn::Connection {
+        self.conn.clone()
     }
 
     fn call(&self, kind: u8, body: &impl Message) -> Result<Vec<u8>, LinkError> {

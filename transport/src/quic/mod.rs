@@ -6,13 +6,15 @@
 
 mod client;
 mod identity;
+mod proxy;
 mod server;
 mod tls;
 mod wire;
 
 pub use client::QuicLink;
 pub use identity::{Identity, fingerprint};
-pub use server::{TargetService, serve};
+pub use proxy::{ProxyService, RemoteControl, TaskControl, run_remote_task};
+pub use server::{Roles, TargetService, serve};
 pub use tls::{client_config, server_config};
 pub use wire::{AgentStatus, OpenTask};
 

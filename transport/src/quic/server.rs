@@ -1,7 +1,9 @@
-//! The agent side: accepts connections from enrolled peers, starts a target
-//! mover per connection (one task each, isolated from the others), and
-//! answers requests concurrently. A connection that ends without a commit
-//! aborts its mover, so nothing it stored becomes visible.
+//! The agent side: accepts connections from enrolled peers and serves the
+//! agent's roles. Repository role: a target mover per connection (one task
+//! each, isolated from the others), requests answered concurrently, and a
+//! connection that ends without a commit aborts its mover, so nothing it
+//! stored becomes visible. Proxy role: a task stream per assigned task
+//! (`quic::proxy`).
 
 use super::wire::{self, AgentStatus, LatestReply, OpenTask};
 use crate::link::TargetMover;
@@ -27,8 +29,28 @@ struct Counters {
     aborted: AtomicU64,
 }
 
+/// The roles an agent serves; a request for a role it lacks is refused.
+#[derive(Clone)]
+pub struct Roles {
+    pub repository: Option<Arc<dyn TargetService>>,
+    pub proxy: Option<Arc<dyn super::proxy::ProxyService>>,
+}
+
+impl Roles {
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(r) = &self.repository {
+            parts.push(format!("repository {}", r.describe()));
+        }
+        if let Some(p) = &self.proxy {
+            parts.push(format!("proxy {}", p.name()));
+        }
+        parts.join("; ")
+    }
+}
+
 struct Shared {
-    service: Arc<dyn TargetService>,
+    roles: Roles,
     counters: Counters,
     started: Instant,
 }
@@ -36,9 +58,9 @@ struct Shared {
 type Mover = Arc<Mutex<Option<Arc<dyn TargetMover>>>>;
 
 /// Serves until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, service: Arc<dyn TargetService>) {
+pub async fn serve(endpoint: quinn::Endpoint, roles: Roles) {
     let shared = Arc::new(Shared {
-        service,
+        roles,
         counters: Counters::default(),
         started: Instant::now(),
     });
@@ -101,22 +123,25 @@ async fn request(
     task: Arc<Mutex<Option<OpenTask>>>,
     peer: &str,
 ) {
-    let Ok(body) = recv.read_to_end(wire::MAX_MESSAGE).await else {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    let kind = kind[0];
+    if kind == wire::ASSIGN {
+        return super::proxy::serve_task(send, recv, service.roles.proxy.clone(), peer.to_owned())
+            .await;
+    }
+    let Ok(payload) = recv.read_to_end(wire::MAX_MESSAGE).await else {
         return;
     };
-    let answer = match body.split_first() {
-        None => Err("empty request".to_owned()),
-        Some((&kind, payload)) => {
-            let payload = payload.to_vec();
-            let current = mover.lock().expect("mover lock").clone();
-            let t = task.clone();
-            let (service, mover2) = (service.clone(), mover.clone());
-            tokio::task::spawn_blocking(move || {
-                dispatch(kind, &payload, service, current, mover2, t)
-            })
+    let answer = {
+        let current = mover.lock().expect("mover lock").clone();
+        let t = task.clone();
+        let (service, mover2) = (service.clone(), mover.clone());
+        tokio::task::spawn_blocking(move || dispatch(kind, &payload, service, current, mover2, t))
             .await
             .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
-        }
     };
     let mut out = Vec::new();
     match answer {
@@ -149,6 +174,13 @@ fn dispatch(
     task: Arc<Mutex<Option<OpenTask>>>,
 ) -> Result<Vec<u8>, String> {
     let bad = |e: prost::DecodeError| format!("malformed request: {e}");
+    let repository = || {
+        shared
+            .roles
+            .repository
+            .clone()
+            .ok_or_else(|| "this agent has no repository role".to_owned())
+    };
     let need = || {
         current
             .clone()
@@ -157,7 +189,7 @@ fn dispatch(
     match kind {
         wire::OPEN => {
             let t = OpenTask::decode(payload).map_err(bad)?;
-            let m = shared.service.open(&t)?;
+            let m = repository()?.open(&t)?;
             if mover.lock().expect("mover lock").is_none() {
                 shared.counters.running.fetch_add(1, Ordering::Relaxed);
             }
@@ -173,7 +205,7 @@ fn dispatch(
         }
         wire::LATEST => {
             let t = OpenTask::decode(payload).map_err(bad)?;
-            let manifest = shared.service.latest(&t)?;
+            let manifest = repository()?.latest(&t)?;
             Ok(LatestReply { manifest }.encode_to_vec())
         }
         wire::QUERY => {
@@ -216,7 +248,7 @@ fn dispatch(
             Ok(reply.encode_to_vec())
         }
         wire::STATUS => Ok(AgentStatus {
-            repository: shared.service.describe(),
+            repository: shared.roles.describe(),
             uptime_seconds: shared.started.elapsed().as_secs(),
             tasks_running: shared.counters.running.load(Ordering::Relaxed),
             tasks_committed: shared.counters.committed.load(Ordering::Relaxed),

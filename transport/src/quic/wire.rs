@@ -11,6 +11,8 @@ pub const STORE: u8 = 4;
 pub const CODEC: u8 = 5;
 pub const COMMIT: u8 = 6;
 pub const STATUS: u8 = 7;
+/// A task stream to a proxy: control frames both ways (`quic::proxy`).
+pub const ASSIGN: u8 = 8;
 
 pub const OK: u8 = 0;
 pub const FAILED: u8 = 1;
@@ -41,6 +43,7 @@ pub struct LatestReply {
 /// What `arca agent status` shows.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AgentStatus {
+    /// The roles served: `repository <path>`, `proxy <name>`.
     #[prost(string, tag = "1")]
     pub repository: String,
     #[prost(uint64, tag = "2")]
