@@ -4,7 +4,7 @@
 # inside the codec plugin. Safe to run again; installs only what is missing.
 set -euo pipefail
 
-packages=(clang lld wasi-libc llvm-14 xfsprogs qemu-guest-agent sqlite3 e2fsprogs fdisk ntfs-3g)
+packages=(clang lld wasi-libc llvm-14 xfsprogs qemu-guest-agent sqlite3 e2fsprogs fdisk ntfs-3g iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,7 +36,17 @@ impl Lab {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = Command::new(arca_bin());
+        self.setup(Command::new(arca_bin()))
+    }
+
+    /// arca inside the network namespace `netns` (same files, own network).
+    pub fn command_in(&self, netns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns, arca_bin()]);
+        self.setup(c)
+    }
+
+    fn setup(&self, mut c: Command) -> Command {
         c.env("ARCA_HOME", self.path("home"))
             .env(
                 "ARCA_CACHE",
@@ -104,10 +114,22 @@ impl Agent {
     /// Starts an agent with `role` arguments (`--repository DIR`,
     /// `--proxy NAME`) that trusts the `trust` fingerprints.
     pub fn spawn(lab: &Lab, home: &str, role: &[&str], trust: &[&str], listen: &str) -> Self {
+        Self::spawn_with(lab.command(), lab, home, role, trust, listen)
+    }
+
+    /// Like `spawn`, with `cmd` as the arca command (e.g. run inside a
+    /// network namespace).
+    pub fn spawn_with(
+        mut cmd: Command,
+        lab: &Lab,
+        home: &str,
+        role: &[&str],
+        trust: &[&str],
+        listen: &str,
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         use std::process::Stdio;
         let log = lab.path(&format!("{home}-{}.log", rand::random::<u32>()));
-        let mut cmd = lab.command();
         cmd.env("ARCA_HOME", lab.path(home))
             .args(["agent", "--listen", listen])
             .args(role)

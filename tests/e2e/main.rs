@@ -12,6 +12,7 @@ mod formats;
 mod guest;
 mod guestfs;
 mod hostile;
+mod netns;
 mod proxies;
 mod qemu;
 mod snapshot;

@@ -86,6 +86,8 @@ async fn connection(conn: quinn::Connection, service: Arc<Shared>) {
         })
         .and_then(|certs| certs.first().map(|c| super::fingerprint(c)))
         .unwrap_or_default();
+    // Logs name a peer by address and certificate.
+    let peer = format!("{} ({peer})", conn.remote_address());
     let mover: Mover = Arc::new(Mutex::new(None));
     let task: Arc<Mutex<Option<OpenTask>>> = Arc::new(Mutex::new(None));
     loop {
@@ -139,9 +141,12 @@ async fn request(
         let current = mover.lock().expect("mover lock").clone();
         let t = task.clone();
         let (service, mover2) = (service.clone(), mover.clone());
-        tokio::task::spawn_blocking(move || dispatch(kind, &payload, service, current, mover2, t))
-            .await
-            .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
+        let peer = peer.to_owned();
+        tokio::task::spawn_blocking(move || {
+            dispatch(kind, &payload, service, current, mover2, t, &peer)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
     };
     let mut out = Vec::new();
     match answer {
@@ -172,6 +177,7 @@ fn dispatch(
     current: Option<Arc<dyn TargetMover>>,
     mover: Mover,
     task: Arc<Mutex<Option<OpenTask>>>,
+    peer: &str,
 ) -> Result<Vec<u8>, String> {
     let bad = |e: prost::DecodeError| format!("malformed request: {e}");
     let repository = || {
@@ -194,7 +200,7 @@ fn dispatch(
                 shared.counters.running.fetch_add(1, Ordering::Relaxed);
             }
             tracing::info!(
-                "session {} task {}/{}: target mover started",
+                "session {} task {}/{}: target mover started for {peer}",
                 t.session_id,
                 t.vm,
                 t.disk
