@@ -244,31 +244,33 @@ fn a_task_whose_agent_dies_is_retried_and_fails_clearly_when_it_stays_down() {
 
 #[test]
 fn a_throttling_rule_is_shared_by_parallel_tasks() {
+    // The repository on a host of its own: rules never apply within one.
     let lab = Lab::new();
+    let net = Network::new(1);
     let me = lab.ok(&["identity"]).trim().to_owned();
-    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    let repo = lab.path("agent-repo");
+    let agent = Agent::spawn_with(
+        lab.command_in(&net.hosts[0]),
+        &lab,
+        "agent-home",
+        &["--repository", repo.to_str().unwrap()],
+        &[&me],
+        &format!("{}:0", net.addr(0)),
+    );
     // Incompressible disks, so what is sent is what the rule meters.
     let disks: Vec<_> = (0..3)
-        .map(|i| {
-            let p = lab.path(&format!("d{i}.raw"));
-            let mut data = vec![0u8; (24 * MIB) as usize];
-            rand::RngCore::fill_bytes(
-                &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(90 + i),
-                &mut data,
-            );
-            std::fs::write(&p, data).unwrap();
-            p
-        })
+        .map(|i| random_disk(&lab, &format!("d{i}.raw"), 24 * MIB, 90 + i))
         .collect();
     let rate = 12 * MIB;
     lab.apply(&format!(
         "[[repository]]\nname = \"remote\"\nagent = \"{}\"\nfingerprint = \"{}\"\nmax_tasks = 3\n\n\
          [[proxy]]\nname = \"local\"\nmax_tasks = 3\n\n\
-         [[throttle]]\nname = \"wan\"\ntarget = \"127.0.0.0/8\"\nrate = \"12MiB\"\n\n\
+         [[throttle]]\nname = \"wan\"\ntarget = \"{}.0/24\"\nrate = \"12MiB\"\n\n\
          [[vm]]\nname = \"a\"\ndisks = [\"{}\"]\n[[vm]]\nname = \"b\"\ndisks = [\"{}\"]\n[[vm]]\nname = \"c\"\ndisks = [\"{}\"]\n\n\
          [[job]]\nname = \"nightly\"\nvms = [\"a\", \"b\", \"c\"]\nrepository = \"remote\"\n",
         agent.addr,
         agent.fingerprint,
+        net.prefix,
         disks[0].display(),
         disks[1].display(),
         disks[2].display()

@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -344,4 +345,86 @@ pub fn point_of<'a>(
         .iter()
         .filter(|p| p["vm"] == vm && p["disk"] == disk)
         .collect()
+}
+
+/// A bridge with one namespace per host; removed when dropped.
+pub struct Network {
+    bridge: String,
+    pub hosts: Vec<String>,
+    /// The /24 the bridge and the hosts share: `{prefix}.1` is this side.
+    pub prefix: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Network {
+    pub fn new(hosts: usize) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let prefix = format!("10.{}.{}", 100 + n, std::process::id() % 250);
+        let net = Self {
+            bridge: format!("abr{tag}"),
+            hosts: (0..hosts).map(|i| format!("arca-{tag}-h{i}")).collect(),
+            prefix,
+        };
+        ip(&["link", "add", &net.bridge, "type", "bridge"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", net.prefix),
+            "dev",
+            &net.bridge,
+        ]);
+        ip(&["link", "set", &net.bridge, "up"]);
+        for (i, ns) in net.hosts.iter().enumerate() {
+            let (outer, inner) = (format!("av{tag}{i}"), format!("ai{tag}{i}"));
+            ip(&["netns", "add", ns]);
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
+            ip(&["link", "set", &outer, "master", &net.bridge, "up"]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            let addr = format!("{}/24", net.addr(i));
+            ip(&["-n", ns, "addr", "add", &addr, "dev", &inner]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    pub fn addr(&self, host: usize) -> String {
+        format!("{}.{}", self.prefix, host + 2)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the pair.
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// A disk of random (incompressible) data.
+pub fn random_disk(lab: &Lab, name: &str, size: u64, seed: u64) -> PathBuf {
+    let p = lab.path(name);
+    let mut data = vec![0u8; size as usize];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+        &mut data,
+    );
+    std::fs::write(&p, data).unwrap();
+    p
 }

@@ -15,28 +15,37 @@ struct Site {
 }
 
 fn site(lab: &Lab, proxies: &[&str]) -> Site {
+    site_on(lab, proxies, None)
+}
+
+/// The repository and the proxies on loopback, or each on its own host of
+/// `net` (the repository on host 0, proxy i on host i + 1).
+fn site_on(lab: &Lab, proxies: &[&str], net: Option<&Network>) -> Site {
     let me = lab.ok(&["identity"]).trim().to_owned();
+    let start = |host: usize, home: &str, role: &[&str], trust: &[&str]| match net {
+        Some(net) => Agent::spawn_with(
+            lab.command_in(&net.hosts[host]),
+            lab,
+            home,
+            role,
+            trust,
+            &format!("{}:0", net.addr(host)),
+        ),
+        None => Agent::spawn(lab, home, role, trust, "127.0.0.1:0"),
+    };
     let proxies: Vec<Agent> = proxies
         .iter()
-        .map(|name| {
-            Agent::spawn(
-                lab,
-                &format!("{name}-home"),
-                &["--proxy", name],
-                &[&me],
-                "127.0.0.1:0",
-            )
-        })
+        .enumerate()
+        .map(|(i, name)| start(i + 1, &format!("{name}-home"), &["--proxy", name], &[&me]))
         .collect();
     let mut trust: Vec<&str> = vec![&me];
     trust.extend(proxies.iter().map(|p| p.fingerprint.as_str()));
     let repo_dir = lab.path("agent-repo");
-    let repo = Agent::spawn(
-        lab,
+    let repo = start(
+        0,
         "repo-home",
         &["--repository", repo_dir.to_str().unwrap()],
         &trust,
-        "127.0.0.1:0",
     );
     Site { repo, proxies }
 }
@@ -77,17 +86,6 @@ fn site_config(
         names.join(", ")
     ));
     s
-}
-
-fn random_disk(lab: &Lab, name: &str, size: u64, seed: u64) -> PathBuf {
-    let p = lab.path(name);
-    let mut data = vec![0u8; size as usize];
-    rand::RngCore::fill_bytes(
-        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
-        &mut data,
-    );
-    std::fs::write(&p, data).unwrap();
-    p
 }
 
 fn restore_matches(lab: &Lab, point: &str, source: &Path) {
@@ -172,11 +170,22 @@ fn two_proxy_agents_share_the_tasks_and_restores_are_bit_exact() {
 #[test]
 fn a_proxy_killed_mid_task_is_replaced_by_the_other() {
     let lab = Lab::new();
-    let mut site = site(&lab, &["p1", "p2"]);
+    // Own hosts, so that a throttling rule can slow the task down: it is
+    // surely running when p1 dies.
+    let net = Network::new(3);
+    let mut site = site_on(&lab, &["p1", "p2"], Some(&net));
     let disk = random_disk(&lab, "d.raw", 32 * MIB, 320);
-    // Slow the task down so that it is surely running when p1 dies.
-    let rule = "[[throttle]]\nname = \"slow\"\ntarget = \"127.0.0.0/8\"\nrate = \"6MiB\"\n\n";
-    lab.apply(&site_config(&lab, &site, &[1, 1], &[("a", &[&disk])], rule));
+    let rule = format!(
+        "[[throttle]]\nname = \"slow\"\ntarget = \"{}.0/24\"\nrate = \"6MiB\"\n\n",
+        net.prefix
+    );
+    lab.apply(&site_config(
+        &lab,
+        &site,
+        &[1, 1],
+        &[("a", &[&disk])],
+        &rule,
+    ));
     let session = lab
         .command()
         .args(["job", "run", "nightly", "--json"])
@@ -224,19 +233,24 @@ fn a_proxy_killed_mid_task_is_replaced_by_the_other() {
 
 #[test]
 fn a_throttling_rule_holds_across_proxy_agents() {
+    // Rules never apply within one host: each agent gets its own.
     let lab = Lab::new();
-    let site = site(&lab, &["p1", "p2"]);
+    let net = Network::new(3);
+    let site = site_on(&lab, &["p1", "p2"], Some(&net));
     let disks: Vec<PathBuf> = (0..3)
         .map(|i| random_disk(&lab, &format!("d{i}.raw"), 24 * MIB, 330 + i))
         .collect();
-    let rule = "[[throttle]]\nname = \"wan\"\ntarget = \"127.0.0.0/8\"\nrate = \"12MiB\"\n\n";
+    let rule = format!(
+        "[[throttle]]\nname = \"wan\"\ntarget = \"{}.0/24\"\nrate = \"12MiB\"\n\n",
+        net.prefix
+    );
     let vms: Vec<(String, [&Path; 1])> = disks
         .iter()
         .enumerate()
         .map(|(i, d)| (format!("vm{i}"), [d.as_path()]))
         .collect();
     let vms: Vec<(&str, &[&Path])> = vms.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
-    lab.apply(&site_config(&lab, &site, &[2, 1], &vms, rule));
+    lab.apply(&site_config(&lab, &site, &[2, 1], &vms, &rule));
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
     let tasks = r["tasks"].as_array().unwrap();

@@ -76,7 +76,7 @@ pub fn run(
         proxy,
     };
     rt.block_on(async {
-        let endpoint = quinn::Endpoint::server(config, listen).map_err(listen_err)?;
+        let endpoint = arca_transport::quic::endpoint(listen, Some(config)).map_err(listen_err)?;
         let bound = endpoint.local_addr().map_err(listen_err)?;
         on_ready(bound);
         tokio::select! {

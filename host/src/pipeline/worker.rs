@@ -1,4 +1,11 @@
-//! The reader thread and the workers of one task.
+//! The threads of one task's source mover: a reader, analysts and coders.
+//!
+//! The reader reads batches in disk order. Analysts zero excluded ranges,
+//! test for zeros, hash, classify and ask the target which chunks it lacks;
+//! coders (one codec instance each, so a single disk uses every core)
+//! compress what is missing and send it. The dedup query is a round trip to
+//! the repository: with analysts ahead of the coders, several queries are in
+//! flight while the coders work, so a long link stays busy.
 
 use super::{BlockPlan, StageClock, TaskError, TaskInput};
 use crate::extent::{Extent, Geometry, ranges_within};
@@ -61,6 +68,19 @@ struct ReadBatch {
     data: Vec<u8>,
 }
 
+/// Queries in flight beyond one per coder: enough to cover a round trip of
+/// a long link while the coders work. Each holds a batch in memory.
+const QUERIES_AHEAD: usize = 2;
+
+/// A batch that is hashed and classified, with the blocks the repository
+/// lacks: what a coder compresses and sends.
+struct AnalyzedBatch {
+    batch: ReadBatch,
+    offsets: Vec<usize>,
+    digests: Vec<Option<ChunkHash>>,
+    missing: Vec<usize>,
+}
+
 /// Per block of a batch: its address, or `None` for a zero block.
 struct DoneBatch {
     first: u64,
@@ -93,23 +113,27 @@ pub(super) fn run_batches(
     let workers = sh.input.workers.max(1);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (work_tx, work_rx) = crossbeam_channel::bounded::<ReadBatch>(workers);
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<ReadBatch>(1);
+        let (code_tx, code_rx) = crossbeam_channel::bounded::<AnalyzedBatch>(workers);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<DoneBatch>();
         let stop = &stop;
         let reader = scope.spawn(move || read_loop(sh, spans, work_tx, stop));
-        let mut handles = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let rx = work_rx.clone();
-            let tx = done_tx.clone();
-            handles.push(scope.spawn(move || {
-                let r = worker_loop(sh, rx, tx, stop);
-                if r.is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                }
-                r
-            }));
+        let failing = |r: Result<Totals, TaskError>| {
+            if r.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            r
+        };
+        let mut handles = Vec::new();
+        for _ in 0..workers + QUERIES_AHEAD {
+            let (rx, tx, done) = (work_rx.clone(), code_tx.clone(), done_tx.clone());
+            handles.push(scope.spawn(move || failing(analyst_loop(sh, rx, tx, done, stop))));
         }
-        drop((work_rx, done_tx));
+        for _ in 0..workers {
+            let rx = code_rx.clone();
+            handles.push(scope.spawn(move || failing(coder_loop(sh, rx, stop))));
+        }
+        drop((work_rx, code_tx, code_rx, done_tx));
         for done in done_rx {
             for (k, h) in done.hashes.iter().enumerate() {
                 if let Some(h) = h {
@@ -195,21 +219,44 @@ fn read_loop(
     Ok(read)
 }
 
-fn worker_loop(
+fn analyst_loop(
     sh: &Shared<'_>,
     rx: Receiver<ReadBatch>,
-    tx: Sender<DoneBatch>,
+    tx: Sender<AnalyzedBatch>,
+    done: Sender<DoneBatch>,
     stop: &AtomicBool,
 ) -> Result<Totals, TaskError> {
-    let mut codec = Codec::new(sh.codec, sh.codec_settings)?;
     let mut totals = Totals::default();
     for batch in rx {
         if stop.load(Ordering::Relaxed) {
             return Err(TaskError::Cancelled);
         }
-        let bytes = batch.data.len() as u64;
-        let done = process(sh, &mut codec, batch, &mut totals)?;
-        let _ = tx.send(done);
+        let analyzed = analyze(sh, batch, &mut totals)?;
+        let _ = done.send(DoneBatch {
+            first: analyzed.batch.first,
+            hashes: analyzed.digests.clone(),
+        });
+        if tx.send(analyzed).is_err() {
+            // Every coder is gone; their error says why.
+            return Err(TaskError::Cancelled);
+        }
+    }
+    Ok(totals)
+}
+
+fn coder_loop(
+    sh: &Shared<'_>,
+    rx: Receiver<AnalyzedBatch>,
+    stop: &AtomicBool,
+) -> Result<Totals, TaskError> {
+    let mut codec = Codec::new(sh.codec, sh.codec_settings)?;
+    let mut totals = Totals::default();
+    for analyzed in rx {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TaskError::Cancelled);
+        }
+        let bytes = analyzed.batch.data.len() as u64;
+        code(sh, &mut codec, analyzed, &mut totals)?;
         (sh.progress)(bytes);
     }
     Ok(totals)
@@ -223,12 +270,11 @@ fn is_zero(block: &[u8]) -> bool {
         .all(|page| page.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
-fn process(
+fn analyze(
     sh: &Shared<'_>,
-    codec: &mut Codec,
     mut batch: ReadBatch,
     totals: &mut Totals,
-) -> Result<DoneBatch, TaskError> {
+) -> Result<AnalyzedBatch, TaskError> {
     let n = batch.lengths.len();
     let mut offsets = Vec::with_capacity(n + 1);
     offsets.push(0usize);
@@ -324,6 +370,27 @@ fn process(
         }
     }
 
+    Ok(AnalyzedBatch {
+        batch,
+        offsets,
+        digests,
+        missing,
+    })
+}
+
+fn code(
+    sh: &Shared<'_>,
+    codec: &mut Codec,
+    analyzed: AnalyzedBatch,
+    totals: &mut Totals,
+) -> Result<(), TaskError> {
+    let AnalyzedBatch {
+        batch,
+        offsets,
+        digests,
+        missing,
+    } = analyzed;
+    let block = |k: usize| offsets[k]..offsets[k + 1];
     if !missing.is_empty() {
         let mut raw = Blocks {
             data: Vec::with_capacity(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
@@ -370,11 +437,7 @@ fn process(
         sh.clock
             .time("transfer", || sh.link.store(StoreChunks { chunks }))?;
     }
-
-    Ok(DoneBatch {
-        first: batch.first,
-        hashes: digests,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! the session gives it its share of the rule (the rule's rate over the
 //! number of matching tasks) and rebalances every share as tasks start and
 //! end, so the rule's total holds across agents. The in-process link (proxy
-//! and repository in one process) and a proxy and repository served by the
-//! same agent are never throttled.
+//! and repository in one process) and movers on one host (the same address,
+//! loopback included) are never throttled.
 
 use crate::config::ThrottleRule;
 use arca_transport::throttle::TokenBucket;
@@ -100,7 +100,12 @@ impl Throttles {
         }
     }
 
+    /// The rules for traffic from `source` to `target`; none between two
+    /// movers on one host (same address), whose traffic never leaves it.
     fn matching(&self, source: IpAddr, target: IpAddr) -> Vec<usize> {
+        if source == target {
+            return Vec::new();
+        }
         (0..self.rules.len())
             .filter(|&i| self.rules[i].rule.matches(source, target))
             .collect()
@@ -146,11 +151,7 @@ impl Throttles {
     /// The share of a task whose source mover runs on the proxy agent at
     /// `proxy` and sends to the repository agent at `target`.
     pub fn remote(&self, proxy: SocketAddr, target: SocketAddr) -> Share<'_> {
-        let rules = if proxy == target {
-            Vec::new()
-        } else {
-            self.matching(proxy.ip(), target.ip())
-        };
+        let rules = self.matching(proxy.ip(), target.ip());
         let (tx, rx) = watch::channel(0);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if !rules.is_empty() {
@@ -227,7 +228,9 @@ mod tests {
     #[test]
     fn one_rule_is_shared_by_tasks_here_and_on_agents() {
         let t = Throttles::new(&[rule("wan", 30_000_000)]);
-        let repo: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        // Another loopback address than the one this host sends from, so
+        // that the rule applies to the task here too.
+        let repo: SocketAddr = "127.0.0.9:7700".parse().unwrap();
         let (p1, p2): (SocketAddr, SocketAddr) = (
             "127.0.0.2:7701".parse().unwrap(),
             "127.0.0.3:7702".parse().unwrap(),
@@ -252,15 +255,17 @@ mod tests {
     }
 
     #[test]
-    fn the_smallest_share_of_several_rules_wins_and_same_agent_is_free() {
+    fn the_smallest_share_of_several_rules_wins_and_one_host_is_free() {
         let t = Throttles::new(&[rule("a", 40_000_000), rule("b", 10_000_000)]);
         let repo: SocketAddr = "127.0.0.1:7700".parse().unwrap();
         let one = t.remote("127.0.0.2:1".parse().unwrap(), repo);
         let two = t.remote("127.0.0.3:1".parse().unwrap(), repo);
         assert_eq!(*one.rate.as_ref().unwrap().borrow(), 5_000_000);
         assert_eq!(two.names.len(), 2);
-        let same = t.remote(repo, repo);
-        assert!(same.names.is_empty(), "proxy and repository on one agent");
+        let same = t.remote("127.0.0.1:7701".parse().unwrap(), repo);
+        assert!(same.names.is_empty(), "proxy and repository on one host");
+        let here = t.local(repo);
+        assert!(here.names.is_empty(), "loopback never leaves this host");
         assert_eq!(*same.rate.as_ref().unwrap().borrow(), 0);
         assert_eq!(
             *one.rate.as_ref().unwrap().borrow(),

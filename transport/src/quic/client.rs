@@ -120,7 +120,7 @@ impl QuicLink {
             }
             .parse()
             .expect("valid");
-            let mut endpoint = quinn::Endpoint::client(bind).map_err(lost)?;
+            let mut endpoint = super::endpoint(bind, None).map_err(lost)?;
             endpoint.set_default_client_config(config);
             // A dead agent sends nothing back; do not wait out the idle timeout.
             let connecting = endpoint.connect(addr, "arca").map_err(lost)?;
@@ -237,6 +237,17 @@ impl TargetLink for QuicLink {
 
 impl Drop for QuicLink {
     fn drop(&mut self) {
+        // For tuning long links: `ARCA_LOG=arca_transport=debug`.
+        let st = self.conn.stats();
+        tracing::debug!(
+            "QUIC link to {}: rtt {:?}, cwnd {} bytes, {} congestion events, {} of {} packets lost",
+            self.conn.remote_address(),
+            st.path.rtt,
+            st.path.cwnd,
+            st.path.congestion_events,
+            st.path.lost_packets,
+            st.path.sent_packets
+        );
         self.conn.close(0u32.into(), b"done");
     }
 }

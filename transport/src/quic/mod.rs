@@ -18,6 +18,40 @@ pub use server::{Roles, TargetService, serve};
 pub use tls::{client_config, server_config};
 pub use wire::{AgentStatus, OpenTask};
 
+/// Socket buffers asked for every endpoint: a long fat link delivers
+/// datagrams in bursts, and a default buffer (about 200 KiB) overflows in a
+/// few milliseconds of a busy mover, which QUIC takes for congestion. The
+/// kernel caps the request at `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A QUIC endpoint on `addr` with large socket buffers; a server when
+/// `server` is given. Must be called within a tokio runtime.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer than asked is still a working endpoint.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    let got = socket.recv_buffer_size().unwrap_or(0);
+    if got < SOCKET_BUFFER {
+        tracing::debug!(
+            "UDP receive buffer is {got} bytes (asked {SOCKET_BUFFER}); raise net.core.rmem_max for long fast links"
+        );
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        runtime,
+    )
+}
+
 /// Application protocol name; a peer that speaks anything else is refused.
 pub const ALPN: &[u8] = b"arca-mover/1";
 

@@ -115,7 +115,9 @@ pub(super) async fn serve_task(
         tokio::task::spawn_blocking(move || service.run_task(assign, &control))
     };
     tokio::pin!(worker);
-    let mut reading = true;
+    // Frames that arrived with the assignment (a rate, a cancel) count too.
+    let control_view = (bucket.clone(), cancelled.clone());
+    let mut reading = apply_control(&mut decoder, &mut state, &control_view, &label);
     let result = loop {
         tokio::select! {
             done = &mut worker => {
@@ -137,31 +139,7 @@ pub(super) async fn serve_task(
             read = recv.read(&mut buf), if reading => match read {
                 Ok(Some(n)) => {
                     decoder.push(&buf[..n]);
-                    loop {
-                        match decoder.next_message::<ToProxy>().and_then(|m| match m {
-                            Some(m) => state.handle(m).map(Some),
-                            None => Ok(None),
-                        }) {
-                            Ok(Some(ProxyAction::SetRate(r))) => {
-                                if let Some(b) = &bucket {
-                                    b.set_rate(r);
-                                }
-                                tracing::info!("{label}: rate set to {r} bytes/s");
-                            }
-                            Ok(Some(ProxyAction::Cancel(reason))) => {
-                                tracing::warn!("{label}: cancelled by the session: {reason}");
-                                cancelled.store(true, Ordering::Relaxed);
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::warn!("{label}: {e}; cancelling");
-                                cancelled.store(true, Ordering::Relaxed);
-                                reading = false;
-                                break;
-                            }
-                        }
-                    }
+                    reading = apply_control(&mut decoder, &mut state, &control_view, &label);
                 }
                 Ok(None) => reading = false,
                 // The session is gone: nobody wants the result.
@@ -182,6 +160,41 @@ pub(super) async fn serve_task(
         let _ = send.finish();
         // Keep the stream until the session has read the result.
         let _ = send.stopped().await;
+    }
+}
+
+/// Applies every whole control frame the decoder holds to the running task;
+/// false when the stream broke the protocol (the task is then cancelled and
+/// the stream no longer read).
+fn apply_control(
+    decoder: &mut FrameDecoder,
+    state: &mut ProxyTask,
+    (bucket, cancelled): &(Option<Arc<TokenBucket>>, Arc<AtomicBool>),
+    label: &str,
+) -> bool {
+    loop {
+        let action = decoder
+            .next_message::<ToProxy>()
+            .and_then(|m| m.map(|m| state.handle(m)).transpose());
+        match action {
+            Ok(Some(ProxyAction::SetRate(r))) => {
+                if let Some(b) = bucket {
+                    b.set_rate(r);
+                }
+                tracing::info!("{label}: rate set to {r} bytes/s");
+            }
+            Ok(Some(ProxyAction::Cancel(reason))) => {
+                tracing::warn!("{label}: cancelled by the session: {reason}");
+                cancelled.store(true, Ordering::Relaxed);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::warn!("{label}: {e}; cancelling");
+                cancelled.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
     }
 }
 
@@ -380,6 +393,23 @@ mod tests {
             }),
             "{events:?}"
         );
+
+        // A rate changed before the task started travels with the
+        // assignment, in the same datagram: it still reaches the task.
+        let (rate_tx, rate) = watch::channel(1000u64);
+        rate_tx.send(3000).unwrap();
+        let (_cancel_tx, cancel) = watch::channel(None);
+        let result = run_remote_task(
+            rt.handle(),
+            addr,
+            &agent_fp,
+            &session,
+            task.clone(),
+            RemoteControl { rate, cancel },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(result.point_id, "rate-3000", "{result:?}");
 
         // Cancel: the proxy stops and says so.
         let (_rate_tx, rate) = watch::channel(1000u64);
