@@ -30,7 +30,8 @@ pub trait TargetMover: Send + Sync {
     fn register_codec(&self, codec: RegisterCodec) -> Result<(), LinkError>;
     /// Makes everything stored durable, then the manifest visible.
     fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError>;
-    /// Drops everything stored by this mover that no commit made visible.
+    /// Ends the mover without a restore point: nothing it stored becomes
+    /// part of one (a repository may keep the chunks for a retry to find).
     fn abort(&self);
 }
 

@@ -85,24 +85,7 @@ impl PointWriter {
                 Err(e) => return Err(io_err(&dest)(e)),
             }
         }
-        let (mut new_chunks, mut stored_bytes) = (0u64, 0u64);
-        for hash in &state.chunks {
-            let staged = self.staged_chunk(hash);
-            let dest = repo.chunk_path(hash);
-            let parent = dest.parent().expect("chunk path has a parent");
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-            // A hard link publishes the chunk only if no other writer did:
-            // the check and the creation are one atomic step, so concurrent
-            // commits of the same chunk count it once.
-            match std::fs::hard_link(&staged, &dest) {
-                Ok(()) => {
-                    stored_bytes += std::fs::metadata(&dest).map_err(io_err(&dest))?.len();
-                    new_chunks += 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(&dest)(e)),
-            }
-        }
+        let (new_chunks, stored_bytes) = self.publish_chunks(&state.chunks)?;
         // The manifest must not reference anything that is not there.
         for block in m.block_hashes.chunks_exact(HASH_LEN) {
             let hash: ChunkHash = block.try_into().expect("32 bytes");
@@ -141,6 +124,44 @@ impl PointWriter {
             new_chunks,
             stored_bytes,
         })
+    }
+
+    /// Publishes durable staged chunks; returns how many were new and the
+    /// bytes they occupy.
+    fn publish_chunks(&self, chunks: &HashSet<ChunkHash>) -> Result<(u64, u64), RepositoryError> {
+        let (mut new_chunks, mut stored_bytes) = (0u64, 0u64);
+        for hash in chunks {
+            let staged = self.staged_chunk(hash);
+            let dest = self.repo.chunk_path(hash);
+            let parent = dest.parent().expect("chunk path has a parent");
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            // A hard link publishes the chunk only if no other writer did:
+            // the check and the creation are one atomic step, so concurrent
+            // commits of the same chunk count it once.
+            match std::fs::hard_link(&staged, &dest) {
+                Ok(()) => {
+                    stored_bytes += std::fs::metadata(&dest).map_err(io_err(&dest))?.len();
+                    new_chunks += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dest)(e)),
+            }
+        }
+        Ok((new_chunks, stored_bytes))
+    }
+
+    /// An aborted task keeps the chunks it sent (no restore point refers to
+    /// them yet): a retry after a dropped link finds them by its dedup
+    /// queries and resumes instead of sending everything again.
+    fn keep_sent_chunks(&self, chunks: &HashSet<ChunkHash>) -> Result<u64, RepositoryError> {
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        // Durable before visible, as at a commit.
+        sync_filesystem(&self.staging)?;
+        let (new_chunks, _) = self.publish_chunks(chunks)?;
+        sync_filesystem(&self.staging)?;
+        Ok(new_chunks)
     }
 
     fn remove_staging(&self) {
@@ -230,7 +251,18 @@ impl TargetMover for PointWriter {
     }
 
     fn abort(&self) {
-        self.state.lock().expect("writer state lock").finished = true;
+        let mut state = self.state.lock().expect("writer state lock");
+        if !state.finished {
+            state.finished = true;
+            match self.keep_sent_chunks(&state.chunks) {
+                Ok(n) if n > 0 => {
+                    tracing::info!("aborted task: kept {n} chunk(s) it sent, for a retry to find")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("aborted task: could not keep its chunks: {e}"),
+            }
+        }
+        drop(state);
         self.remove_staging();
     }
 }
@@ -319,5 +351,79 @@ fn writer_gone(staging: &Path) -> bool {
                 .and_then(|p| p.parse().ok());
             !pid.is_some_and(crate::source::image_file::process_alive)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arca_transport::{Chunk, Manifest};
+
+    fn chunk(byte: u8) -> (ChunkHash, Chunk) {
+        let raw = vec![byte; 4096];
+        let hash = *blake3::hash(&raw).as_bytes();
+        let c = Chunk {
+            hash: hash.to_vec(),
+            codec: "none".into(),
+            codec_hash: Vec::new(),
+            raw_len: raw.len() as u32,
+            payload: raw,
+        };
+        (hash, c)
+    }
+
+    fn ask(w: &PointWriter, hashes: &[ChunkHash]) -> Vec<bool> {
+        w.query(ChunkQuery {
+            hashes: hashes.concat(),
+        })
+        .unwrap()
+        .missing
+    }
+
+    #[test]
+    fn an_aborted_task_keeps_its_chunks_but_no_restore_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h1, c1) = chunk(1);
+        let (h2, _) = chunk(2);
+        let first = repo.writer().unwrap();
+        first
+            .store(StoreChunks {
+                chunks: vec![c1.clone()],
+            })
+            .unwrap();
+        first.abort();
+        // A retry finds what the aborted attempt sent, and only that.
+        let retry = repo.writer().unwrap();
+        assert_eq!(ask(&retry, &[h1, h2]), vec![false, true]);
+        assert!(repo.points().unwrap().is_empty(), "no restore point");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            1,
+            "only the retry's staging is left"
+        );
+        // The kept chunk is a whole, readable chunk: a commit can use it.
+        let mut hashes = vec![0u8; HASH_LEN];
+        hashes.copy_from_slice(&h1);
+        let reply = retry
+            .commit(CommitPoint {
+                manifest: Some(Manifest {
+                    format_version: arca_transport::MANIFEST_FORMAT_VERSION,
+                    job: "j".into(),
+                    vm: "v".into(),
+                    disk: "d".into(),
+                    disk_size: 4096,
+                    block_size: 4096,
+                    block_hashes: hashes,
+                    ..Default::default()
+                }),
+            })
+            .unwrap();
+        assert_eq!(reply.new_chunks, 0, "nothing new: the chunk was kept");
+        assert_eq!(repo.points().unwrap().len(), 1);
+        let kept = repo.read_chunk(&h1).unwrap();
+        assert_eq!(kept.payload, c1.payload, "whole and readable");
     }
 }
