@@ -1,0 +1,575 @@
+//! arca against the tools a backup administrator would otherwise use, on the
+//! same guest disk in the same run (`bash scripts/bench-peers.sh`, which
+//! installs restic, borgbackup and b3sum if missing and runs `cargo bench
+//! --bench peers`; size with ARCA_BENCH_GIB, default 4).
+//!
+//! The disk is built with the real tools: a GPT (sfdisk) with an ext4
+//! partition (`mkfs.ext4 -d`) filled with this machine's system files, a
+//! swap file and a swap partition full of random data (`mkswap`), a deleted
+//! file whose data stays in free blocks (`debugfs rm`), and never-written
+//! space. Every tool backs up the same four states of it: the full backup,
+//! then three incrementals after ~1% clustered changes (runs of 64 KiB to
+//! 1 MiB). Then each restores the last one. References: `zstd -1 -T2` of
+//! the image (the "just compress it" limit) and `b3sum` (read and hash).
+//!
+//! Prints a table (wall time, CPU time, peak RSS of each run, repository
+//! sizes) and the ratios arca/peer, and writes the same as JSON and an SVG
+//! chart under `results/peers-<time>/`. Never asserts on time.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+mod common;
+
+use common::{MIB, change_clustered};
+
+/// One measured run of one tool.
+#[derive(serde::Serialize, Clone)]
+struct Run {
+    tool: String,
+    run: String,
+    wall_s: f64,
+    cpu_s: f64,
+    peak_rss_mib: f64,
+}
+
+/// Runs `cmd` to its end and measures it with `wait4` (peak RSS and CPU of
+/// the process itself). Panics with its output if it fails.
+fn measure(tool: &str, run: &str, cmd: &mut Command, log: &Path) -> Run {
+    let out = std::fs::File::create(log).unwrap();
+    let t = Instant::now();
+    let child = cmd
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are ours.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let wall_s = t.elapsed().as_secs_f64();
+    assert!(
+        pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{tool} {run} failed:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    Run {
+        tool: tool.into(),
+        run: run.into(),
+        wall_s,
+        cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
+        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    }
+}
+
+fn tool(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn random_file(path: &Path, len: u64, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = buf.len().min((len - at) as usize);
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all_at(&buf[..n], at).unwrap();
+        at += n as u64;
+    }
+}
+
+/// Copies regular files from `from` into `to` until `budget` bytes are
+/// copied; returns what was copied.
+fn copy_tree(from: &Path, to: &Path, budget: u64) -> u64 {
+    let mut copied = 0;
+    let mut stack = vec![from.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(ft) = e.file_type() else { continue };
+            let path = e.path();
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if copied + len > budget {
+                    return copied;
+                }
+                let dest = to.join(path.strip_prefix("/").unwrap());
+                std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                if std::fs::copy(&path, &dest).is_ok() {
+                    copied += len;
+                }
+            }
+        }
+    }
+    copied
+}
+
+/// The guest disk (see the module comment); returns its path.
+fn build_disk(dir: &Path, size: u64) -> PathBuf {
+    let ext4_len = size * 70 / 100 / MIB * MIB;
+    let swap_len = size * 8 / 100 / MIB * MIB;
+    let root = dir.join("root");
+    let mut files = 0;
+    for src in ["/usr/share", "/usr/lib", "/usr/include", "/usr/bin"] {
+        files += copy_tree(Path::new(src), &root, ext4_len * 45 / 100 - files);
+    }
+    std::fs::create_dir_all(root.join("var/tmp")).unwrap();
+    let swapfile = root.join("swapfile");
+    random_file(&swapfile, size * 5 / 100 / MIB * MIB, 1);
+    tool("mkswap", &[swapfile.to_str().unwrap()]);
+    random_file(&root.join("var/tmp/deleted.bin"), size * 4 / 100, 2);
+    let ext4 = dir.join("ext4.img");
+    std::fs::File::create(&ext4)
+        .unwrap()
+        .set_len(ext4_len)
+        .unwrap();
+    tool(
+        "mkfs.ext4",
+        &[
+            "-F",
+            "-q",
+            "-b",
+            "4096",
+            "-d",
+            root.to_str().unwrap(),
+            ext4.to_str().unwrap(),
+        ],
+    );
+    tool(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            "rm /var/tmp/deleted.bin",
+            ext4.to_str().unwrap(),
+        ],
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+    let swap = dir.join("swap.img");
+    random_file(&swap, swap_len, 3);
+    tool("mkswap", &[swap.to_str().unwrap()]);
+
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+    let script = format!(
+        "label: gpt\nstart=2048, size={}, type=L\nsize={}, type=S\n",
+        ext4_len / 512,
+        swap_len / 512
+    );
+    let mut sfdisk = Command::new("/usr/sbin/sfdisk")
+        .args(["-q", disk.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    // conv=sparse: the partitions' unwritten space stays never-written.
+    for (img, at) in [(&ext4, MIB), (&swap, MIB + ext4_len)] {
+        tool(
+            "dd",
+            &[
+                &format!("if={}", img.display()),
+                &format!("of={}", disk.display()),
+                "bs=1M",
+                &format!("seek={}", at / MIB),
+                "conv=sparse,notrunc",
+                "status=none",
+            ],
+        );
+        std::fs::remove_file(img).unwrap();
+    }
+    println!(
+        "disk: {} MiB; ext4 {} MiB ({} MiB of system files, a {} MiB swap file, {} MiB deleted), swap partition {} MiB, {} MiB never written",
+        size / MIB,
+        ext4_len / MIB,
+        files / MIB,
+        size * 5 / 100 / MIB,
+        size * 4 / 100 / MIB,
+        swap_len / MIB,
+        (size - MIB - ext4_len - swap_len) / MIB
+    );
+    disk
+}
+
+/// Apparent size of everything under `path`.
+fn size_of(path: &Path) -> u64 {
+    let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Tools {
+    dir: PathBuf,
+    arca: PathBuf,
+}
+
+impl Tools {
+    fn arca(&self, home: &str) -> Command {
+        let mut c = Command::new(&self.arca);
+        c.env("ARCA_HOME", self.dir.join(home));
+        c
+    }
+
+    fn restic(&self) -> Command {
+        let mut c = Command::new("restic");
+        c.env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_REPOSITORY", self.dir.join("restic"))
+            .env("RESTIC_CACHE_DIR", self.dir.join("restic-cache"));
+        c
+    }
+
+    fn borg(&self) -> Command {
+        let mut c = Command::new("borg");
+        c.env("BORG_BASE_DIR", self.dir.join("borg-base"))
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+        c
+    }
+}
+
+/// The arca configurations compared: the whole disk with the default
+/// pipeline, and with the guest-filesystem stages an operator would add.
+const ARCA_VARIANTS: [(&str, &str); 2] = [
+    ("arca", ""),
+    (
+        "arca+guestfs",
+        "exclusion = [{ plugin = \"swap\" }, { plugin = \"free-space\" }]\n",
+    ),
+];
+
+fn main() {
+    let gib: u64 = std::env::var("ARCA_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let size = gib << 30;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-peers");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = Instant::now();
+    let disk = build_disk(&dir, size);
+    println!("built in {:.1} s", t.elapsed().as_secs_f64());
+    let tools = Tools {
+        dir: dir.clone(),
+        arca: PathBuf::from(env!("CARGO_BIN_EXE_arca")),
+    };
+    let log = dir.join("run.log");
+    let mut runs: Vec<Run> = Vec::new();
+
+    // Set-up, not measured: repositories and configurations.
+    for (name, stages) in ARCA_VARIANTS {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[repository]]\nname = \"r\"\npath = \"{}\"\n\n[[vm]]\nname = \"guest\"\ndisks = [\"{}\"]\n\n\
+                 [[pipeline]]\nname = \"p\"\n{stages}\n[[job]]\nname = \"bench\"\nvms = [\"guest\"]\nrepository = \"r\"\npipeline = \"p\"\n",
+                dir.join(format!("{name}-repo")).display(),
+                disk.display()
+            ),
+        )
+        .unwrap();
+        let ok = tools
+            .arca(name)
+            .args(["apply", cfg.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        // Compile the plugins into the cache before anything is timed.
+        let _ = tools.arca(name).arg("plugins").output();
+    }
+    let ok = tools
+        .restic()
+        .args(["init", "--repository-version", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ok = tools
+        .borg()
+        .args(["init", "-e", "none"])
+        .arg(dir.join("borg"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // References on the first state of the image.
+    runs.push(measure(
+        "zstd -1 -T2",
+        "full",
+        Command::new("zstd")
+            .args(["-1", "-T2", "-q", "-f", "-o"])
+            .arg(dir.join("disk.zst"))
+            .arg(&disk),
+        &log,
+    ));
+    let zstd_size = std::fs::metadata(dir.join("disk.zst")).unwrap().len();
+    runs.push(measure(
+        "b3sum",
+        "full",
+        Command::new("b3sum").arg(&disk),
+        &log,
+    ));
+
+    let mut sizes: Vec<(String, u64)> = Vec::new();
+    for state in 0..4u64 {
+        let run = if state == 0 {
+            "full".to_owned()
+        } else {
+            change_clustered(&disk, size / 100, 100 + state);
+            format!("incremental {state}")
+        };
+        for (name, _) in ARCA_VARIANTS {
+            let mut c = tools.arca(name);
+            c.args(["job", "run", "bench", "--json"]);
+            runs.push(measure(name, &run, &mut c, &log));
+        }
+        let mut c = tools.restic();
+        c.args(["backup", "--compression", "auto", "--quiet"])
+            .arg(&disk);
+        runs.push(measure("restic", &run, &mut c, &log));
+        let mut c = tools.borg();
+        c.args(["create", "--compression", "zstd,3"])
+            .arg(format!("{}::s{state}", dir.join("borg").display()))
+            .arg(&disk);
+        runs.push(measure("borg", &run, &mut c, &log));
+    }
+    for (name, _) in ARCA_VARIANTS {
+        sizes.push((name.into(), size_of(&dir.join(format!("{name}-repo")))));
+    }
+    sizes.push(("restic".into(), size_of(&dir.join("restic"))));
+    sizes.push(("borg".into(), size_of(&dir.join("borg"))));
+    sizes.push(("zstd -1 -T2".into(), zstd_size));
+
+    // Full restores of the last state.
+    for (name, _) in ARCA_VARIANTS {
+        let text = tools
+            .arca(name)
+            .args(["points", "--json"])
+            .output()
+            .unwrap()
+            .stdout;
+        let points: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let last = points
+            .as_array()
+            .unwrap()
+            .iter()
+            .max_by_key(|p| p["created"].as_str().unwrap_or("").to_owned())
+            .unwrap()["point_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let out = dir.join(format!("{name}-restored.raw"));
+        let mut c = tools.arca(name);
+        c.args(["restore", &last, "--to"]).arg(&out);
+        runs.push(measure(name, "restore", &mut c, &log));
+        let _ = std::fs::remove_file(out);
+    }
+    let target = dir.join("restic-out");
+    let mut c = tools.restic();
+    c.args(["restore", "latest", "--target"]).arg(&target);
+    runs.push(measure("restic", "restore", &mut c, &log));
+    let _ = std::fs::remove_dir_all(target);
+    let target = dir.join("borg-out");
+    std::fs::create_dir_all(&target).unwrap();
+    let mut c = tools.borg();
+    c.current_dir(&target)
+        .arg("extract")
+        .arg(format!("{}::s3", dir.join("borg").display()));
+    runs.push(measure("borg", "restore", &mut c, &log));
+    let _ = std::fs::remove_dir_all(target);
+
+    report(&runs, &sizes, size);
+}
+
+fn find<'a>(runs: &'a [Run], tool: &str, run: &str) -> Option<&'a Run> {
+    runs.iter().find(|r| r.tool == tool && r.run == run)
+}
+
+/// Mean wall time of a tool's three incrementals.
+fn incremental(runs: &[Run], tool: &str) -> f64 {
+    (1..=3)
+        .filter_map(|i| find(runs, tool, &format!("incremental {i}")))
+        .map(|r| r.wall_s)
+        .sum::<f64>()
+        / 3.0
+}
+
+fn report(runs: &[Run], sizes: &[(String, u64)], disk: u64) {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<14} {:<15} {:>9} {:>9} {:>12}",
+        "tool", "run", "wall s", "CPU s", "peak RSS MiB"
+    );
+    for r in runs {
+        let _ = writeln!(
+            table,
+            "{:<14} {:<15} {:>9.2} {:>9.2} {:>12.0}",
+            r.tool, r.run, r.wall_s, r.cpu_s, r.peak_rss_mib
+        );
+    }
+    let _ = writeln!(table, "\n{:<14} {:>14}", "repository", "MiB");
+    for (tool, bytes) in sizes {
+        let _ = writeln!(table, "{tool:<14} {:>14.1}", *bytes as f64 / MIB as f64);
+    }
+    let wall = |tool: &str, run: &str| find(runs, tool, run).map_or(f64::NAN, |r| r.wall_s);
+    let size = |tool: &str| {
+        sizes
+            .iter()
+            .find(|(t, _)| t == tool)
+            .map_or(f64::NAN, |(_, b)| *b as f64)
+    };
+    let mut ratios = serde_json::Map::new();
+    let _ = writeln!(table, "\nratios (goal in brackets)");
+    for (arca, _) in ARCA_VARIANTS {
+        let lines: [(&str, f64, &str); 9] = [
+            (
+                "full / zstd -1 -T2",
+                wall(arca, "full") / wall("zstd -1 -T2", "full"),
+                "≤ 1.0",
+            ),
+            (
+                "full / restic",
+                wall(arca, "full") / wall("restic", "full"),
+                "≤ 0.25",
+            ),
+            (
+                "full / borg",
+                wall(arca, "full") / wall("borg", "full"),
+                "≤ 0.2",
+            ),
+            (
+                "incremental (no CBT) / b3sum",
+                incremental(runs, arca) / wall("b3sum", "full"),
+                "≤ 1.2",
+            ),
+            (
+                "incremental / full",
+                incremental(runs, arca) / wall(arca, "full"),
+                "CBT: ≤ 0.03",
+            ),
+            ("repository / restic", size(arca) / size("restic"), "≤ 1.0"),
+            ("repository / borg", size(arca) / size("borg"), "≤ 1.0"),
+            (
+                "restore / restic restore",
+                wall(arca, "restore") / wall("restic", "restore"),
+                "≤ 0.3",
+            ),
+            (
+                "restore / borg restore",
+                wall(arca, "restore") / wall("borg", "restore"),
+                "-",
+            ),
+        ];
+        for (what, v, goal) in lines {
+            let _ = writeln!(table, "{arca:<14} {what:<32} {v:>7.3}  [{goal}]");
+            ratios.insert(format!("{arca}: {what}"), serde_json::json!(v));
+        }
+    }
+    print!("\n{table}");
+
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y%m%dT%H%M%SZ")
+        .to_string();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../results")
+        .join(format!("peers-{stamp}"));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("table.txt"), &table).unwrap();
+    let json = serde_json::json!({
+        "disk_bytes": disk,
+        "runs": runs,
+        "repository_bytes": sizes.iter().map(|(t, b)| (t.clone(), *b)).collect::<std::collections::BTreeMap<_, _>>(),
+        "ratios": ratios,
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(out.join("wall.svg"), svg(runs)).unwrap();
+    println!("\nresults: {}", out.canonicalize().unwrap().display());
+}
+
+/// A horizontal bar chart of wall times, one group per run. Written by hand:
+/// a dozen rectangles do not justify a plotting library.
+fn svg(runs: &[Run]) -> String {
+    let colors = [
+        "#2b6cb0", "#63b3ed", "#c05621", "#6b46c1", "#718096", "#a0aec0",
+    ];
+    let tools: Vec<&str> = runs.iter().fold(Vec::new(), |mut v, r| {
+        if !v.contains(&r.tool.as_str()) {
+            v.push(&r.tool);
+        }
+        v
+    });
+    let max = runs.iter().map(|r| r.wall_s).fold(0.0, f64::max).max(1e-9);
+    let (bar, label_w, width) = (14.0, 210.0, 520.0);
+    let mut y = 30.0;
+    let mut body = String::new();
+    let mut group = "";
+    for r in runs {
+        if r.run != group {
+            group = &r.run;
+            y += 10.0;
+            let _ = write!(
+                body,
+                r#"<text x="4" y="{:.0}" font-weight="bold">{}</text>"#,
+                y + 11.0,
+                group
+            );
+            y += bar + 2.0;
+        }
+        let color = colors[tools.iter().position(|t| *t == r.tool).unwrap_or(0) % colors.len()];
+        let w = width * r.wall_s / max;
+        let _ = write!(
+            body,
+            r#"<text x="14" y="{:.0}">{}</text><rect x="{label_w}" y="{:.0}" width="{w:.1}" height="{bar}" fill="{color}"/><text x="{:.0}" y="{:.0}">{:.2} s</text>"#,
+            y + 11.0,
+            r.tool,
+            y,
+            label_w + w + 4.0,
+            y + 11.0,
+            r.wall_s
+        );
+        y += bar + 2.0;
+    }
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{:.0}" height="{:.0}" font-family="sans-serif" font-size="11"><text x="4" y="16" font-size="13">Wall time per run (shorter is better)</text>{body}</svg>"#,
+        label_w + width + 80.0,
+        y + 10.0
+    )
+}
