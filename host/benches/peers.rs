@@ -38,6 +38,8 @@ struct Run {
 
 /// Runs `cmd` to its end and measures it with `wait4` (peak RSS and CPU of
 /// the process itself). Panics with its output if it fails.
+// `wait4` reaps the child: `Child::wait` cannot report its resource usage.
+#[allow(clippy::zombie_processes)]
 fn measure(tool: &str, run: &str, cmd: &mut Command, log: &Path) -> Run {
     let out = std::fs::File::create(log).unwrap();
     let t = Instant::now();

@@ -1,7 +1,9 @@
-//! The threads of one task's source mover: a reader, analysts and coders.
+//! The threads of one task's source mover: analysts and coders.
 //!
-//! The reader reads batches in disk order. Analysts zero excluded ranges,
-//! test for zeros, hash, classify and ask the target which chunks it lacks;
+//! Analysts take batches in disk order and read them (several reads in
+//! flight: one thread cannot copy a page cache or a fast disk at full
+//! speed), zero excluded ranges, test for zeros, hash, classify and ask the
+//! target which chunks it lacks;
 //! coders (one codec instance each, so a single disk uses every core)
 //! compress what is missing and send it. The dedup query is a round trip to
 //! the repository: with analysts ahead of the coders, several queries are in
@@ -113,11 +115,15 @@ pub(super) fn run_batches(
     let workers = sh.input.workers.max(1);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (work_tx, work_rx) = crossbeam_channel::bounded::<ReadBatch>(1);
+        // Every span up front: analysts take them in order as they go.
+        let (work_tx, work_rx) = crossbeam_channel::unbounded::<BatchSpan>();
+        for span in spans {
+            let _ = work_tx.send(span);
+        }
+        drop(work_tx);
         let (code_tx, code_rx) = crossbeam_channel::bounded::<AnalyzedBatch>(workers);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<DoneBatch>();
         let stop = &stop;
-        let reader = scope.spawn(move || read_loop(sh, spans, work_tx, stop));
         let failing = |r: Result<Totals, TaskError>| {
             if r.is_err() {
                 stop.store(true, Ordering::Relaxed);
@@ -153,10 +159,6 @@ pub(super) fn run_batches(
                 first_err = Some(e);
             }
         };
-        match reader.join().expect("reader thread does not panic") {
-            Ok(read) => totals.read_bytes += read,
-            Err(e) => keep(e),
-        }
         for h in handles {
             match h.join().expect("worker thread does not panic") {
                 Ok(t) => totals.add(&t),
@@ -170,67 +172,50 @@ pub(super) fn run_batches(
     })
 }
 
-fn read_loop(
-    sh: &Shared<'_>,
-    spans: Vec<BatchSpan>,
-    tx: Sender<ReadBatch>,
-    stop: &AtomicBool,
-) -> Result<u64, TaskError> {
-    let mut read = 0u64;
-    for span in spans {
-        if stop.load(Ordering::Relaxed) {
-            return Err(TaskError::Cancelled);
-        }
-        let start = sh.geometry.block_extent(span.first).offset;
-        let lengths: Vec<u32> = (span.first..span.first + span.count)
-            .map(|i| sh.geometry.block_extent(i).length as u32)
-            .collect();
-        let total: usize = lengths.iter().map(|l| *l as usize).sum();
-        let mut data = vec![0u8; total];
-        let got = sh
-            .clock
-            .time("read", || sh.input.disk.read_at(&mut data, start))
-            .map_err(|source| TaskError::Read {
-                disk: sh.input.label(),
-                offset: start,
-                source,
-            })?;
-        if got < total {
-            // The disk shrank under us: a snapshot must not do that.
-            return Err(TaskError::Read {
-                disk: sh.input.label(),
-                offset: start + got as u64,
-                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "disk ended early"),
-            });
-        }
-        read += total as u64;
-        if tx
-            .send(ReadBatch {
-                first: span.first,
-                lengths,
-                data,
-            })
-            .is_err()
-        {
-            // Every worker is gone; their error says why.
-            return Err(TaskError::Cancelled);
-        }
+fn read_span(sh: &Shared<'_>, span: BatchSpan) -> Result<ReadBatch, TaskError> {
+    let start = sh.geometry.block_extent(span.first).offset;
+    let lengths: Vec<u32> = (span.first..span.first + span.count)
+        .map(|i| sh.geometry.block_extent(i).length as u32)
+        .collect();
+    let total: usize = lengths.iter().map(|l| *l as usize).sum();
+    let mut data = vec![0u8; total];
+    let got = sh
+        .clock
+        .time("read", || sh.input.disk.read_at(&mut data, start))
+        .map_err(|source| TaskError::Read {
+            disk: sh.input.label(),
+            offset: start,
+            source,
+        })?;
+    if got < total {
+        // The disk shrank under us: a snapshot must not do that.
+        return Err(TaskError::Read {
+            disk: sh.input.label(),
+            offset: start + got as u64,
+            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "disk ended early"),
+        });
     }
-    Ok(read)
+    Ok(ReadBatch {
+        first: span.first,
+        lengths,
+        data,
+    })
 }
 
 fn analyst_loop(
     sh: &Shared<'_>,
-    rx: Receiver<ReadBatch>,
+    rx: Receiver<BatchSpan>,
     tx: Sender<AnalyzedBatch>,
     done: Sender<DoneBatch>,
     stop: &AtomicBool,
 ) -> Result<Totals, TaskError> {
     let mut totals = Totals::default();
-    for batch in rx {
+    for span in rx {
         if stop.load(Ordering::Relaxed) {
             return Err(TaskError::Cancelled);
         }
+        let batch = read_span(sh, span)?;
+        totals.read_bytes += batch.data.len() as u64;
         let analyzed = analyze(sh, batch, &mut totals)?;
         let _ = done.send(DoneBatch {
             first: analyzed.batch.first,
