@@ -413,7 +413,58 @@ fn main() {
     runs.push(measure("borg", "restore", &mut c, &log));
     let _ = std::fs::remove_dir_all(target);
 
+    runs.push(parallel_disks(&tools, &disk));
     report(&runs, &sizes, size);
+}
+
+/// Peak memory of one session backing up four copies of the disk at once
+/// (one task per disk, all running together).
+fn parallel_disks(tools: &Tools, disk: &Path) -> Run {
+    let n = 4;
+    let mut list = Vec::new();
+    for i in 0..n {
+        let copy = tools.dir.join(format!("copy{i}.raw"));
+        tool(
+            "cp",
+            &[
+                "--sparse=always",
+                disk.to_str().unwrap(),
+                copy.to_str().unwrap(),
+            ],
+        );
+        list.push(format!("\"{}\"", copy.display()));
+    }
+    let cfg = tools.dir.join("parallel.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[repository]]\nname = \"r\"\npath = \"{}\"\nmax_tasks = {n}\n\n\
+             [[proxy]]\nname = \"local\"\nmax_tasks = {n}\n\n\
+             [[vm]]\nname = \"four\"\ndisks = [{}]\n\n\
+             [[job]]\nname = \"four\"\nvms = [\"four\"]\nrepository = \"r\"\n",
+            tools.dir.join("parallel-repo").display(),
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let ok = tools
+        .arca("parallel")
+        .args(["apply", cfg.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut c = tools.arca("parallel");
+    c.args(["job", "run", "four", "--json"]);
+    let run = measure(
+        "arca",
+        &format!("full, {n} disks"),
+        &mut c,
+        &tools.dir.join("parallel.log"),
+    );
+    for i in 0..n {
+        let _ = std::fs::remove_file(tools.dir.join(format!("copy{i}.raw")));
+    }
+    run
 }
 
 fn find<'a>(runs: &'a [Run], tool: &str, run: &str) -> Option<&'a Run> {
@@ -455,6 +506,13 @@ fn report(runs: &[Run], sizes: &[(String, u64)], disk: u64) {
             .map_or(f64::NAN, |(_, b)| *b as f64)
     };
     let mut ratios = serde_json::Map::new();
+    if let Some(r) = runs.iter().find(|r| r.run.ends_with("disks")) {
+        let _ = writeln!(
+            table,
+            "\npeak RSS, {}: {:.0} MiB [goal ≤ 512]",
+            r.run, r.peak_rss_mib
+        );
+    }
     let _ = writeln!(table, "\nratios (goal in brackets)");
     for (arca, _) in ARCA_VARIANTS {
         let lines: [(&str, f64, &str); 9] = [

@@ -377,14 +377,24 @@ fn code(
     } = analyzed;
     let block = |k: usize| offsets[k]..offsets[k + 1];
     if !missing.is_empty() {
-        let mut raw = Blocks {
-            data: Vec::with_capacity(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
-            lengths: Vec::with_capacity(missing.len()),
+        // Every block missing (a first backup): the batch is the codec's
+        // input as it is; otherwise gather the missing blocks.
+        let raw = if missing.len() == batch.lengths.len() {
+            Blocks {
+                data: batch.data,
+                lengths: batch.lengths,
+            }
+        } else {
+            let mut raw = Blocks {
+                data: Vec::with_capacity(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
+                lengths: Vec::with_capacity(missing.len()),
+            };
+            for &k in &missing {
+                raw.data.extend_from_slice(&batch.data[block(k)]);
+                raw.lengths.push(batch.lengths[k]);
+            }
+            raw
         };
-        for &k in &missing {
-            raw.data.extend_from_slice(&batch.data[block(k)]);
-            raw.lengths.push(batch.lengths[k]);
-        }
         let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
         let plugin = codec.plugin();
         let mut chunks = Vec::with_capacity(missing.len());

@@ -263,7 +263,7 @@ fn run_tasks(
         job.repository.max_tasks
     ));
     let workers = if opts.workers_per_task == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        default_workers(job, tasks.len())
     } else {
         opts.workers_per_task
     };
@@ -609,6 +609,20 @@ fn run_one(
     tr.stats = Some(outcome.stats);
     tr.notices.extend(outcome.notices);
     Ok(())
+}
+
+/// Coders per task when the operator did not say: the cores divided among
+/// the tasks that can run at once, so that a single disk uses every core and
+/// many disks together neither oversubscribe the cores nor hold a codec
+/// instance and its buffers per core each (memory).
+fn default_workers(job: &JobSettings, tasks: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let slots: u32 = job.proxies.iter().map(|p| p.max_tasks).sum();
+    let at_once = tasks
+        .min(job.repository.max_tasks as usize)
+        .min(slots as usize)
+        .max(1);
+    (cores / at_once).max(1)
 }
 
 /// Takes the point-in-time snapshot of one VM from its source.
