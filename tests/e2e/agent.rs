@@ -210,7 +210,7 @@ fn a_task_whose_agent_dies_is_retried_and_fails_clearly_when_it_stays_down() {
     assert!(
         r["notices"]
             .to_string()
-            .contains("attempt 1 on proxy 'local' lost its link"),
+            .contains("attempt 1 on proxy 'local' failed"),
         "{r:#}"
     );
     let point = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();

@@ -47,7 +47,8 @@ impl Lab {
         self.setup(c)
     }
 
-    fn setup(&self, mut c: Command) -> Command {
+    /// Gives `c` this lab's environment (home, plugin cache, exports).
+    pub fn setup(&self, mut c: Command) -> Command {
         c.env("ARCA_HOME", self.path("home"))
             .env(
                 "ARCA_CACHE",

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Site {
@@ -208,7 +208,13 @@ fn a_proxy_killed_mid_task_is_replaced_by_the_other() {
     assert!(
         r["notices"]
             .to_string()
-            .contains("attempt 1 on proxy 'p1' lost its link"),
+            .contains("attempt 1 on proxy 'p1' failed"),
+        "{r:#}"
+    );
+    assert!(
+        r["notices"]
+            .to_string()
+            .contains("link to target mover lost"),
         "{r:#}"
     );
     assert!(r["log"].to_string().contains("queued again"), "{r:#}");
@@ -256,4 +262,63 @@ fn a_throttling_rule_holds_across_proxy_agents() {
     let tasks = r["tasks"].as_array().unwrap();
     assert_eq!(tasks.iter().filter(|t| t["proxy"] == "p1").count(), 2);
     assert_rule_held(&r, "wan", 12 * MIB, 70 * MIB);
+}
+
+#[test]
+fn a_proxy_that_cannot_see_the_snapshot_hands_the_task_to_one_that_can() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let disks = lab.path("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let disk = disks.join("d.raw");
+    make_disk(&disk, 16 * MIB, 340);
+    // p1 runs in a mount namespace of its own where the disks' folder is an
+    // empty tmpfs: the snapshot is out of its reach, as on another host.
+    let mut hidden = Command::new("unshare");
+    hidden.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &format!("mount -t tmpfs none '{}' && exec \"$@\"", disks.display()),
+        "sh",
+        arca_bin(),
+    ]);
+    let p1 = Agent::spawn_with(
+        lab.setup(hidden),
+        &lab,
+        "p1-home",
+        &["--proxy", "p1"],
+        &[&me],
+        "127.0.0.1:0",
+    );
+    let p2 = Agent::spawn(&lab, "p2-home", &["--proxy", "p2"], &[&me], "127.0.0.1:0");
+    let repo_dir = lab.path("agent-repo");
+    let repo = Agent::spawn(
+        &lab,
+        "repo-home",
+        &["--repository", repo_dir.to_str().unwrap()],
+        &[&me, &p1.fingerprint, &p2.fingerprint],
+        "127.0.0.1:0",
+    );
+    let site = Site {
+        repo,
+        proxies: vec![p1, p2],
+    };
+    lab.apply(&site_config(&lab, &site, &[1, 1], &[("a", &[&disk])], ""));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(r["tasks"][0]["proxy"], "p2", "{r:#}");
+    assert!(
+        r["notices"]
+            .to_string()
+            .contains("proxy 'p1' cannot read the snapshot"),
+        "{r:#}"
+    );
+    restore_matches(
+        &lab,
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        &disk,
+    );
 }

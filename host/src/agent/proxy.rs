@@ -47,8 +47,19 @@ impl ProxyRole {
         let fatal = |e: &dyn std::fmt::Display| TaskFailure::fatal(e.to_string());
         let label = format!("{}/{}", a.vm, a.disk);
         let loaded = LoadedPipeline::from_specs(&a.stages, &self.runtime).map_err(|e| fatal(&e))?;
-        let disk = open_disk(a.source.as_ref().unwrap_or(&DiskLocator::default()))
-            .map_err(|e| TaskFailure::fatal(format!("{label}: proxy '{}': {e}", self.name)))?;
+        // A proxy that cannot reach the snapshot (another host, storage it
+        // does not see) may be the wrong proxy, not a broken task: another
+        // proxy may reach it.
+        let disk =
+            open_disk(a.source.as_ref().unwrap_or(&DiskLocator::default())).map_err(|e| {
+                TaskFailure {
+                    message: format!(
+                        "{label}: proxy '{}' cannot read the snapshot: {e}",
+                        self.name
+                    ),
+                    retryable: true,
+                }
+            })?;
         let addr = a.repository_addr.parse().map_err(|_| {
             TaskFailure::fatal(format!(
                 "repository agent '{}' is not an address",

@@ -406,12 +406,23 @@ fn run_tasks(
                         notices: Vec::new(),
                     });
                     tr.proxy = Some(assign.proxy.clone());
-                    let outcome = snapshot.map_err(TaskFailure::fatal).and_then(|snap| match place {
-                        ProxyPlace::Local => run_one(&ctx, vm, spec.disk_index, &snap, &bar, &mut tr),
-                        ProxyPlace::Agent { addr, fingerprint } => remote::run(
-                            &ctx, vm, spec.disk_index, &snap, (*addr, fingerprint), &bar, &mut tr,
-                        ),
-                    });
+                    let outcome =
+                        snapshot
+                            .map_err(TaskFailure::fatal)
+                            .and_then(|snap| match place {
+                                ProxyPlace::Local => {
+                                    run_one(&ctx, vm, spec.disk_index, &snap, &bar, &mut tr)
+                                }
+                                ProxyPlace::Agent { addr, fingerprint } => remote::run(
+                                    &ctx,
+                                    vm,
+                                    spec.disk_index,
+                                    &snap,
+                                    (*addr, fingerprint),
+                                    &bar,
+                                    &mut tr,
+                                ),
+                            });
                     let failure = match outcome {
                         Ok(()) => {
                             tr.state = TaskState::Success;
@@ -423,7 +434,7 @@ fn run_tasks(
                         // sent are not sent again (dedup).
                         Err(f) if f.retryable && attempt < MAX_ATTEMPTS => {
                             tr.notices.push(format!(
-                                "{}/{}: attempt {attempt} on proxy '{}' lost its link ({}); retrying",
+                                "{}/{}: attempt {attempt} on proxy '{}' failed ({}); retrying",
                                 vm.name, disk.name, assign.proxy, f.message
                             ));
                             std::thread::sleep(RETRY_PAUSE * attempt);
@@ -461,7 +472,7 @@ fn run_tasks(
             scheduler.release(&done.proxy);
             if done.failure.is_some() {
                 report.log.push(format!(
-                    "task {}/{} queued again after attempt {} on proxy '{}' lost its link",
+                    "task {}/{} queued again after attempt {} on proxy '{}' failed",
                     done.report.vm, done.report.disk, attempts[done.index], done.proxy
                 ));
                 scheduler.retry(done.index, &done.proxy);
