@@ -429,3 +429,10 @@ pub fn random_disk(lab: &Lab, name: &str, size: u64, seed: u64) -> PathBuf {
     std::fs::write(&p, data).unwrap();
     p
 }
+
+/// Restores `point` and insists it is bit-exact with `source`.
+pub fn restore_matches(lab: &Lab, point: &str, source: &Path) {
+    let out = lab.path("out.raw");
+    lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
+    assert_eq!(sha256(&out), sha256(source), "restore of {point}");
+}

@@ -72,15 +72,7 @@ fn proxies_and_repository_on_separate_network_hosts() {
     assert!(!throttled(t2), "p2's does not: {t2:#}");
     for t in tasks {
         let src: &Path = if t["vm"] == "a" { &d0 } else { &d1 };
-        let out = lab.path("out.raw");
-        lab.ok(&[
-            "restore",
-            t["restore_point"].as_str().unwrap(),
-            "--to",
-            out.to_str().unwrap(),
-            "--force",
-        ]);
-        assert_eq!(sha256(&out), sha256(src));
+        restore_matches(&lab, t["restore_point"].as_str().unwrap(), src);
     }
     lab.ok(&["verify", "--repository", "local-view"]);
     // The repository saw each proxy connect from its own host.

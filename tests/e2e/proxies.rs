@@ -88,12 +88,6 @@ fn site_config(
     s
 }
 
-fn restore_matches(lab: &Lab, point: &str, source: &Path) {
-    let out = lab.path("out.raw");
-    lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
-    assert_eq!(sha256(&out), sha256(source), "restore of {point}");
-}
-
 #[test]
 fn two_proxy_agents_share_the_tasks_and_restores_are_bit_exact() {
     let lab = Lab::new();

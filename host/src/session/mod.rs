@@ -242,7 +242,7 @@ fn run_tasks(
     }
     if !scheduler.usable() {
         return Err(SessionError::Proxy(format!(
-            "no proxy of job '{}' can take tasks: {}",
+            "no proxy of job '{}' can take tasks; start their agents, or check `agent` and `fingerprint` of each [[proxy]] (`arca agent status` tests one): {}",
             job.name,
             unreachable
                 .iter()

@@ -88,7 +88,7 @@ impl Scheduler {
             return None;
         }
         let task = *self.queue.front()?;
-        let avoid = self.avoid.get(&task).cloned().unwrap_or_default();
+        let avoid: &[String] = self.avoid.get(&task).map_or(&[], Vec::as_slice);
         // Avoid only while some proxy in service is not avoided; with none
         // left, any proxy is better than failing.
         let all_avoided = self
@@ -96,10 +96,11 @@ impl Scheduler {
             .iter()
             .filter(|p| p.max > 0)
             .all(|p| avoid.contains(&p.name));
+        let avoided = |p: &Slots| avoid.contains(&p.name);
         let proxy = self
             .proxies
             .iter_mut()
-            .filter(|p| p.free() && (all_avoided || !avoid.contains(&p.name)))
+            .filter(|p| p.free() && (all_avoided || !avoided(p)))
             .min_by(|a, b| {
                 a.load()
                     .total_cmp(&b.load())

@@ -6,8 +6,7 @@
 
 use std::cell::RefCell;
 
-use arca_guestfs::disk::ReadAt;
-use arca_guestfs::guest::{self, Concern};
+use arca_guestfs::guest::Concern;
 use arca_guestfs::settings;
 
 wit_bindgen::generate!({
@@ -18,17 +17,7 @@ wit_bindgen::generate!({
 use arca::pipeline::disk::DiskReader;
 use exports::arca::pipeline::exclude::{DiskInfo, Extent, Guest, Settings};
 
-/// The disk resource as the parsers' reader.
-struct Disk<'a>(&'a DiskReader);
-
-impl ReadAt for Disk<'_> {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, offset: u64, length: u32) -> Result<Vec<u8>, String> {
-        self.0.read(offset, length)
-    }
-}
+arca_guestfs::exclusion_glue!();
 
 use arca_guestfs::glob::Pattern;
 
@@ -63,18 +52,14 @@ impl Guest for Component {
     }
 
     fn excluded_extents(disk: DiskInfo, reader: &DiskReader) -> Result<Vec<Extent>, String> {
-        let found = CONFIG
-            .with_borrow(|config| {
-                guest::excluded(&Disk(reader), &Concern::Paths { patterns: config })
-            })
-            .map_err(|e| format!("exclude-paths: disk `{}`: {e}", disk.name))?;
-        Ok(found
-            .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                length: e.length,
-            })
-            .collect())
+        CONFIG.with_borrow(|config| {
+            excluded(
+                "exclude-paths",
+                &disk,
+                reader,
+                &Concern::Paths { patterns: config },
+            )
+        })
     }
 }
 

@@ -237,17 +237,20 @@ impl TargetLink for QuicLink {
 
 impl Drop for QuicLink {
     fn drop(&mut self) {
-        // For tuning long links: `ARCA_LOG=arca_transport=debug`.
-        let st = self.conn.stats();
-        tracing::debug!(
-            "QUIC link to {}: rtt {:?}, cwnd {} bytes, {} congestion events, {} of {} packets lost",
-            self.conn.remote_address(),
-            st.path.rtt,
-            st.path.cwnd,
-            st.path.congestion_events,
-            st.path.lost_packets,
-            st.path.sent_packets
-        );
+        // For tuning long links: `ARCA_LOG=arca_transport=debug`. The stats
+        // are gathered only when someone reads them.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let st = self.conn.stats();
+            tracing::debug!(
+                "QUIC link to {}: rtt {:?}, cwnd {} bytes, {} congestion events, {} of {} packets lost",
+                self.conn.remote_address(),
+                st.path.rtt,
+                st.path.cwnd,
+                st.path.congestion_events,
+                st.path.lost_packets,
+                st.path.sent_packets
+            );
+        }
         self.conn.close(0u32.into(), b"done");
     }
 }

@@ -363,6 +363,21 @@ mod tests {
             ..Default::default()
         };
         let agent_fp = fingerprint(&agent.cert);
+        let run = |who: &Identity,
+                   task: AssignTask,
+                   rate: watch::Receiver<u64>,
+                   cancel: watch::Receiver<Option<String>>,
+                   on_event: &mut dyn FnMut(SessionEvent)| {
+            run_remote_task(
+                rt.handle(),
+                addr,
+                &agent_fp,
+                who,
+                task,
+                RemoteControl { rate, cancel },
+                on_event,
+            )
+        };
 
         // New rate: the proxy sees it and ends with it.
         let (rate_tx, rate) = watch::channel(1000u64);
@@ -373,15 +388,9 @@ mod tests {
             rate_tx.send(2500).unwrap();
             rate_tx
         });
-        let result = run_remote_task(
-            rt.handle(),
-            addr,
-            &agent_fp,
-            &session,
-            task.clone(),
-            RemoteControl { rate, cancel },
-            &mut |e| events.push(e),
-        )
+        let result = run(&session, task.clone(), rate, cancel, &mut |e| {
+            events.push(e)
+        })
         .unwrap();
         drop(setter.join());
         assert_eq!(result.point_id, "rate-2500", "{result:?}");
@@ -399,16 +408,7 @@ mod tests {
         let (rate_tx, rate) = watch::channel(1000u64);
         rate_tx.send(3000).unwrap();
         let (_cancel_tx, cancel) = watch::channel(None);
-        let result = run_remote_task(
-            rt.handle(),
-            addr,
-            &agent_fp,
-            &session,
-            task.clone(),
-            RemoteControl { rate, cancel },
-            &mut |_| {},
-        )
-        .unwrap();
+        let result = run(&session, task.clone(), rate, cancel, &mut |_| {}).unwrap();
         assert_eq!(result.point_id, "rate-3000", "{result:?}");
 
         // Cancel: the proxy stops and says so.
@@ -421,16 +421,7 @@ mod tests {
                 .unwrap();
             cancel_tx
         });
-        let result = run_remote_task(
-            rt.handle(),
-            addr,
-            &agent_fp,
-            &session,
-            task,
-            RemoteControl { rate, cancel },
-            &mut |_| {},
-        )
-        .unwrap();
+        let result = run(&session, task, rate, cancel, &mut |_| {}).unwrap();
         drop(canceller.join());
         assert!(!result.ok);
         assert_eq!(result.error, "cancelled");
@@ -439,16 +430,7 @@ mod tests {
         let stranger = identity("stranger");
         let (_r, rate) = watch::channel(0u64);
         let (_c, cancel) = watch::channel(None);
-        let err = run_remote_task(
-            rt.handle(),
-            addr,
-            &agent_fp,
-            &stranger,
-            AssignTask::default(),
-            RemoteControl { rate, cancel },
-            &mut |_| {},
-        )
-        .unwrap_err();
+        let err = run(&stranger, AssignTask::default(), rate, cancel, &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
     }
 }
