@@ -12,3 +12,4 @@ pub mod restore;
 pub mod session;
 pub mod source;
 pub mod verify;
+pub mod writeback;

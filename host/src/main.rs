@@ -151,6 +151,7 @@ fn default_home() -> PathBuf {
 }
 
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     // An agent is a service: its log says which session and task each
     // line is about, so it logs task events by default.
@@ -171,6 +172,22 @@ fn main() {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }
+    }
+}
+
+/// Batches are megabytes each, and wasmtime hands every codec result back
+/// in a new buffer. With glibc's defaults such buffers are mapped fresh and
+/// unmapped when freed, so every batch paid a page fault (and a zeroed
+/// page) per 4 KiB: over half of a restore's CPU time went to the kernel.
+/// Serving them from the heap and keeping freed memory for the next batch
+/// took a restore of a 4 GiB disk from 6.8 s to 4.8 s on the development
+/// machine, for 7% more peak memory.
+fn tune_allocator() {
+    // SAFETY: mallopt only changes malloc's thresholds; it is called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 

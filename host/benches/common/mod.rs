@@ -71,21 +71,26 @@ pub fn make_disk(path: &Path, size: u64) -> u64 {
     written
 }
 
-/// Overwrites `total` bytes in runs of 64 KiB to 1 MiB.
-pub fn change_clustered(path: &Path, total: u64, seed: u64) {
+/// Overwrites `total` bytes in runs of 64 KiB to 1 MiB with random data;
+/// returns the runs (offset, bytes) so that a hypervisor's disk can be
+/// given the same writes.
+pub fn change_clustered(path: &Path, total: u64, seed: u64) -> Vec<(u64, Vec<u8>)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     let size = f.metadata().unwrap().len();
     let mut done = 0;
+    let mut runs = Vec::new();
     while done < total {
         let run = rng.random_range(1..=16) * 64 * 1024;
         let at = rng.random_range(0..(size - run) / 4096) * 4096;
         let mut buf = vec![0u8; run as usize];
         rng.fill_bytes(&mut buf);
         f.write_all_at(&buf, at).unwrap();
+        runs.push((at, buf));
         done += run;
     }
     f.sync_all().unwrap();
+    runs
 }
 
 /// The same clustered changes as `change_clustered`, as qemu-io commands

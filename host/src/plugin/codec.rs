@@ -57,12 +57,13 @@ impl Codec {
         ))
     }
 
-    /// Decodes each block and checks that it has exactly its raw length.
+    /// Decodes each block and checks that it has exactly its raw length;
+    /// hands the input back so its buffer can be reused.
     pub fn decompress(
         &mut self,
         input: Blocks,
         raw_lengths: &[u32],
-    ) -> Result<Blocks, PluginError> {
+    ) -> Result<(Blocks, Blocks), PluginError> {
         let batch = Batch {
             data: input.data,
             lengths: input.lengths,
@@ -72,10 +73,16 @@ impl Codec {
                 .call_decompress(s, &batch, raw_lengths)
         })?;
         self.check_shape("decompress", &out, raw_lengths.len(), Some(raw_lengths))?;
-        Ok(Blocks {
-            data: out.data,
-            lengths: out.lengths,
-        })
+        Ok((
+            Blocks {
+                data: out.data,
+                lengths: out.lengths,
+            },
+            Blocks {
+                data: batch.data,
+                lengths: batch.lengths,
+            },
+        ))
     }
 
     fn check_shape(

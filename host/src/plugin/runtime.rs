@@ -134,27 +134,29 @@ pub struct Plugin {
     pub hash: [u8; 32],
     pub component: Arc<Vec<u8>>,
     pub limits: PluginLimits,
+    /// Whether `limits.deadline` is enforced: false only for bounded
+    /// built-ins (`builtin::is_bounded`).
+    pub deadline_enforced: bool,
     pub(super) pre: InstancePre<PluginState>,
     pub(super) engine: Engine,
 }
 
 #[derive(Clone)]
 pub struct PluginRuntime {
+    /// Every call has a deadline, checked at function entries and loop
+    /// headers (epoch interruption).
     engine: Engine,
+    /// For bounded built-ins only (`builtin::is_bounded`): the same
+    /// sandbox and memory cap, without the per-loop checks.
+    bounded: Engine,
     cache_dir: Option<PathBuf>,
 }
 
 impl PluginRuntime {
     /// `cache_dir` keeps compiled components between processes.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config).map_err(|e| PluginError::Load {
-            plugin: "(engine)".into(),
-            message: format!("{e:#}"),
-        })?;
+        let engine = new_engine(true)?;
+        let bounded = new_engine(false)?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("arca-epoch".into())
@@ -166,7 +168,11 @@ impl PluginRuntime {
                 }
             })
             .expect("spawn epoch thread");
-        Ok(Self { engine, cache_dir })
+        Ok(Self {
+            engine,
+            bounded,
+            cache_dir,
+        })
     }
 
     /// Compiles (or loads from the cache) and pre-instantiates a plugin for
@@ -179,8 +185,10 @@ impl PluginRuntime {
         limits: PluginLimits,
     ) -> Result<Plugin, PluginError> {
         let hash = *blake3::hash(&bytes).as_bytes();
-        let component = self.compile(name, &bytes, &hash)?;
-        let mut linker: Linker<PluginState> = Linker::new(&self.engine);
+        let bounded = super::builtin::is_bounded(&hash);
+        let engine = if bounded { &self.bounded } else { &self.engine };
+        let component = self.compile(engine, name, &bytes, &hash)?;
+        let mut linker: Linker<PluginState> = Linker::new(engine);
         let load_err = |e: wasmtime::Error| PluginError::Load {
             plugin: name.to_owned(),
             message: format!("{e:#}"),
@@ -204,21 +212,30 @@ impl PluginRuntime {
             hash,
             component: Arc::new(bytes),
             limits,
+            deadline_enforced: !bounded,
             pre,
-            engine: self.engine.clone(),
+            engine: engine.clone(),
         })
     }
 
-    fn compile(&self, name: &str, bytes: &[u8], hash: &[u8; 32]) -> Result<Component, PluginError> {
+    fn compile(
+        &self,
+        engine: &Engine,
+        name: &str,
+        bytes: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<Component, PluginError> {
         let load_err = |e: wasmtime::Error| PluginError::Load {
             plugin: name.to_owned(),
             message: format!("{e:#}"),
         };
         let Some(dir) = &self.cache_dir else {
-            return Component::new(&self.engine, bytes).map_err(load_err);
+            return Component::new(engine, bytes).map_err(load_err);
         };
+        // The compatibility hash covers the engine's settings, so code
+        // compiled with and without deadline checks never share a file.
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
+        engine.precompile_compatibility_hash().hash(&mut h);
         let path = dir.join(format!(
             "{}-{:016x}.cwasm",
             crate::repository::hex(hash),
@@ -228,14 +245,14 @@ impl PluginRuntime {
             // SAFETY: the file was written by `Component::serialize` of an
             // engine with the same compatibility hash, in a folder only arca
             // writes; a damaged file fails to deserialize and is recompiled.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+            match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::warn!("recompiling plugin '{name}': cached code unusable: {e:#}")
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(load_err)?;
+        let component = Component::new(engine, bytes).map_err(load_err)?;
         if let Ok(serialized) = component.serialize() {
             let _ = std::fs::create_dir_all(dir);
             let tmp = dir.join(format!(
@@ -249,6 +266,26 @@ impl PluginRuntime {
         }
         Ok(component)
     }
+}
+
+fn new_engine(deadlines: bool) -> Result<Engine, PluginError> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(deadlines);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // Linear memories live in a 4 GiB reservation (the default on 64-bit
+    // hosts) and never move, so compiled code may keep the base pointer in
+    // a register across a loop instead of reloading it at every access.
+    config.memory_may_move(false);
+    // Plugin authors profile their stages with `perf record`: with this set,
+    // wasmtime writes /tmp/perf-PID.map naming the compiled functions.
+    if std::env::var_os("ARCA_WASM_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    Engine::new(&config).map_err(|e| PluginError::Load {
+        plugin: "(engine)".into(),
+        message: format!("{e:#}"),
+    })
 }
 
 impl Plugin {

@@ -1,8 +1,22 @@
 //! One chunk file: magic, header length, prost header, coded payload.
 
 use prost::Message;
+use std::io::{self, Write};
+use std::ops::Range;
 
 const MAGIC: &[u8; 8] = b"ARCACHK1";
+pub(super) const TRUNCATED: &str = "chunk header is truncated";
+
+pub(super) fn check_payload_len(header: &ChunkHeader, len: u64) -> Result<(), String> {
+    if len == u64::from(header.payload_len) {
+        Ok(())
+    } else {
+        Err(format!(
+            "payload is {len} bytes, header says {}",
+            header.payload_len
+        ))
+    }
+}
 
 /// Stored beside each payload so that a chunk can be decoded alone.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -25,38 +39,47 @@ pub struct StoredChunk {
 }
 
 impl StoredChunk {
-    pub fn encode(header: &ChunkHeader, payload: &[u8]) -> Vec<u8> {
+    /// Writes a chunk file: the prefix (magic, header length, header), then
+    /// the payload as it is, without first copying both into one buffer.
+    pub fn write(w: &mut impl Write, header: &ChunkHeader, payload: &[u8]) -> io::Result<()> {
         let h = header.encode_to_vec();
-        let mut out = Vec::with_capacity(MAGIC.len() + 4 + h.len() + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(payload);
-        out
+        let mut prefix = Vec::with_capacity(MAGIC.len() + 4 + h.len());
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        prefix.extend_from_slice(&h);
+        w.write_all(&prefix)?;
+        w.write_all(payload)
     }
 
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    /// The header at the start of a chunk file, and the offset of its
+    /// payload; `bytes` need not hold the payload.
+    pub fn parse_prefix(bytes: &[u8]) -> Result<(ChunkHeader, usize), String> {
         if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
             return Err("not a chunk file (bad magic)".into());
         }
         let hlen = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let body = &bytes[12..];
         if hlen > body.len() {
-            return Err("chunk header is truncated".into());
+            return Err(TRUNCATED.into());
         }
         let header =
             ChunkHeader::decode(&body[..hlen]).map_err(|e| format!("chunk header: {e}"))?;
-        let payload = &body[hlen..];
-        if payload.len() != header.payload_len as usize {
-            return Err(format!(
-                "payload is {} bytes, header says {}",
-                payload.len(),
-                header.payload_len
-            ));
-        }
+        Ok((header, 12 + hlen))
+    }
+
+    /// The header of a chunk file's bytes, and where its payload is in them.
+    pub fn parse_in_place(bytes: &[u8]) -> Result<(ChunkHeader, Range<usize>), String> {
+        let (header, start) = Self::parse_prefix(bytes)?;
+        let payload = start..bytes.len();
+        check_payload_len(&header, payload.len() as u64)?;
+        Ok((header, payload))
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let (header, payload) = Self::parse_in_place(bytes)?;
         Ok(Self {
             header,
-            payload: payload.to_vec(),
+            payload: bytes[payload].to_vec(),
         })
     }
 }

@@ -60,6 +60,17 @@ pub enum RepositoryError {
     DanglingReference { point: String, hash: String },
 }
 
+fn chunk_io_err(hash: &ChunkHash, e: io::Error) -> RepositoryError {
+    RepositoryError::Chunk {
+        hash: hex(hash),
+        reason: if e.kind() == io::ErrorKind::NotFound {
+            "missing from the repository".into()
+        } else {
+            e.to_string()
+        },
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RepositoryError + '_ {
     move |source| RepositoryError::Io {
         path: path.to_owned(),
@@ -178,19 +189,86 @@ impl Repository {
     }
 
     pub fn read_chunk(&self, hash: &ChunkHash) -> Result<chunk::StoredChunk, RepositoryError> {
+        let mut bytes = Vec::new();
+        let (header, payload) = self.read_chunk_into(hash, &mut bytes)?;
+        Ok(chunk::StoredChunk {
+            header,
+            payload: bytes[payload].to_vec(),
+        })
+    }
+
+    /// Reads a chunk file into `buf` (replacing what it held, reusing its
+    /// memory): its header, and where its payload is in `buf`.
+    pub fn read_chunk_into(
+        &self,
+        hash: &ChunkHash,
+        buf: &mut Vec<u8>,
+    ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
         let path = self.chunk_path(hash);
-        let bytes = std::fs::read(&path).map_err(|e| RepositoryError::Chunk {
-            hash: hex(hash),
-            reason: if e.kind() == io::ErrorKind::NotFound {
-                "missing from the repository".into()
-            } else {
-                e.to_string()
-            },
-        })?;
-        chunk::StoredChunk::parse(&bytes).map_err(|reason| RepositoryError::Chunk {
+        buf.clear();
+        std::fs::File::open(&path)
+            .and_then(|mut f| io::Read::read_to_end(&mut f, buf))
+            .map_err(|e| chunk_io_err(hash, e))?;
+        chunk::StoredChunk::parse_in_place(buf).map_err(|reason| RepositoryError::Chunk {
             hash: hex(hash),
             reason,
         })
+    }
+
+    /// Reads a chunk's header, then appends its payload to the buffer
+    /// `pick` chooses for that header; returns the header and where the
+    /// payload is in that buffer. The payload goes from the page cache
+    /// straight to where the caller wants it (restore gathers each codec's
+    /// input this way), without passing through another buffer.
+    pub fn read_payload_into<'a>(
+        &self,
+        hash: &ChunkHash,
+        pick: impl FnOnce(&chunk::ChunkHeader) -> &'a mut Vec<u8>,
+    ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
+        use std::io::Read;
+        let bad = |reason: String| RepositoryError::Chunk {
+            hash: hex(hash),
+            reason,
+        };
+        let mut file =
+            std::fs::File::open(self.chunk_path(hash)).map_err(|e| chunk_io_err(hash, e))?;
+        // Headers are tens of bytes; a longer one takes the slow path.
+        let mut head = [0u8; 4096];
+        let mut got = 0;
+        while got < head.len() {
+            match file.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(chunk_io_err(hash, e)),
+            }
+        }
+        let (header, start) = match chunk::StoredChunk::parse_prefix(&head[..got]) {
+            Err(e) if e == chunk::TRUNCATED && got == head.len() => {
+                let mut all = Vec::new();
+                let (header, payload) = self.read_chunk_into(hash, &mut all)?;
+                let dest = pick(&header);
+                let at = dest.len();
+                dest.extend_from_slice(&all[payload]);
+                return Ok((header, at..dest.len()));
+            }
+            other => other.map_err(bad)?,
+        };
+        let dest = pick(&header);
+        let at = dest.len();
+        dest.extend_from_slice(&head[start..got]);
+        let rest = u64::from(header.payload_len).saturating_sub((got - start) as u64);
+        dest.reserve(rest as usize);
+        // One byte more than expected, so a longer file is noticed.
+        (&mut file)
+            .take(rest + 1)
+            .read_to_end(dest)
+            .map_err(|e| chunk_io_err(hash, e))?;
+        if let Err(reason) = chunk::check_payload_len(&header, (dest.len() - at) as u64) {
+            dest.truncate(at);
+            return Err(bad(reason));
+        }
+        Ok((header, at..dest.len()))
     }
 
     /// The codec component with this hash, checked against its address.
@@ -321,3 +399,65 @@ impl Repository {
 
 /// All-zero address: a hole in a manifest.
 pub const HOLE: ChunkHash = [0u8; HASH_LEN];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(repo: &Repository, hash: &ChunkHash, codec: &str, payload: &[u8], claimed: u32) {
+        let path = repo.chunk_path(hash);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let header = chunk::ChunkHeader {
+            codec: codec.into(),
+            codec_hash: Vec::new(),
+            raw_len: 7,
+            payload_len: claimed,
+        };
+        let mut f = std::fs::File::create(path).unwrap();
+        chunk::StoredChunk::write(&mut f, &header, payload).unwrap();
+    }
+
+    #[test]
+    fn payloads_land_where_their_header_says_and_bad_lengths_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (mut stored, mut coded) = (b"kept".to_vec(), Vec::new());
+        let read = |hash: &ChunkHash, stored: &mut Vec<u8>, coded: &mut Vec<u8>| {
+            repo.read_payload_into(hash, |h| if h.codec == "none" { stored } else { coded })
+        };
+
+        // A small payload, one of 100 KiB, and one behind a header longer
+        // than the first read (a codec with a 5000-character name).
+        let big = vec![9u8; 100 << 10];
+        let long_name = "z".repeat(5000);
+        put(&repo, &[1; 32], "none", b"abc", 3);
+        put(&repo, &[2; 32], "zstd", &big, big.len() as u32);
+        put(&repo, &[3; 32], &long_name, b"xyz", 3);
+        let (h, r) = read(&[1; 32], &mut stored, &mut coded).unwrap();
+        assert_eq!((h.codec.as_str(), &stored[r]), ("none", &b"abc"[..]));
+        let (_, r) = read(&[2; 32], &mut stored, &mut coded).unwrap();
+        assert_eq!(&coded[r], &big[..]);
+        let (h, r) = read(&[3; 32], &mut stored, &mut coded).unwrap();
+        assert_eq!((h.codec.len(), &coded[r]), (5000, &b"xyz"[..]));
+        assert_eq!(stored, b"keptabc", "appended after what the buffer held");
+
+        // Payloads shorter or longer than their header says are refused and
+        // leave the buffer as it was.
+        put(&repo, &[4; 32], "none", b"ab", 3);
+        put(&repo, &[5; 32], "none", b"abcd", 3);
+        for (hash, what) in [
+            ([4u8; 32], "payload is 2 bytes"),
+            ([5; 32], "payload is 4 bytes"),
+        ] {
+            let e = read(&hash, &mut stored, &mut coded)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what) && e.contains(&hex(&hash)), "{e}");
+            assert_eq!(stored, b"keptabc");
+        }
+        let e = read(&[6; 32], &mut stored, &mut coded)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing from the repository"), "{e}");
+    }
+}

@@ -1,13 +1,15 @@
 //! The target mover's side of a restore point: stage chunks, then commit.
 //!
-//! Chunks are written to a private staging folder without a sync each, then
-//! one `syncfs` makes them all durable, they are linked into `chunks/`, a
+//! Chunks are written to a private staging folder without a sync each (their
+//! write-back starts at once, `crate::writeback`), then one `syncfs` makes
+//! them all durable, they are linked into `chunks/`, a
 //! second `syncfs` makes the links durable, and only then the manifest is
 //! written and renamed into place. A process killed at any moment therefore
 //! leaves either no restore point or a complete one, and a staging folder
 //! that the next session sweeps.
 
 use super::{Repository, RepositoryError, chunk, hex, io_err, manifest};
+use crate::writeback::WriteBack;
 use arca_transport::{
     ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, HASH_LEN, LinkError,
     RegisterCodec, StoreChunks, TargetMover,
@@ -24,6 +26,7 @@ pub struct PointWriter {
     staging: PathBuf,
     _lock: File,
     state: Mutex<State>,
+    write_back: WriteBack,
 }
 
 #[derive(Default)]
@@ -54,6 +57,7 @@ impl PointWriter {
             staging,
             _lock: lock,
             state: Mutex::new(State::default()),
+            write_back: WriteBack::start(),
         })
     }
 
@@ -212,8 +216,8 @@ impl TargetMover for PointWriter {
             };
             let path = self.staged_chunk(&hash);
             let mut f = File::create(&path).map_err(target_err)?;
-            f.write_all(&chunk::StoredChunk::encode(&header, &c.payload))
-                .map_err(target_err)?;
+            chunk::StoredChunk::write(&mut f, &header, &c.payload).map_err(target_err)?;
+            self.write_back.file(f);
             self.state
                 .lock()
                 .expect("writer state lock")

@@ -7,9 +7,8 @@ use crate::plugin::{Plugin, PluginLimits, PluginRuntime, StageKind};
 use crate::repository::{Repository, hex};
 use arca_transport::ChunkHash;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
-
-type CodecKey = (String, Vec<u8>);
 
 /// Why a chunk could not be returned; names the chunk.
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +51,47 @@ impl CodecBank {
     }
 }
 
-/// One thread's decoder: its own codec instances.
+/// One thread's decoder: its own codec instances, and buffers it reuses
+/// from batch to batch.
 pub struct Decoder {
     bank: CodecBank,
     codecs: HashMap<Vec<u8>, Codec>,
+    /// Payloads stored without a codec, read straight into place.
+    stored: Vec<u8>,
+    /// Codec inputs handed back by the codecs.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Checked plaintexts of a batch of chunks, in the order they were asked
+/// for. Give it back with `Decoder::recycle` so its memory is reused.
+pub struct Plain {
+    /// The stored payloads first, then one decoded buffer per codec call.
+    buffers: Vec<Vec<u8>>,
+    at: Vec<(usize, Range<usize>)>,
+}
+
+impl Plain {
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    pub fn block(&self, i: usize) -> &[u8] {
+        let (b, r) = &self.at[i];
+        &self.buffers[*b][r.clone()]
+    }
+}
+
+/// The chunks of a batch that one codec decodes, gathered for one call.
+struct Group {
+    name: String,
+    codec_hash: Vec<u8>,
+    input: Blocks,
+    raw_lengths: Vec<u32>,
+    members: Vec<usize>,
 }
 
 impl Decoder {
@@ -63,103 +99,150 @@ impl Decoder {
         Self {
             bank,
             codecs: HashMap::new(),
+            stored: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Takes back the buffers of a batch that is written.
+    pub fn recycle(&mut self, plain: Plain) {
+        let mut buffers = plain.buffers.into_iter();
+        if let Some(stored) = buffers.next() {
+            self.stored = stored;
         }
     }
 
     /// Plaintexts of `wanted` chunks, each checked against its address and
     /// its expected length. Chunks that share a codec are decoded in one call.
-    pub fn fetch(&mut self, wanted: &[(ChunkHash, u32)]) -> Result<Vec<Vec<u8>>, ChunkError> {
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; wanted.len()];
-        // (codec name, codec hash) -> (position in `wanted`, payload, raw length)
-        let mut by_codec: HashMap<CodecKey, Vec<(usize, Vec<u8>, u32)>> = HashMap::new();
+    pub fn fetch(&mut self, wanted: &[(ChunkHash, u32)]) -> Result<Plain, ChunkError> {
+        let mut stored = std::mem::take(&mut self.stored);
+        stored.clear();
+        let mut at: Vec<(usize, Range<usize>)> = vec![(0, 0..0); wanted.len()];
+        let mut groups: Vec<Group> = Vec::new();
         for (i, (hash, expected)) in wanted.iter().enumerate() {
             let err = |reason: String| ChunkError {
                 hash: hex(hash),
                 reason,
             };
-            let chunk = self
+            // A chunk stored as it is goes to `stored`, a coded one to its
+            // codec's input: the header says which before the payload is read.
+            let spare = &mut self.spare;
+            let (header, range) = self
                 .bank
                 .repo
-                .read_chunk(hash)
+                .read_payload_into(hash, |h| {
+                    if h.codec == "none" {
+                        return &mut stored;
+                    }
+                    let g = match groups
+                        .iter()
+                        .position(|g| g.name == h.codec && g.codec_hash == h.codec_hash)
+                    {
+                        Some(g) => g,
+                        None => {
+                            let mut data = spare.pop().unwrap_or_default();
+                            data.clear();
+                            groups.push(Group {
+                                name: h.codec.clone(),
+                                codec_hash: h.codec_hash.clone(),
+                                input: Blocks {
+                                    data,
+                                    lengths: Vec::new(),
+                                },
+                                raw_lengths: Vec::new(),
+                                members: Vec::new(),
+                            });
+                            groups.len() - 1
+                        }
+                    };
+                    &mut groups[g].input.data
+                })
                 .map_err(|e| err(strip_prefix(&e.to_string())))?;
-            if chunk.header.raw_len != *expected {
+            if header.raw_len != *expected {
                 return Err(err(format!(
                     "holds {} bytes, the restore point expects {expected}",
-                    chunk.header.raw_len
+                    header.raw_len
                 )));
             }
-            if chunk.header.codec == "none" {
-                out[i] = Some(chunk.payload);
-            } else {
-                by_codec
-                    .entry((chunk.header.codec, chunk.header.codec_hash))
-                    .or_default()
-                    .push((i, chunk.payload, chunk.header.raw_len));
+            if header.codec == "none" {
+                at[i] = (0, range);
+                continue;
             }
+            let g = groups
+                .iter_mut()
+                .find(|g| g.name == header.codec && g.codec_hash == header.codec_hash)
+                .expect("the payload went to its group");
+            g.input.lengths.push(range.len() as u32);
+            g.raw_lengths.push(header.raw_len);
+            g.members.push(i);
         }
-        for ((name, codec_hash), items) in by_codec {
-            let codec = match self.codecs.entry(codec_hash.clone()) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let plugin =
-                        self.bank
-                            .plugin(&name, &codec_hash)
-                            .map_err(|reason| ChunkError {
-                                hash: hex(&wanted[items[0].0].0),
-                                reason,
-                            })?;
-                    v.insert(Codec::new(&plugin, &Vec::new()).map_err(|e| ChunkError {
-                        hash: hex(&wanted[items[0].0].0),
-                        reason: e.to_string(),
-                    })?)
-                }
-            };
-            let mut input = Blocks {
-                data: Vec::new(),
-                lengths: Vec::new(),
-            };
-            let mut raw_lengths = Vec::new();
-            for (_, payload, raw) in &items {
-                input.data.extend_from_slice(payload);
-                input.lengths.push(payload.len() as u32);
-                raw_lengths.push(*raw);
-            }
-            let decoded = match codec.decompress(input, &raw_lengths) {
-                Ok(d) => d,
-                Err(e) if items.len() == 1 => {
-                    return Err(ChunkError {
-                        hash: hex(&wanted[items[0].0].0),
-                        reason: format!("cannot be decoded: {e}"),
-                    });
-                }
-                Err(_) => {
-                    // One bad chunk fails the whole call: retry one by one,
-                    // on a fresh instance, so the error names the damaged one.
-                    self.codecs.remove(&codec_hash);
-                    for (i, _, _) in &items {
-                        out[*i] = Some(self.fetch(std::slice::from_ref(&wanted[*i]))?.remove(0));
-                    }
-                    continue;
-                }
-            };
-            let mut at = 0usize;
-            for ((i, _, _), len) in items.iter().zip(&decoded.lengths) {
-                out[*i] = Some(decoded.data[at..at + *len as usize].to_vec());
-                at += *len as usize;
-            }
+        let mut buffers = vec![stored];
+        for g in groups {
+            self.decode_group(wanted, g, &mut buffers, &mut at)?;
         }
-        let mut plain = Vec::with_capacity(wanted.len());
-        for (i, bytes) in out.into_iter().enumerate() {
-            let bytes = bytes.expect("every wanted chunk was fetched");
-            if blake3::hash(&bytes).as_bytes() != &wanted[i].0 {
+        let plain = Plain { buffers, at };
+        for (i, (hash, _)) in wanted.iter().enumerate() {
+            if blake3::hash(plain.block(i)).as_bytes() != hash {
                 return Err(ChunkError {
-                    hash: hex(&wanted[i].0),
+                    hash: hex(hash),
                     reason: "content does not match its address (damaged)".into(),
                 });
             }
-            plain.push(bytes);
         }
         Ok(plain)
+    }
+
+    fn decode_group(
+        &mut self,
+        wanted: &[(ChunkHash, u32)],
+        g: Group,
+        buffers: &mut Vec<Vec<u8>>,
+        at: &mut [(usize, Range<usize>)],
+    ) -> Result<(), ChunkError> {
+        let first = hex(&wanted[g.members[0]].0);
+        let codec = match self.codecs.entry(g.codec_hash.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let plugin =
+                    self.bank
+                        .plugin(&g.name, &g.codec_hash)
+                        .map_err(|reason| ChunkError {
+                            hash: first.clone(),
+                            reason,
+                        })?;
+                v.insert(Codec::new(&plugin, &Vec::new()).map_err(|e| ChunkError {
+                    hash: first.clone(),
+                    reason: e.to_string(),
+                })?)
+            }
+        };
+        match codec.decompress(g.input, &g.raw_lengths) {
+            Ok((decoded, input)) => {
+                self.spare.push(input.data);
+                let mut from = 0usize;
+                for (&i, &len) in g.members.iter().zip(&decoded.lengths) {
+                    at[i] = (buffers.len(), from..from + len as usize);
+                    from += len as usize;
+                }
+                buffers.push(decoded.data);
+                Ok(())
+            }
+            Err(e) if g.members.len() == 1 => Err(ChunkError {
+                hash: first,
+                reason: format!("cannot be decoded: {e}"),
+            }),
+            Err(_) => {
+                // One bad chunk fails the whole call: retry one by one,
+                // on a fresh instance, so the error names the damaged one.
+                self.codecs.remove(&g.codec_hash);
+                for &i in &g.members {
+                    let one = self.fetch(std::slice::from_ref(&wanted[i]))?;
+                    at[i] = (buffers.len(), 0..one.block(0).len());
+                    buffers.push(one.block(0).to_vec());
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -142,6 +142,10 @@ pub fn restore_to_file(
             .map_err(write_err)?,
     };
 
+    // Workers write through the same descriptor the write-back thread
+    // starts flushing, so the final sync waits only for the tail.
+    let file = std::sync::Arc::new(file);
+    let write_back = crate::writeback::WriteBack::start();
     let geometry = Geometry {
         disk_size: manifest.disk_size,
         block_size: manifest.block_size,
@@ -179,11 +183,23 @@ pub fn restore_to_file(
                             source,
                         })
                         .and_then(|plain| {
-                            for ((i, _), bytes) in batch.iter().zip(&plain) {
+                            for (k, (i, _)) in batch.iter().enumerate() {
+                                let bytes = plain.block(k);
                                 file.write_all_at(bytes, geometry.block_extent(*i).offset)
                                     .map_err(write_err)?;
                                 written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                                 progress(bytes.len() as u64);
+                            }
+                            decoder.recycle(plain);
+                            if let (Some((first, _)), Some((last, _))) =
+                                (batch.first(), batch.last())
+                            {
+                                let from = geometry.block_extent(*first).offset;
+                                write_back.range(
+                                    &file,
+                                    from,
+                                    geometry.block_extent(*last).end() - from,
+                                );
                             }
                             Ok(())
                         });
@@ -196,6 +212,7 @@ pub fn restore_to_file(
             });
         }
     });
+    drop(write_back);
     if let Some(e) = failure.into_inner().expect("failure lock") {
         drop(file);
         if mode == Output::NewRaw {

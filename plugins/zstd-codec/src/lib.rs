@@ -96,11 +96,18 @@ impl Codec {
                 Compressor::new(self.level).map_err(|e| zstd_error("creating a context", e))?,
             ),
         };
-        let mut out = Cursor::new(Vec::with_capacity(batch.data.len() / 2));
+        // Room for the worst case up front: growing the buffer mid-batch
+        // would copy everything coded so far. Untouched capacity costs no
+        // memory, as pages of linear memory are only backed once written.
+        let bound: usize = batch
+            .lengths
+            .iter()
+            .map(|&l| zstd::compress_bound(l as usize))
+            .sum();
+        let mut out = Cursor::new(Vec::with_capacity(bound));
         let mut lengths = Vec::with_capacity(batch.lengths.len());
         for (i, block) in blocks(batch).enumerate() {
             let start = out.get_ref().len();
-            out.get_mut().reserve(zstd::compress_bound(block.len()));
             out.set_position(start as u64);
             let written = compressor
                 .compress_to_buffer(block, &mut out)
