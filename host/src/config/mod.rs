@@ -160,9 +160,8 @@ pub fn default_proxy() -> ProxySettings {
     }
 }
 
+/// Digest change detection and the zstd codec at its own default level.
 pub fn default_pipeline() -> PipelineSettings {
-    let mut codec = toml::Table::new();
-    codec.insert("level".into(), toml::Value::Integer(3));
     PipelineSettings {
         name: DEFAULT_PIPELINE.into(),
         change_detection: StageSettings {
@@ -172,7 +171,7 @@ pub fn default_pipeline() -> PipelineSettings {
         exclusions: Vec::new(),
         codec: StageSettings {
             plugin: "zstd".into(),
-            settings: codec,
+            settings: toml::Table::new(),
         },
     }
 }

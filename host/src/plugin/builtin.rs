@@ -22,7 +22,7 @@ pub const BUILTINS: &[Builtin] = &[
         name: "zstd",
         kind: StageKind::Codec,
         bytes: include_bytes!(concat!(env!("ARCA_PLUGIN_DIR"), "/arca_plugin_zstd.wasm")),
-        summary: "zstd compression, one frame per block (setting: level, default 3)",
+        summary: "zstd compression, one frame per block (setting: level, default 1)",
         bounded: true,
     },
     Builtin {

@@ -96,7 +96,7 @@ fn decompress_rejects_garbage_and_bad_shapes() {
 
 #[test]
 fn settings_are_validated() {
-    assert_eq!(parse_settings(&settings(&[])).unwrap(), 3);
+    assert_eq!(parse_settings(&settings(&[])).unwrap(), 1);
     assert_eq!(parse_settings(&settings(&[("level", "19")])).unwrap(), 19);
     assert_eq!(parse_settings(&settings(&[("level", "-5")])).unwrap(), -5);
     for bad in ["23", "fast", "", "3.5"] {
