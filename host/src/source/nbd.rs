@@ -4,15 +4,18 @@
 //!
 //! Written here because no maintained Rust crate speaks structured replies
 //! and block status (the `nbd` crate predates both); the protocol is the one
-//! in NBD's `proto.md`. One request at a time per connection.
+//! in NBD's `proto.md`. One request at a time per connection; a server that
+//! allows several connections to an export (`NBD_FLAG_CAN_MULTI_CONN`, as
+//! QEMU does for read-only exports) gets up to four, opened as concurrent
+//! readers need them, so that the source mover's analysts read in parallel.
 
 use super::DiskRead;
 use crate::extent::{Extent, normalize};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -34,6 +37,7 @@ const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_BIT: u32 = 1 << 31;
 const INFO_EXPORT: u16 = 0;
+const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 const CMD_READ: u16 = 0;
 const CMD_DISC: u16 = 2;
@@ -58,6 +62,11 @@ const MAX_READ: u64 = 16 << 20;
 const MAX_STATUS: u64 = 1 << 30;
 /// A server that stops answering must not hang a backup forever.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections per client, when the server allows more than one.
+const MAX_CONNS: usize = 4;
+/// A server that takes one client at a time leaves a second connection's
+/// handshake unanswered: after this, the client makes do with what it has.
+const EXTRA_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -76,14 +85,32 @@ pub enum NbdError {
 struct Conn {
     stream: UnixStream,
     next_cookie: u64,
+    /// Metadata context ids, which the server chooses per connection.
+    contexts: HashMap<String, u32>,
+}
+
+/// Idle connections, and how many exist in all.
+struct Pool {
+    idle: Vec<Conn>,
+    open: usize,
+    /// Whether another connection may be opened.
+    grow: bool,
 }
 
 pub struct NbdClient {
-    conn: Mutex<Conn>,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    path: PathBuf,
     socket: String,
     export: String,
+    wanted: Vec<String>,
     size: u64,
-    contexts: HashMap<String, u32>,
+}
+
+/// What a handshake learns besides the connection.
+struct Export {
+    size: u64,
+    multi_conn: bool,
 }
 
 fn rd<const N: usize>(s: &mut impl Read) -> io::Result<[u8; N]> {
@@ -100,6 +127,15 @@ fn rd_u32(s: &mut impl Read) -> io::Result<u32> {
 fn rd_u64(s: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_be_bytes(rd(s)?))
 }
+/// Reads and drops `len` bytes.
+fn skip(s: &mut impl Read, len: usize) -> io::Result<()> {
+    let got = io::copy(&mut s.take(len as u64), &mut io::sink())?;
+    if got < len as u64 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 fn rd_vec(s: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     let mut v = vec![0u8; len];
     s.read_exact(&mut v)?;
@@ -110,111 +146,85 @@ impl NbdClient {
     /// Connects to `export` on a unix socket and asks for the given metadata
     /// contexts (e.g. `base:allocation`, `qemu:dirty-bitmap:bm0`).
     pub fn connect(socket: &Path, export: &str, contexts: &[&str]) -> Result<Self, NbdError> {
-        let sock = socket.display().to_string();
-        let io_err = |source| NbdError::Io {
-            socket: sock.clone(),
-            source,
-        };
-        let mut s = UnixStream::connect(socket).map_err(io_err)?;
-        s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
-        s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
-        let proto = |message: String| NbdError::Protocol {
-            socket: sock.clone(),
-            message,
-        };
-        let refused = |message: String| NbdError::Refused {
-            socket: sock.clone(),
-            export: export.to_owned(),
-            message,
-        };
-
-        if rd_u64(&mut s).map_err(io_err)? != NBDMAGIC
-            || rd_u64(&mut s).map_err(io_err)? != IHAVEOPT
-        {
-            return Err(proto("not an NBD newstyle server".into()));
-        }
-        let flags = rd_u16(&mut s).map_err(io_err)?;
-        if flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto("server does not speak fixed newstyle".into()));
-        }
-        let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES));
-        s.write_all(&client_flags.to_be_bytes()).map_err(io_err)?;
-
-        send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).map_err(io_err)?;
-        let (ty, data) = opt_reply(&mut s, OPT_STRUCTURED_REPLY).map_err(io_err)?;
-        if ty != REP_ACK {
-            return Err(proto(format!(
-                "server refused structured replies: {}",
-                String::from_utf8_lossy(&data)
-            )));
-        }
-
-        let mut ids = HashMap::new();
-        if !contexts.is_empty() {
-            let mut body = Vec::new();
-            body.extend_from_slice(&(export.len() as u32).to_be_bytes());
-            body.extend_from_slice(export.as_bytes());
-            body.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
-            for c in contexts {
-                body.extend_from_slice(&(c.len() as u32).to_be_bytes());
-                body.extend_from_slice(c.as_bytes());
-            }
-            send_opt(&mut s, OPT_SET_META_CONTEXT, &body).map_err(io_err)?;
-            loop {
-                let (ty, data) = opt_reply(&mut s, OPT_SET_META_CONTEXT).map_err(io_err)?;
-                match ty {
-                    REP_META_CONTEXT if data.len() >= 4 => {
-                        let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
-                        ids.insert(String::from_utf8_lossy(&data[4..]).into_owned(), id);
-                    }
-                    REP_ACK => break,
-                    t if t & REP_ERR_BIT != 0 => {
-                        return Err(refused(String::from_utf8_lossy(&data).into_owned()));
-                    }
-                    t => return Err(proto(format!("unexpected reply {t} to SET_META_CONTEXT"))),
-                }
-            }
-            for c in contexts {
-                if !ids.contains_key(*c) {
-                    return Err(refused(format!("metadata context '{c}' is not offered")));
-                }
-            }
-        }
-
-        let mut body = Vec::new();
-        body.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        body.extend_from_slice(export.as_bytes());
-        body.extend_from_slice(&0u16.to_be_bytes());
-        send_opt(&mut s, OPT_GO, &body).map_err(io_err)?;
-        let mut size = None;
-        loop {
-            let (ty, data) = opt_reply(&mut s, OPT_GO).map_err(io_err)?;
-            match ty {
-                REP_INFO
-                    if data.len() >= 12
-                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-                {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8 bytes")));
-                }
-                REP_INFO => {}
-                REP_ACK => break,
-                t if t & REP_ERR_BIT != 0 => {
-                    return Err(refused(String::from_utf8_lossy(&data).into_owned()));
-                }
-                t => return Err(proto(format!("unexpected reply {t} to GO"))),
-            }
-        }
-        let size = size.ok_or_else(|| proto("server sent no export size".into()))?;
+        let (conn, info) = handshake(socket, export, contexts, IO_TIMEOUT)?;
         Ok(Self {
-            conn: Mutex::new(Conn {
-                stream: s,
-                next_cookie: 1,
+            pool: Mutex::new(Pool {
+                idle: vec![conn],
+                open: 1,
+                grow: info.multi_conn,
             }),
-            socket: sock,
+            freed: Condvar::new(),
+            path: socket.to_owned(),
+            socket: socket.display().to_string(),
             export: export.to_owned(),
-            size,
-            contexts: ids,
+            wanted: contexts.iter().map(|c| (*c).to_owned()).collect(),
+            size: info.size,
         })
+    }
+
+    /// Runs `f` on an idle connection, opening another one if none is idle
+    /// and the server allows it. A connection `f` failed on is closed: it
+    /// may be out of step with the server.
+    fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<R, NbdError>,
+    ) -> Result<R, NbdError> {
+        let mut pool = self.pool.lock().expect("nbd pool lock");
+        let mut conn = loop {
+            if let Some(c) = pool.idle.pop() {
+                break c;
+            }
+            if pool.grow && pool.open < MAX_CONNS {
+                pool.open += 1;
+                drop(pool);
+                let wanted: Vec<&str> = self.wanted.iter().map(String::as_str).collect();
+                let extra = handshake(&self.path, &self.export, &wanted, EXTRA_HANDSHAKE_TIMEOUT);
+                pool = self.pool.lock().expect("nbd pool lock");
+                match extra {
+                    Ok((c, _)) => {
+                        tracing::debug!("NBD {}: connection {} opened", self.socket, pool.open);
+                        break c;
+                    }
+                    Err(e) => {
+                        tracing::debug!("NBD {}: no further connection: {e}", self.socket);
+                        pool.open -= 1;
+                        pool.grow = false;
+                        continue;
+                    }
+                }
+            }
+            if pool.open == 0 {
+                // Every connection failed; try once more from scratch.
+                pool.open += 1;
+                drop(pool);
+                let wanted: Vec<&str> = self.wanted.iter().map(String::as_str).collect();
+                return match handshake(&self.path, &self.export, &wanted, IO_TIMEOUT) {
+                    Ok((mut c, _)) => {
+                        let r = f(&mut c);
+                        self.release(r.is_ok().then_some(c));
+                        r
+                    }
+                    Err(e) => {
+                        self.release(None);
+                        Err(e)
+                    }
+                };
+            }
+            pool = self.freed.wait(pool).expect("nbd pool lock");
+        };
+        drop(pool);
+        let r = f(&mut conn);
+        self.release(r.is_ok().then_some(conn));
+        r
+    }
+
+    fn release(&self, conn: Option<Conn>) {
+        let mut pool = self.pool.lock().expect("nbd pool lock");
+        match conn {
+            Some(c) => pool.idle.push(c),
+            None => pool.open -= 1,
+        }
+        self.freed.notify_one();
     }
 
     pub fn size(&self) -> u64 {
@@ -241,30 +251,33 @@ impl NbdClient {
         while done < buf.len() {
             let len = (buf.len() - done).min(MAX_READ as usize);
             let at = offset + done as u64;
-            self.request(CMD_READ, at, len as u32, |ty, payload| match ty {
-                REPLY_OFFSET_DATA => {
-                    let o = u64::from_be_bytes(payload[..8].try_into().map_err(|_| "short chunk")?);
-                    let data = &payload[8..];
-                    let start = o.checked_sub(at).ok_or("data before the request")? as usize;
-                    let dest = buf[done..done + len]
-                        .get_mut(start..start + data.len())
-                        .ok_or("data past the request")?;
-                    dest.copy_from_slice(data);
-                    Ok(())
+            let part = &mut buf[done..done + len];
+            self.request(CMD_READ, at, len as u32, |ty, chunk, s, _| {
+                // Data goes from the socket straight into `part`: no
+                // staging buffer, no copy.
+                let (o, n) = match ty {
+                    REPLY_OFFSET_DATA if chunk >= 8 => (rd_u64(s)?, chunk - 8),
+                    REPLY_OFFSET_HOLE if chunk == 12 => (rd_u64(s)?, rd_u32(s)? as usize),
+                    _ => {
+                        skip(s, chunk)?;
+                        return Ok(Err("unexpected reply chunk to READ"));
+                    }
+                };
+                let Some(dest) = o
+                    .checked_sub(at)
+                    .and_then(|start| part.get_mut(start as usize..start as usize + n))
+                else {
+                    if ty == REPLY_OFFSET_DATA {
+                        skip(s, n)?;
+                    }
+                    return Ok(Err("reply chunk outside the request"));
+                };
+                if ty == REPLY_OFFSET_DATA {
+                    s.read_exact(dest)?;
+                } else {
+                    dest.fill(0);
                 }
-                REPLY_OFFSET_HOLE => {
-                    let o = u64::from_be_bytes(payload[..8].try_into().map_err(|_| "short chunk")?);
-                    let n =
-                        u32::from_be_bytes(payload[8..12].try_into().map_err(|_| "short chunk")?)
-                            as usize;
-                    let start = o.checked_sub(at).ok_or("hole before the request")? as usize;
-                    buf[done..done + len]
-                        .get_mut(start..start + n)
-                        .ok_or("hole past the request")?
-                        .fill(0);
-                    Ok(())
-                }
-                _ => Err("unexpected reply chunk to READ"),
+                Ok(Ok(()))
             })?;
             done += len;
         }
@@ -279,22 +292,28 @@ impl NbdClient {
         offset: u64,
         length: u64,
     ) -> Result<Vec<(Extent, u32)>, NbdError> {
-        let id = *self
-            .contexts
-            .get(context)
-            .ok_or_else(|| self.proto(format!("context '{context}' was not negotiated")))?;
+        if !self.wanted.iter().any(|c| c == context) {
+            return Err(self.proto(format!("context '{context}' was not negotiated")));
+        }
         let end = offset.saturating_add(length).min(self.size);
         let mut out: Vec<(Extent, u32)> = Vec::new();
         let mut at = offset;
         while at < end {
             let len = (end - at).min(MAX_STATUS) as u32;
             let mut got = 0u64;
-            self.request(CMD_BLOCK_STATUS, at, len, |ty, payload| {
+            self.request(CMD_BLOCK_STATUS, at, len, |ty, chunk, s, ids| {
+                let payload = rd_vec(s, chunk)?;
+                let Some(&id) = ids.get(context) else {
+                    return Ok(Err("metadata context missing on this connection"));
+                };
                 if ty != REPLY_BLOCK_STATUS {
-                    return Err("unexpected reply chunk to BLOCK_STATUS");
+                    return Ok(Err("unexpected reply chunk to BLOCK_STATUS"));
                 }
-                if u32::from_be_bytes(payload[..4].try_into().map_err(|_| "short chunk")?) != id {
-                    return Ok(()); // another context's answer
+                let Some(ctx) = payload.get(..4) else {
+                    return Ok(Err("short block status chunk"));
+                };
+                if u32::from_be_bytes(ctx.try_into().expect("4 bytes")) != id {
+                    return Ok(Ok(())); // another context's answer
                 }
                 for d in payload[4..].chunks_exact(8) {
                     let n = u64::from(u32::from_be_bytes(d[..4].try_into().expect("4 bytes")));
@@ -310,7 +329,7 @@ impl NbdClient {
                     }
                     got += n;
                 }
-                Ok(())
+                Ok(Ok(()))
             })?;
             if got == 0 {
                 return Err(self.proto(format!("block status at {at} made no progress")));
@@ -333,16 +352,39 @@ impl NbdClient {
         ))
     }
 
-    /// Sends one request and feeds each reply chunk's payload to `on_chunk`
-    /// until the server says it is done.
+    /// Sends one request and hands each reply chunk to `on_chunk` (its
+    /// type, its length, and the stream to read exactly that many bytes
+    /// from) until the server says it is done. `on_chunk` answers `Err(why)`
+    /// for a chunk it refuses, having consumed it all the same, so the
+    /// connection stays in step.
     fn request(
         &self,
         cmd: u16,
         offset: u64,
         length: u32,
-        mut on_chunk: impl FnMut(u16, &[u8]) -> Result<(), &'static str>,
+        mut on_chunk: impl FnMut(
+            u16,
+            usize,
+            &mut UnixStream,
+            &HashMap<String, u32>,
+        ) -> io::Result<Result<(), &'static str>>,
     ) -> Result<(), NbdError> {
-        let mut conn = self.conn.lock().expect("nbd connection lock");
+        self.with_conn(|conn| self.exchange(conn, cmd, offset, length, &mut on_chunk))
+    }
+
+    fn exchange(
+        &self,
+        conn: &mut Conn,
+        cmd: u16,
+        offset: u64,
+        length: u32,
+        on_chunk: &mut impl FnMut(
+            u16,
+            usize,
+            &mut UnixStream,
+            &HashMap<String, u32>,
+        ) -> io::Result<Result<(), &'static str>>,
+    ) -> Result<(), NbdError> {
         let cookie = conn.next_cookie;
         conn.next_cookie += 1;
         let mut req = Vec::with_capacity(28);
@@ -352,8 +394,9 @@ impl NbdClient {
         req.extend_from_slice(&cookie.to_be_bytes());
         req.extend_from_slice(&offset.to_be_bytes());
         req.extend_from_slice(&length.to_be_bytes());
-        let s = &mut conn.stream;
+        let (s, ids) = (&mut conn.stream, &conn.contexts);
         s.write_all(&req).map_err(self.io_err())?;
+        let mut refused = None;
         loop {
             let magic = rd_u32(s).map_err(self.io_err())?;
             if magic == SIMPLE_REPLY_MAGIC {
@@ -379,8 +422,8 @@ impl NbdClient {
             if len > MAX_READ as usize + 64 {
                 return Err(self.proto(format!("reply chunk of {len} bytes is too large")));
             }
-            let payload = rd_vec(s, len).map_err(self.io_err())?;
             if ty & REPLY_ERROR_BIT != 0 {
+                let payload = rd_vec(s, len).map_err(self.io_err())?;
                 let code = payload
                     .get(..4)
                     .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
@@ -390,25 +433,148 @@ impl NbdClient {
                     .unwrap_or_default();
                 return Err(self.proto(format!("request at {offset} failed (error {code}): {msg}")));
             }
-            if ty != REPLY_NONE {
-                on_chunk(ty, &payload).map_err(|m| self.proto(m.to_owned()))?;
+            if ty == REPLY_NONE {
+                skip(s, len).map_err(self.io_err())?;
+            } else if let Err(why) = on_chunk(ty, len, s, ids).map_err(self.io_err())? {
+                refused.get_or_insert(why);
             }
             if flags & REPLY_FLAG_DONE != 0 {
-                return Ok(());
+                return match refused {
+                    None => Ok(()),
+                    Some(why) => Err(self.proto(why.to_owned())),
+                };
             }
         }
     }
 }
 
+/// Opens a connection to `export` and negotiates structured replies and
+/// the metadata `contexts`; `timeout` bounds each step of the handshake.
+fn handshake(
+    socket: &Path,
+    export: &str,
+    contexts: &[&str],
+    timeout: Duration,
+) -> Result<(Conn, Export), NbdError> {
+    let sock = socket.display().to_string();
+    let io_err = |source| NbdError::Io {
+        socket: sock.clone(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(io_err)?;
+    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    s.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let proto = |message: String| NbdError::Protocol {
+        socket: sock.clone(),
+        message,
+    };
+    let refused = |message: String| NbdError::Refused {
+        socket: sock.clone(),
+        export: export.to_owned(),
+        message,
+    };
+
+    if rd_u64(&mut s).map_err(io_err)? != NBDMAGIC || rd_u64(&mut s).map_err(io_err)? != IHAVEOPT {
+        return Err(proto("not an NBD newstyle server".into()));
+    }
+    let flags = rd_u16(&mut s).map_err(io_err)?;
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(proto("server does not speak fixed newstyle".into()));
+    }
+    let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES));
+    s.write_all(&client_flags.to_be_bytes()).map_err(io_err)?;
+
+    send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).map_err(io_err)?;
+    let (ty, data) = opt_reply(&mut s, OPT_STRUCTURED_REPLY).map_err(io_err)?;
+    if ty != REP_ACK {
+        return Err(proto(format!(
+            "server refused structured replies: {}",
+            String::from_utf8_lossy(&data)
+        )));
+    }
+
+    let mut ids = HashMap::new();
+    if !contexts.is_empty() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        body.extend_from_slice(export.as_bytes());
+        body.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+        for c in contexts {
+            body.extend_from_slice(&(c.len() as u32).to_be_bytes());
+            body.extend_from_slice(c.as_bytes());
+        }
+        send_opt(&mut s, OPT_SET_META_CONTEXT, &body).map_err(io_err)?;
+        loop {
+            let (ty, data) = opt_reply(&mut s, OPT_SET_META_CONTEXT).map_err(io_err)?;
+            match ty {
+                REP_META_CONTEXT if data.len() >= 4 => {
+                    let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+                    ids.insert(String::from_utf8_lossy(&data[4..]).into_owned(), id);
+                }
+                REP_ACK => break,
+                t if t & REP_ERR_BIT != 0 => {
+                    return Err(refused(String::from_utf8_lossy(&data).into_owned()));
+                }
+                t => return Err(proto(format!("unexpected reply {t} to SET_META_CONTEXT"))),
+            }
+        }
+        for c in contexts {
+            if !ids.contains_key(*c) {
+                return Err(refused(format!("metadata context '{c}' is not offered")));
+            }
+        }
+    }
+
+    let mut body = Vec::new();
+    body.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    body.extend_from_slice(export.as_bytes());
+    body.extend_from_slice(&0u16.to_be_bytes());
+    send_opt(&mut s, OPT_GO, &body).map_err(io_err)?;
+    let mut info = None;
+    loop {
+        let (ty, data) = opt_reply(&mut s, OPT_GO).map_err(io_err)?;
+        match ty {
+            REP_INFO
+                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+            {
+                let flags = u16::from_be_bytes([data[10], data[11]]);
+                info = Some(Export {
+                    size: u64::from_be_bytes(data[2..10].try_into().expect("8 bytes")),
+                    multi_conn: flags & FLAG_CAN_MULTI_CONN != 0,
+                });
+            }
+            REP_INFO => {}
+            REP_ACK => break,
+            t if t & REP_ERR_BIT != 0 => {
+                return Err(refused(String::from_utf8_lossy(&data).into_owned()));
+            }
+            t => return Err(proto(format!("unexpected reply {t} to GO"))),
+        }
+    }
+    let info = info.ok_or_else(|| proto("server sent no export size".into()))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
+    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
+    Ok((
+        Conn {
+            stream: s,
+            next_cookie: 1,
+            contexts: ids,
+        },
+        info,
+    ))
+}
+
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        if let Ok(conn) = self.conn.get_mut() {
+        if let Ok(pool) = self.pool.get_mut() {
             let mut req = Vec::with_capacity(28);
             req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
             req.extend_from_slice(&0u16.to_be_bytes());
             req.extend_from_slice(&CMD_DISC.to_be_bytes());
             req.extend_from_slice(&[0u8; 20]);
-            let _ = conn.stream.write_all(&req);
+            for conn in &mut pool.idle {
+                let _ = conn.stream.write_all(&req);
+            }
         }
     }
 }
@@ -520,8 +686,13 @@ mod tests {
         );
     }
 
-    /// qemu-nbd serving a qcow2 image with a dirty bitmap, started here.
     fn serve(dir: &Path) -> (Server, std::path::PathBuf, std::path::PathBuf) {
+        serve_shared(dir, 1)
+    }
+
+    /// qemu-nbd serving a qcow2 image with a dirty bitmap, started here,
+    /// to at most `shared` clients at once.
+    fn serve_shared(dir: &Path, shared: u32) -> (Server, std::path::PathBuf, std::path::PathBuf) {
         let img = dir.join("d.qcow2");
         let sock = dir.join("nbd.sock");
         assert!(
@@ -555,6 +726,7 @@ mod tests {
                 "exp0",
                 "--bitmap=bm0",
                 "-A",
+                &format!("--shared={shared}"),
                 "-k",
             ])
             .arg(&sock)
@@ -613,6 +785,36 @@ mod tests {
             "writes before the bitmap are not dirty: {dirty:?}"
         );
         assert!(total <= (2 << 20) + (1 << 20), "{dirty:?}");
+    }
+
+    #[test]
+    fn concurrent_readers_get_connections_of_their_own_where_the_server_allows() {
+        for (shared, many) in [(4, true), (1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_server, sock, _img) = serve_shared(dir.path(), shared);
+            let c = NbdClient::connect(&sock, "exp0", &["base:allocation"]).unwrap();
+            let start = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        start.wait();
+                        let mut buf = vec![0u8; 2 << 20];
+                        for _ in 0..20 {
+                            c.read(&mut buf, 1 << 20).unwrap();
+                            assert!(buf.iter().all(|b| *b == 0x11));
+                        }
+                    });
+                }
+            });
+            // Block status works on whichever connection serves it: each
+            // has its own context ids.
+            for _ in 0..4 {
+                let data = c.ranges("base:allocation", STATE_HOLE, false).unwrap();
+                assert!(data.contains(&Extent::new(1 << 20, 2 << 20)), "{data:?}");
+            }
+            let open = c.pool.lock().unwrap().open;
+            assert_eq!(open > 1, many, "{open} connections to a server of {shared}");
+        }
     }
 
     #[test]
