@@ -3,14 +3,10 @@
 //!
 //! Builds a disk from real files of this machine (~40% zeros and holes),
 //! runs the real `arca` binary: full backup, 1% clustered change,
-//! incremental, restore; and measures the WASM zstd codec against native
-//! zstd at the same level on the same blocks. Prints MB/s and ratios; never
+//! incremental, restore (the WASM codec against native zstd has its own
+//! benchmark: `cargo bench --bench codec`). Prints MB/s and ratios; never
 //! asserts on time.
 
-use arca::plugin::codec::{Blocks, Codec};
-use arca::plugin::{PluginLimits, PluginRuntime, StageKind, builtin};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -117,7 +113,6 @@ fn main() {
         _ => println!("zstd CLI not found: no reference run"),
     }
 
-    codec_ratio(&disk, data_bytes);
 }
 
 /// Evicts the disk from the page cache so the full backup reads from disk as a
@@ -130,76 +125,6 @@ fn drop_caches_hint(path: &Path) {
     }
 }
 
-/// WASM zstd codec vs native zstd, same level, same 1 MiB blocks, one core.
-fn codec_ratio(disk: &Path, data_bytes: u64) {
-    let sample_len = (256 * MIB).min(data_bytes) as usize;
-    let mut sample = vec![0u8; sample_len];
-    std::fs::File::open(disk)
-        .unwrap()
-        .read_exact_at(&mut sample, 0)
-        .unwrap();
-    let level = 3;
-    let runtime = PluginRuntime::new(None).unwrap();
-    let b = builtin::find("zstd").unwrap();
-    let plugin = runtime
-        .load(
-            b.name,
-            StageKind::Codec,
-            b.bytes.to_vec(),
-            PluginLimits::default(),
-        )
-        .unwrap();
-    let mut codec = Codec::new(&plugin, &vec![("level".into(), level.to_string())]).unwrap();
-    let batch = 8 * MIB as usize;
-
-    // Warm-up, then measure each side twice and keep the best.
-    let mut wasm_best = f64::MAX;
-    let mut wasm_out = 0usize;
-    for _ in 0..3 {
-        let t = Instant::now();
-        wasm_out = 0;
-        for chunk in sample.chunks(batch) {
-            let lengths = chunk.chunks(MIB as usize).map(|c| c.len() as u32).collect();
-            let (coded, _) = codec
-                .compress(Blocks {
-                    data: chunk.to_vec(),
-                    lengths,
-                })
-                .unwrap();
-            wasm_out += coded.data.len();
-        }
-        wasm_best = wasm_best.min(t.elapsed().as_secs_f64());
-    }
-    let mut native_best = f64::MAX;
-    let mut native_out = 0usize;
-    let mut cx = zstd::bulk::Compressor::new(level).unwrap();
-    for _ in 0..3 {
-        let t = Instant::now();
-        native_out = 0;
-        for block in sample.chunks(MIB as usize) {
-            native_out += cx.compress(block).unwrap().len();
-        }
-        native_best = native_best.min(t.elapsed().as_secs_f64());
-    }
-    let mb = sample_len as f64 / 1e6;
-    println!();
-    println!(
-        "zstd level {level} on {} MiB of disk data, 1 MiB blocks, one core:",
-        sample_len as u64 / MIB
-    );
-    println!(
-        "  native: {:>7.0} MB/s, ratio {:.2}",
-        mb / native_best,
-        sample_len as f64 / native_out as f64
-    );
-    println!(
-        "  wasm:   {:>7.0} MB/s, ratio {:.2}",
-        mb / wasm_best,
-        sample_len as f64 / wasm_out as f64
-    );
-    println!("  wasm/native speed: {:.2}", native_best / wasm_best);
-    let _ = std::io::stdout().flush();
-}
 
 /// The same full backup to an `arca agent` on loopback (QUIC, mutual TLS)
 /// into a fresh repository, against the in-process full backup above.
