@@ -112,7 +112,6 @@ fn main() {
         }
         _ => println!("zstd CLI not found: no reference run"),
     }
-
 }
 
 /// Evicts the disk from the page cache so the full backup reads from disk as a
@@ -124,7 +123,6 @@ fn drop_caches_hint(path: &Path) {
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
-
 
 /// The same full backup to an `arca agent` on loopback (QUIC, mutual TLS)
 /// into a fresh repository, against the in-process full backup above.

@@ -10,11 +10,9 @@
 
 mod common;
 
-use common::{MIB, arca, clustered_writes, make_disk, timed_job};
-use std::io::Write;
+use common::{MIB, Vm, arca, clustered_writes, make_disk, timed_job};
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 fn main() {
     let gib: u64 = std::env::var("ARCA_BENCH_GIB")
@@ -45,32 +43,8 @@ fn main() {
         data / MIB
     );
 
-    let qmp = dir.join("qmp.sock");
-    let nbd = dir.join("nbd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=file0",
-            img.display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,file=file0,node-name=disk0")
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .arg("--export")
-        .arg("type=nbd,id=vm,node-name=disk0,name=vm,writable=on")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=qmp0",
-            qmp.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=qmp0")
-        .spawn()
-        .expect("qemu-storage-daemon");
-    while !(qmp.exists() && nbd.exists()) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let vm = Vm::start(&dir, &img);
+    let (qmp, nbd) = (&vm.qmp, &vm.nbd);
 
     let block = std::env::var("ARCA_BENCH_BLOCK").unwrap_or_else(|_| "1MiB".into());
     println!("block size {block}");
@@ -93,21 +67,7 @@ fn main() {
 
     let (full_s, full) = timed_job(&home);
     let writes = clustered_writes(size, size / 100, 7);
-    let mut io = Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(format!("nbd+unix:///vm?socket={}", nbd.display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = io.stdin.take().unwrap();
-        for w in &writes {
-            writeln!(stdin, "{w}").unwrap();
-        }
-        writeln!(stdin, "quit").unwrap();
-    }
-    assert!(io.wait().unwrap().success());
+    vm.qemu_io(&writes);
     let (incr_s, incr) = timed_job(&home);
 
     let read = |r: &serde_json::Value| r["totals"]["read_bytes"].as_u64().unwrap_or(0);
@@ -135,8 +95,7 @@ fn main() {
         incr_s / full_s,
         read(&incr) as f64 / read(&full).max(1) as f64
     );
-    let _ = qsd.kill();
-    let _ = qsd.wait();
+    drop(vm);
 }
 
 fn run(cmd: &str, args: &[&str]) {

@@ -27,12 +27,12 @@
 use std::fmt::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 mod common;
 
-use common::{MIB, change_clustered};
+use common::{MIB, Vm, change_clustered};
 
 /// One measured run of one tool.
 #[derive(serde::Serialize, Clone)]
@@ -224,100 +224,18 @@ fn build_disk(dir: &Path, size: u64) -> PathBuf {
     disk
 }
 
-/// The disk as a live VM: a qemu-storage-daemon serving a qcow2 copy of it,
-/// with a QMP monitor (for arca's fleecing snapshots and dirty bitmaps) and
-/// a writable NBD export (the guest). Stopped when dropped.
-struct Vm {
-    qsd: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-}
-
-impl Vm {
-    fn start(dir: &Path, raw: &Path) -> Vm {
-        let img = dir.join("vm.qcow2");
-        tool(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "qcow2",
-                raw.to_str().unwrap(),
-                img.to_str().unwrap(),
-            ],
-        );
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let qsd = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=file0",
-                img.display()
-            ))
-            .arg("--blockdev")
-            .arg("driver=qcow2,file=file0,node-name=disk0")
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .arg("--export")
-            .arg("type=nbd,id=vm,node-name=disk0,name=vm,writable=on")
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qmp0",
-                qmp.display()
-            ))
-            .arg("--monitor")
-            .arg("chardev=qmp0")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon (qemu-utils)");
-        let vm = Vm { qsd, qmp, nbd };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(vm.qmp.exists() && vm.nbd.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vm
+/// The guest writes `runs` through the VM's export, byte for byte.
+fn write_runs(vm: &Vm, dir: &Path, runs: &[(u64, Vec<u8>)]) {
+    let mut cmds = Vec::new();
+    for (i, (at, bytes)) in runs.iter().enumerate() {
+        let file = dir.join(format!("run{i}.bin"));
+        std::fs::write(&file, bytes).unwrap();
+        cmds.push(format!("write -s {} {at} {}", file.display(), bytes.len()));
     }
-
-    /// The guest writes `runs` through the VM's export.
-    fn write(&self, dir: &Path, runs: &[(u64, Vec<u8>)]) {
-        let mut io = Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(format!("nbd+unix:///vm?socket={}", self.nbd.display()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-io");
-        let mut stdin = io.stdin.take().unwrap();
-        for (i, (at, bytes)) in runs.iter().enumerate() {
-            let file = dir.join(format!("run{i}.bin"));
-            std::fs::write(&file, bytes).unwrap();
-            writeln_to(
-                &mut stdin,
-                &format!("write -s {} {at} {}", file.display(), bytes.len()),
-            );
-        }
-        writeln_to(&mut stdin, "quit");
-        drop(stdin);
-        assert!(io.wait().unwrap().success(), "qemu-io");
-        for i in 0..runs.len() {
-            let _ = std::fs::remove_file(dir.join(format!("run{i}.bin")));
-        }
+    vm.qemu_io(&cmds);
+    for i in 0..runs.len() {
+        let _ = std::fs::remove_file(dir.join(format!("run{i}.bin")));
     }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.qsd.kill();
-        let _ = self.qsd.wait();
-    }
-}
-
-fn writeln_to(w: &mut impl std::io::Write, line: &str) {
-    w.write_all(line.as_bytes()).unwrap();
-    w.write_all(b"\n").unwrap();
 }
 
 /// Reads the whole file so that it is in the page cache. Every backup run
@@ -432,8 +350,18 @@ fn main() {
         // Compile the plugins into the cache before anything is timed.
         let _ = tools.arca(name).arg("plugins").output();
     }
-    let vm = Vm::start(&dir, &disk);
     let vm_image = dir.join("vm.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            disk.to_str().unwrap(),
+            vm_image.to_str().unwrap(),
+        ],
+    );
+    let vm = Vm::start(&dir, &vm_image);
     let cfg = dir.join(format!("{CBT}.toml"));
     std::fs::write(
         &cfg,
@@ -503,7 +431,7 @@ fn main() {
             "full".to_owned()
         } else {
             let writes = change_clustered(&disk, size / 100, 100 + state);
-            vm.write(&dir, &writes);
+            write_runs(&vm, &dir, &writes);
             format!("incremental {state}")
         };
         for name in ARCA_VARIANTS.map(|(n, _)| n).into_iter().chain([CBT]) {

@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -138,4 +139,77 @@ pub fn timed_named_job(home: &Path, job: &str) -> (f64, serde_json::Value) {
         t.elapsed().as_secs_f64(),
         serde_json::from_str(&text).unwrap(),
     )
+}
+
+/// A live VM for arca's QEMU source: a qemu-storage-daemon serving a qcow2
+/// image as block node `disk0`, with a QMP monitor (fleecing snapshots,
+/// dirty bitmaps) and a writable NBD export `vm` (the guest). Stopped when
+/// dropped.
+pub struct Vm {
+    qsd: Child,
+    pub qmp: std::path::PathBuf,
+    pub nbd: std::path::PathBuf,
+}
+
+impl Vm {
+    pub fn start(dir: &Path, img: &Path) -> Vm {
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let qsd = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=file0",
+                img.display()
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,file=file0,node-name=disk0")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .arg("--export")
+            .arg("type=nbd,id=vm,node-name=disk0,name=vm,writable=on")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp0",
+                qmp.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp0")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-utils)");
+        let vm = Vm { qsd, qmp, nbd };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(vm.qmp.exists() && vm.nbd.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vm
+    }
+
+    /// The guest runs qemu-io commands (`write ...`) on its disk.
+    pub fn qemu_io(&self, cmds: &[String]) {
+        let mut io = Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(format!("nbd+unix:///vm?socket={}", self.nbd.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        let mut stdin = io.stdin.take().unwrap();
+        for c in cmds {
+            writeln!(stdin, "{c}").unwrap();
+        }
+        writeln!(stdin, "quit").unwrap();
+        drop(stdin);
+        assert!(io.wait().unwrap().success(), "qemu-io");
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.qsd.kill();
+        let _ = self.qsd.wait();
+    }
 }

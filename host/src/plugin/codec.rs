@@ -16,6 +16,24 @@ pub struct Blocks {
     pub lengths: Vec<u32>,
 }
 
+impl From<Batch> for Blocks {
+    fn from(b: Batch) -> Self {
+        Self {
+            data: b.data,
+            lengths: b.lengths,
+        }
+    }
+}
+
+impl From<Blocks> for Batch {
+    fn from(b: Blocks) -> Self {
+        Self {
+            data: b.data,
+            lengths: b.lengths,
+        }
+    }
+}
+
 impl Codec {
     pub fn new(plugin: &Plugin, settings: &Vec<(String, String)>) -> Result<Self, PluginError> {
         let pre = CompressionPre::new(plugin.pre.clone()).map_err(|e| PluginError::WrongWorld {
@@ -37,24 +55,12 @@ impl Codec {
     /// Compresses each block on its own; returns the coded batch and hands
     /// the input back so its buffer can be reused.
     pub fn compress(&mut self, input: Blocks) -> Result<(Blocks, Blocks), PluginError> {
-        let batch = Batch {
-            data: input.data,
-            lengths: input.lengths,
-        };
+        let batch = Batch::from(input);
         let out = self.inst.call("compress", |b, s| {
             b.arca_pipeline_codec().call_compress(s, &batch)
         })?;
         self.check_shape("compress", &out, batch.lengths.len(), None)?;
-        Ok((
-            Blocks {
-                data: out.data,
-                lengths: out.lengths,
-            },
-            Blocks {
-                data: batch.data,
-                lengths: batch.lengths,
-            },
-        ))
+        Ok((out.into(), batch.into()))
     }
 
     /// Decodes each block and checks that it has exactly its raw length;
@@ -64,25 +70,13 @@ impl Codec {
         input: Blocks,
         raw_lengths: &[u32],
     ) -> Result<(Blocks, Blocks), PluginError> {
-        let batch = Batch {
-            data: input.data,
-            lengths: input.lengths,
-        };
+        let batch = Batch::from(input);
         let out = self.inst.call("decompress", |b, s| {
             b.arca_pipeline_codec()
                 .call_decompress(s, &batch, raw_lengths)
         })?;
         self.check_shape("decompress", &out, raw_lengths.len(), Some(raw_lengths))?;
-        Ok((
-            Blocks {
-                data: out.data,
-                lengths: out.lengths,
-            },
-            Blocks {
-                data: batch.data,
-                lengths: batch.lengths,
-            },
-        ))
+        Ok((out.into(), batch.into()))
     }
 
     fn check_shape(

@@ -369,82 +369,72 @@ impl NbdClient {
             &HashMap<String, u32>,
         ) -> io::Result<Result<(), &'static str>>,
     ) -> Result<(), NbdError> {
-        self.with_conn(|conn| self.exchange(conn, cmd, offset, length, &mut on_chunk))
-    }
-
-    fn exchange(
-        &self,
-        conn: &mut Conn,
-        cmd: u16,
-        offset: u64,
-        length: u32,
-        on_chunk: &mut impl FnMut(
-            u16,
-            usize,
-            &mut UnixStream,
-            &HashMap<String, u32>,
-        ) -> io::Result<Result<(), &'static str>>,
-    ) -> Result<(), NbdError> {
-        let cookie = conn.next_cookie;
-        conn.next_cookie += 1;
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&cmd.to_be_bytes());
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&length.to_be_bytes());
-        let (s, ids) = (&mut conn.stream, &conn.contexts);
-        s.write_all(&req).map_err(self.io_err())?;
-        let mut refused = None;
-        loop {
-            let magic = rd_u32(s).map_err(self.io_err())?;
-            if magic == SIMPLE_REPLY_MAGIC {
-                let error = rd_u32(s).map_err(self.io_err())?;
-                let _cookie = rd_u64(s).map_err(self.io_err())?;
-                if error != 0 {
+        self.with_conn(|conn| {
+            let cookie = conn.next_cookie;
+            conn.next_cookie += 1;
+            let mut req = Vec::with_capacity(28);
+            req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&cmd.to_be_bytes());
+            req.extend_from_slice(&cookie.to_be_bytes());
+            req.extend_from_slice(&offset.to_be_bytes());
+            req.extend_from_slice(&length.to_be_bytes());
+            let (s, ids) = (&mut conn.stream, &conn.contexts);
+            s.write_all(&req).map_err(self.io_err())?;
+            let mut refused = None;
+            loop {
+                let magic = rd_u32(s).map_err(self.io_err())?;
+                if magic == SIMPLE_REPLY_MAGIC {
+                    let error = rd_u32(s).map_err(self.io_err())?;
+                    let _cookie = rd_u64(s).map_err(self.io_err())?;
+                    if error != 0 {
+                        return Err(
+                            self.proto(format!("request at {offset} failed with error {error}"))
+                        );
+                    }
                     return Err(
-                        self.proto(format!("request at {offset} failed with error {error}"))
+                        self.proto("simple reply where a structured one was negotiated".into())
                     );
                 }
-                return Err(self.proto("simple reply where a structured one was negotiated".into()));
+                if magic != STRUCTURED_REPLY_MAGIC {
+                    return Err(self.proto(format!("bad reply magic {magic:#x}")));
+                }
+                let flags = rd_u16(s).map_err(self.io_err())?;
+                let ty = rd_u16(s).map_err(self.io_err())?;
+                let got_cookie = rd_u64(s).map_err(self.io_err())?;
+                let len = rd_u32(s).map_err(self.io_err())? as usize;
+                if got_cookie != cookie {
+                    return Err(self.proto("reply for another request".into()));
+                }
+                if len > MAX_READ as usize + 64 {
+                    return Err(self.proto(format!("reply chunk of {len} bytes is too large")));
+                }
+                if ty & REPLY_ERROR_BIT != 0 {
+                    let payload = rd_vec(s, len).map_err(self.io_err())?;
+                    let code = payload
+                        .get(..4)
+                        .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+                    let msg = payload
+                        .get(6..)
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default();
+                    return Err(
+                        self.proto(format!("request at {offset} failed (error {code}): {msg}"))
+                    );
+                }
+                if ty == REPLY_NONE {
+                    skip(s, len).map_err(self.io_err())?;
+                } else if let Err(why) = on_chunk(ty, len, s, ids).map_err(self.io_err())? {
+                    refused.get_or_insert(why);
+                }
+                if flags & REPLY_FLAG_DONE != 0 {
+                    return match refused {
+                        None => Ok(()),
+                        Some(why) => Err(self.proto(why.to_owned())),
+                    };
+                }
             }
-            if magic != STRUCTURED_REPLY_MAGIC {
-                return Err(self.proto(format!("bad reply magic {magic:#x}")));
-            }
-            let flags = rd_u16(s).map_err(self.io_err())?;
-            let ty = rd_u16(s).map_err(self.io_err())?;
-            let got_cookie = rd_u64(s).map_err(self.io_err())?;
-            let len = rd_u32(s).map_err(self.io_err())? as usize;
-            if got_cookie != cookie {
-                return Err(self.proto("reply for another request".into()));
-            }
-            if len > MAX_READ as usize + 64 {
-                return Err(self.proto(format!("reply chunk of {len} bytes is too large")));
-            }
-            if ty & REPLY_ERROR_BIT != 0 {
-                let payload = rd_vec(s, len).map_err(self.io_err())?;
-                let code = payload
-                    .get(..4)
-                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
-                let msg = payload
-                    .get(6..)
-                    .map(|m| String::from_utf8_lossy(m).into_owned())
-                    .unwrap_or_default();
-                return Err(self.proto(format!("request at {offset} failed (error {code}): {msg}")));
-            }
-            if ty == REPLY_NONE {
-                skip(s, len).map_err(self.io_err())?;
-            } else if let Err(why) = on_chunk(ty, len, s, ids).map_err(self.io_err())? {
-                refused.get_or_insert(why);
-            }
-            if flags & REPLY_FLAG_DONE != 0 {
-                return match refused {
-                    None => Ok(()),
-                    Some(why) => Err(self.proto(why.to_owned())),
-                };
-            }
-        }
+        })
     }
 }
 
