@@ -91,12 +91,13 @@ pub fn verify(
                     let Some((hash, len, points)) = items.get(i) else {
                         return;
                     };
-                    if let Err(e) = decoder.fetch(&[(*hash, *len)]) {
-                        damaged.lock().expect("damaged lock").push(DamagedChunk {
+                    match decoder.fetch(&[(*hash, *len)]) {
+                        Ok(plain) => decoder.recycle(plain),
+                        Err(e) => damaged.lock().expect("damaged lock").push(DamagedChunk {
                             hash: hex(hash),
                             reason: e.reason,
                             restore_points: points.clone(),
-                        });
+                        }),
                     }
                 }
             });

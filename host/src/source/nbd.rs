@@ -194,21 +194,15 @@ impl NbdClient {
                 }
             }
             if pool.open == 0 {
-                // Every connection failed; try once more from scratch.
-                pool.open += 1;
-                drop(pool);
-                let wanted: Vec<&str> = self.wanted.iter().map(String::as_str).collect();
-                return match handshake(&self.path, &self.export, &wanted, IO_TIMEOUT) {
-                    Ok((mut c, _)) => {
-                        let r = f(&mut c);
-                        self.release(r.is_ok().then_some(c));
-                        r
-                    }
-                    Err(e) => {
-                        self.release(None);
-                        Err(e)
-                    }
-                };
+                // Every connection failed; the snapshot is gone or the
+                // server is, and a task reading it must fail, not retry.
+                return Err(NbdError::Io {
+                    socket: self.socket.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "no connection left after an earlier failure",
+                    ),
+                });
             }
             pool = self.freed.wait(pool).expect("nbd pool lock");
         };
@@ -829,5 +823,10 @@ mod tests {
         drop(server);
         let mut buf = vec![0u8; 4096];
         assert!(c.read(&mut buf, 0).is_err());
+        // The failed connection is closed; later reads fail at once.
+        let t = std::time::Instant::now();
+        let e = c.read(&mut buf, 0).unwrap_err().to_string();
+        assert!(e.contains("no connection left"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }
