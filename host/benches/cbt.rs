@@ -10,9 +10,7 @@
 
 mod common;
 
-use common::{MIB, Vm, arca, clustered_writes, make_disk, timed_job};
-
-use std::process::Command;
+use common::{MIB, Vm, arca, clustered_writes, make_disk, timed_job, tool};
 
 fn main() {
     let gib: u64 = std::env::var("ARCA_BENCH_GIB")
@@ -26,7 +24,7 @@ fn main() {
     let raw = dir.join("disk.raw");
     let data = make_disk(&raw, size);
     let img = dir.join("disk.qcow2");
-    run(
+    tool(
         "qemu-img",
         &[
             "convert",
@@ -96,11 +94,4 @@ fn main() {
         read(&incr) as f64 / read(&full).max(1) as f64
     );
     drop(vm);
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    assert!(
-        Command::new(cmd).args(args).status().unwrap().success(),
-        "{cmd} {args:?}"
-    );
 }

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{MIB, Vm, change_clustered};
+use common::{MIB, Vm, change_clustered, tool};
 
 /// One measured run of one tool.
 #[derive(serde::Serialize, Clone)]
@@ -76,19 +76,6 @@ fn measure(tool: &str, run: &str, cmd: &mut Command, log: &Path) -> Run {
         cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
         peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
     }
-}
-
-fn tool(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn random_file(path: &Path, len: u64, seed: u64) {
@@ -279,6 +266,20 @@ impl Tools {
         c
     }
 
+    /// Writes `config` to `<home>.toml`, applies it in arca home `home`, and
+    /// compiles the plugins into its cache before anything is timed.
+    fn configure(&self, home: &str, config: &str) {
+        let path = self.dir.join(format!("{home}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let ok = self
+            .arca(home)
+            .args(["apply", path.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "arca apply {}", path.display());
+        let _ = self.arca(home).arg("plugins").output();
+    }
+
     fn restic(&self) -> Command {
         let mut c = Command::new("restic");
         c.env("RESTIC_PASSWORD", "bench")
@@ -330,25 +331,15 @@ fn main() {
 
     // Set-up, not measured: repositories and configurations.
     for (name, stages) in ARCA_VARIANTS {
-        let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
+        tools.configure(
+            name,
+            &format!(
                 "[[repository]]\nname = \"r\"\npath = \"{}\"\n\n[[vm]]\nname = \"guest\"\ndisks = [\"{}\"]\n\n\
                  [[pipeline]]\nname = \"p\"\n{stages}\n[[job]]\nname = \"bench\"\nvms = [\"guest\"]\nrepository = \"r\"\npipeline = \"p\"\n",
                 dir.join(format!("{name}-repo")).display(),
                 disk.display()
             ),
-        )
-        .unwrap();
-        let ok = tools
-            .arca(name)
-            .args(["apply", cfg.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        // Compile the plugins into the cache before anything is timed.
-        let _ = tools.arca(name).arg("plugins").output();
+        );
     }
     let vm_image = dir.join("vm.qcow2");
     tool(
@@ -362,10 +353,9 @@ fn main() {
         ],
     );
     let vm = Vm::start(&dir, &vm_image);
-    let cfg = dir.join(format!("{CBT}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
+    tools.configure(
+        CBT,
+        &format!(
             "[[repository]]\nname = \"r\"\npath = \"{}\"\n\n[[hypervisor]]\nname = \"q\"\nqmp = \"{}\"\nnbd = \"{}\"\n\n\
              [[vm]]\nname = \"guest\"\nhypervisor = \"q\"\ndisks = [{{ node = \"disk0\" }}]\n\n\
              [[job]]\nname = \"bench\"\nvms = [\"guest\"]\nrepository = \"r\"\n",
@@ -373,17 +363,7 @@ fn main() {
             vm.qmp.display(),
             vm.nbd.display()
         ),
-    )
-    .unwrap();
-    assert!(
-        tools
-            .arca(CBT)
-            .args(["apply", cfg.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
     );
-    let _ = tools.arca(CBT).arg("plugins").output();
     let ok = tools
         .restic()
         .args(["init", "--repository-version", "2"])
@@ -519,10 +499,9 @@ fn parallel_disks(tools: &Tools, disk: &Path) -> Run {
         );
         list.push(format!("\"{}\"", copy.display()));
     }
-    let cfg = tools.dir.join("parallel.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    tools.configure(
+        "parallel",
+        &format!(
             "[[repository]]\nname = \"r\"\npath = \"{}\"\nmax_tasks = {n}\n\n\
              [[proxy]]\nname = \"local\"\nmax_tasks = {n}\n\n\
              [[vm]]\nname = \"four\"\ndisks = [{}]\n\n\
@@ -530,14 +509,7 @@ fn parallel_disks(tools: &Tools, disk: &Path) -> Run {
             tools.dir.join("parallel-repo").display(),
             list.join(", ")
         ),
-    )
-    .unwrap();
-    let ok = tools
-        .arca("parallel")
-        .args(["apply", cfg.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    );
     let mut c = tools.arca("parallel");
     c.args(["job", "run", "four", "--json"]);
     let run = measure(

@@ -112,6 +112,20 @@ pub fn clustered_writes(size: u64, total: u64, seed: u64) -> Vec<String> {
     out
 }
 
+/// Runs a system tool (sbin included in its PATH); insists it succeeds.
+pub fn tool(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs the real `arca` binary with its state in `home`; insists it succeeds.
 pub fn arca(home: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_arca"))

@@ -279,9 +279,7 @@ fn coder_loop(
             return Err(TaskError::Cancelled);
         }
         let bytes = analyzed.batch.data.len() as u64;
-        for spent in code(sh, &mut codec, analyzed, &mut totals)? {
-            buffers.give(spent);
-        }
+        code(sh, &mut codec, analyzed, &mut totals, buffers)?;
         (sh.progress)(bytes);
     }
     Ok(totals)
@@ -403,14 +401,15 @@ fn analyze(
     })
 }
 
-/// Compresses and sends a batch's missing blocks; returns the buffers it is
-/// done with.
+/// Compresses and sends a batch's missing blocks; hands the buffers it is
+/// done with back to the analysts.
 fn code(
     sh: &Shared<'_>,
     codec: &mut Codec,
     analyzed: AnalyzedBatch,
     totals: &mut Totals,
-) -> Result<Vec<Vec<u8>>, TaskError> {
+    buffers: &Buffers,
+) -> Result<(), TaskError> {
     let AnalyzedBatch {
         batch,
         offsets,
@@ -419,12 +418,12 @@ fn code(
     } = analyzed;
     let block = |k: usize| offsets[k]..offsets[k + 1];
     if missing.is_empty() {
-        return Ok(vec![batch.data]);
+        buffers.give(batch.data);
+        return Ok(());
     }
     // Every block missing (a first backup): the batch is the codec's
     // input as it is; otherwise gather the missing blocks, and the
     // batch's buffer is done with.
-    let mut spent = Vec::with_capacity(2);
     let raw = if missing.len() == batch.lengths.len() {
         Blocks {
             data: batch.data,
@@ -439,18 +438,17 @@ fn code(
             raw.data.extend_from_slice(&batch.data[block(k)]);
             raw.lengths.push(batch.lengths[k]);
         }
-        spent.push(batch.data);
+        buffers.give(batch.data);
         raw
     };
     let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
-    let raw_data = &raw.data;
     let plugin = codec.plugin();
     let mut chunks = Vec::with_capacity(missing.len());
     let (mut raw_at, mut coded_at) = (0usize, 0usize);
     for (i, &k) in missing.iter().enumerate() {
         let raw_len = raw.lengths[i] as usize;
         let coded_len = coded.lengths[i] as usize;
-        let raw_bytes = &raw_data[raw_at..raw_at + raw_len];
+        let raw_bytes = &raw.data[raw_at..raw_at + raw_len];
         let coded_bytes = &coded.data[coded_at..coded_at + coded_len];
         raw_at += raw_len;
         coded_at += coded_len;
@@ -479,8 +477,8 @@ fn code(
     }
     sh.clock
         .time("transfer", || sh.link.store(StoreChunks { chunks }))?;
-    spent.push(raw.data);
-    Ok(spent)
+    buffers.give(raw.data);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ mod tests {
         runtime
             .load(name, kind, bytes, PluginLimits::default())
             .unwrap()
-            .deadline_enforced
+            .deadline_enforced()
     }
 
     #[test]

@@ -134,9 +134,6 @@ pub struct Plugin {
     pub hash: [u8; 32],
     pub component: Arc<Vec<u8>>,
     pub limits: PluginLimits,
-    /// Whether `limits.deadline` is enforced: false only for bounded
-    /// built-ins (`builtin::is_bounded`).
-    pub deadline_enforced: bool,
     pub(super) pre: InstancePre<PluginState>,
     pub(super) engine: Engine,
 }
@@ -212,7 +209,6 @@ impl PluginRuntime {
             hash,
             component: Arc::new(bytes),
             limits,
-            deadline_enforced: !bounded,
             pre,
             engine: engine.clone(),
         })
@@ -289,6 +285,12 @@ fn new_engine(deadlines: bool) -> Result<Engine, PluginError> {
 }
 
 impl Plugin {
+    /// Whether `limits.deadline` is enforced: not for bounded built-ins
+    /// (`builtin::is_bounded`), which run on the engine without checks.
+    pub fn deadline_enforced(&self) -> bool {
+        !super::builtin::is_bounded(&self.hash)
+    }
+
     /// A fresh store for one task and stage.
     pub(super) fn new_store(&self) -> Store<PluginState> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);

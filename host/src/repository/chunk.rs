@@ -5,7 +5,6 @@ use std::io::{self, Write};
 use std::ops::Range;
 
 const MAGIC: &[u8; 8] = b"ARCACHK1";
-pub(super) const TRUNCATED: &str = "chunk header is truncated";
 
 pub(super) fn check_payload_len(header: &ChunkHeader, len: u64) -> Result<(), String> {
     if len == u64::from(header.payload_len) {
@@ -52,24 +51,26 @@ impl StoredChunk {
     }
 
     /// The header at the start of a chunk file, and the offset of its
-    /// payload; `bytes` need not hold the payload.
-    pub fn parse_prefix(bytes: &[u8]) -> Result<(ChunkHeader, usize), String> {
+    /// payload; `bytes` need not hold the payload. `Ok(None)`: the header
+    /// goes on past `bytes`.
+    pub fn parse_prefix(bytes: &[u8]) -> Result<Option<(ChunkHeader, usize)>, String> {
         if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
             return Err("not a chunk file (bad magic)".into());
         }
         let hlen = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let body = &bytes[12..];
         if hlen > body.len() {
-            return Err(TRUNCATED.into());
+            return Ok(None);
         }
         let header =
             ChunkHeader::decode(&body[..hlen]).map_err(|e| format!("chunk header: {e}"))?;
-        Ok((header, 12 + hlen))
+        Ok(Some((header, 12 + hlen)))
     }
 
     /// The header of a chunk file's bytes, and where its payload is in them.
     pub fn parse_in_place(bytes: &[u8]) -> Result<(ChunkHeader, Range<usize>), String> {
-        let (header, start) = Self::parse_prefix(bytes)?;
+        let (header, start) =
+            Self::parse_prefix(bytes)?.ok_or("chunk header is truncated".to_owned())?;
         let payload = start..bytes.len();
         check_payload_len(&header, payload.len() as u64)?;
         Ok((header, payload))

@@ -243,8 +243,9 @@ impl Repository {
                 Err(e) => return Err(chunk_io_err(hash, e)),
             }
         }
-        let (header, start) = match chunk::StoredChunk::parse_prefix(&head[..got]) {
-            Err(e) if e == chunk::TRUNCATED && got == head.len() => {
+        let (header, start) = match chunk::StoredChunk::parse_prefix(&head[..got]).map_err(bad)? {
+            Some(prefix) => prefix,
+            None if got == head.len() => {
                 let mut all = Vec::new();
                 let (header, payload) = self.read_chunk_into(hash, &mut all)?;
                 let dest = pick(&header);
@@ -252,7 +253,7 @@ impl Repository {
                 dest.extend_from_slice(&all[payload]);
                 return Ok((header, at..dest.len()));
             }
-            other => other.map_err(bad)?,
+            None => return Err(bad("chunk header is truncated".into())),
         };
         let dest = pick(&header);
         let at = dest.len();

@@ -4,6 +4,7 @@
 
 use crate::plugin::codec::{Blocks, Codec};
 use crate::plugin::{Plugin, PluginLimits, PluginRuntime, StageKind};
+use crate::repository::chunk::ChunkHeader;
 use crate::repository::{Repository, hex};
 use arca_transport::ChunkHash;
 use std::collections::HashMap;
@@ -71,14 +72,6 @@ pub struct Plain {
 }
 
 impl Plain {
-    pub fn len(&self) -> usize {
-        self.at.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
-    }
-
     pub fn block(&self, i: usize) -> &[u8] {
         let (b, r) = &self.at[i];
         &self.buffers[*b][r.clone()]
@@ -92,6 +85,32 @@ struct Group {
     input: Blocks,
     raw_lengths: Vec<u32>,
     members: Vec<usize>,
+}
+
+impl Group {
+    /// The index of the group for `h`'s codec, added (with a spare input
+    /// buffer) if the batch has none yet.
+    fn find_or_add(groups: &mut Vec<Group>, spare: &mut Vec<Vec<u8>>, h: &ChunkHeader) -> usize {
+        if let Some(g) = groups
+            .iter()
+            .position(|g| g.name == h.codec && g.codec_hash == h.codec_hash)
+        {
+            return g;
+        }
+        let mut data = spare.pop().unwrap_or_default();
+        data.clear();
+        groups.push(Group {
+            name: h.codec.clone(),
+            codec_hash: h.codec_hash.clone(),
+            input: Blocks {
+                data,
+                lengths: Vec::new(),
+            },
+            raw_lengths: Vec::new(),
+            members: Vec::new(),
+        });
+        groups.len() - 1
+    }
 }
 
 impl Decoder {
@@ -125,8 +144,8 @@ impl Decoder {
                 reason,
             };
             // A chunk stored as it is goes to `stored`, a coded one to its
-            // codec's input: the header says which before the payload is read.
-            let spare = &mut self.spare;
+            // codec's group: the header says which before the payload is read.
+            let mut group = None;
             let (header, range) = self
                 .bank
                 .repo
@@ -134,27 +153,8 @@ impl Decoder {
                     if h.codec == "none" {
                         return &mut stored;
                     }
-                    let g = match groups
-                        .iter()
-                        .position(|g| g.name == h.codec && g.codec_hash == h.codec_hash)
-                    {
-                        Some(g) => g,
-                        None => {
-                            let mut data = spare.pop().unwrap_or_default();
-                            data.clear();
-                            groups.push(Group {
-                                name: h.codec.clone(),
-                                codec_hash: h.codec_hash.clone(),
-                                input: Blocks {
-                                    data,
-                                    lengths: Vec::new(),
-                                },
-                                raw_lengths: Vec::new(),
-                                members: Vec::new(),
-                            });
-                            groups.len() - 1
-                        }
-                    };
+                    let g = Group::find_or_add(&mut groups, &mut self.spare, h);
+                    group = Some(g);
                     &mut groups[g].input.data
                 })
                 .map_err(|e| err(strip_prefix(&e.to_string())))?;
@@ -164,14 +164,11 @@ impl Decoder {
                     header.raw_len
                 )));
             }
-            if header.codec == "none" {
+            let Some(g) = group else {
                 at[i] = (0, range);
                 continue;
-            }
-            let g = groups
-                .iter_mut()
-                .find(|g| g.name == header.codec && g.codec_hash == header.codec_hash)
-                .expect("the payload went to its group");
+            };
+            let g = &mut groups[g];
             g.input.lengths.push(range.len() as u32);
             g.raw_lengths.push(header.raw_len);
             g.members.push(i);

@@ -177,8 +177,12 @@ impl NbdClient {
             if pool.grow && pool.open < MAX_CONNS {
                 pool.open += 1;
                 drop(pool);
-                let wanted: Vec<&str> = self.wanted.iter().map(String::as_str).collect();
-                let extra = handshake(&self.path, &self.export, &wanted, EXTRA_HANDSHAKE_TIMEOUT);
+                let extra = handshake(
+                    &self.path,
+                    &self.export,
+                    &self.wanted,
+                    EXTRA_HANDSHAKE_TIMEOUT,
+                );
                 pool = self.pool.lock().expect("nbd pool lock");
                 match extra {
                     Ok((c, _)) => {
@@ -200,7 +204,9 @@ impl NbdClient {
                     socket: self.socket.clone(),
                     source: io::Error::new(
                         io::ErrorKind::NotConnected,
-                        "no connection left after an earlier failure",
+                        "no connection left after an earlier failure (the error before \
+                         this one says what failed); the task fails, and the next session \
+                         reads a new snapshot",
                     ),
                 });
             }
@@ -437,7 +443,7 @@ impl NbdClient {
 fn handshake(
     socket: &Path,
     export: &str,
-    contexts: &[&str],
+    contexts: &[impl AsRef<str>],
     timeout: Duration,
 ) -> Result<(Conn, Export), NbdError> {
     let sock = socket.display().to_string();
@@ -483,7 +489,7 @@ fn handshake(
         body.extend_from_slice(&(export.len() as u32).to_be_bytes());
         body.extend_from_slice(export.as_bytes());
         body.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
-        for c in contexts {
+        for c in contexts.iter().map(AsRef::as_ref) {
             body.extend_from_slice(&(c.len() as u32).to_be_bytes());
             body.extend_from_slice(c.as_bytes());
         }
@@ -502,8 +508,8 @@ fn handshake(
                 t => return Err(proto(format!("unexpected reply {t} to SET_META_CONTEXT"))),
             }
         }
-        for c in contexts {
-            if !ids.contains_key(*c) {
+        for c in contexts.iter().map(AsRef::as_ref) {
+            if !ids.contains_key(c) {
                 return Err(refused(format!("metadata context '{c}' is not offered")));
             }
         }
