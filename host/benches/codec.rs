@@ -98,6 +98,7 @@ fn main() {
         }
         coded_batches.push(batches);
     }
+    check_round_trips(&sample, &mut sides, &coded_batches, &mut dx);
 
     for _ in 0..rounds {
         for (i, side) in sides.iter_mut().enumerate() {
@@ -164,6 +165,35 @@ fn main() {
         );
     }
     let _ = std::io::stdout().flush();
+}
+
+/// Speed means nothing for a codec that loses data (a patched build, say):
+/// once, before timing, every codec must give the sample back, and native
+/// zstd must read what it wrote block by block.
+fn check_round_trips(
+    sample: &[u8],
+    sides: &mut [Side],
+    coded_batches: &[Vec<(Blocks, Vec<u32>)>],
+    dx: &mut zstd::bulk::Decompressor<'_>,
+) {
+    for (side, batches) in sides.iter_mut().zip(coded_batches).skip(1) {
+        let codec = side.codec.as_mut().unwrap();
+        for ((coded, raw), original) in batches.iter().zip(sample.chunks(BATCH)) {
+            let copy = Blocks {
+                data: coded.data.clone(),
+                lengths: coded.lengths.clone(),
+            };
+            let (plain, _) = codec.decompress(copy, raw).unwrap();
+            assert!(plain.data == original, "{}: round trip differs", side.name);
+            let mut at = 0;
+            for (len, block) in coded.lengths.iter().zip(original.chunks(MIB)) {
+                let frame = &coded.data[at..at + *len as usize];
+                at += *len as usize;
+                let native = dx.decompress(frame, MIB).unwrap();
+                assert!(native == block, "{}: native zstd reads it wrong", side.name);
+            }
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {

@@ -22,6 +22,8 @@ fn full_then_incremental_restore_each_point_bit_exact() {
         .to_owned();
     assert!(full["tasks"][0]["parent_point"].is_null());
     assert!(full["totals"]["stored_bytes"].as_u64().unwrap() > 0);
+    // A first backup copies every block into the codec anyway: no map.
+    assert_eq!(full["tasks"][0]["stats"]["mapped_bytes"].as_u64(), Some(0));
 
     change_disk(&disk, 8, 64 * 1024, 2);
     let sha_incr = sha256(&disk);
@@ -41,6 +43,9 @@ fn full_then_incremental_restore_each_point_bit_exact() {
         stats["unchanged_bytes"].as_u64().unwrap() > 10 * MIB,
         "{stats:#}"
     );
+    // The incremental hashed the raw image in its map, copying out only
+    // the blocks it stored; the restore below shows they were the right ones.
+    assert_eq!(stats["mapped_bytes"], stats["read_bytes"], "{stats:#}");
     assert!(
         incr["totals"]["stored_bytes"].as_u64().unwrap()
             < full["totals"]["stored_bytes"].as_u64().unwrap() / 2

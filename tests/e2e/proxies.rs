@@ -132,6 +132,11 @@ fn two_proxy_agents_share_the_tasks_and_restores_are_bit_exact() {
             t["stats"]["unchanged_bytes"].as_u64().unwrap() > 0,
             "incremental on the proxy: {t:#}"
         );
+        // The proxy maps the raw snapshot it reads, as a local task does.
+        assert_eq!(
+            t["stats"]["mapped_bytes"], t["stats"]["read_bytes"],
+            "{t:#}"
+        );
     }
     for t in r2["tasks"].as_array().unwrap() {
         let i: usize = match (t["vm"].as_str().unwrap(), t["disk"].as_str().unwrap()) {

@@ -144,7 +144,7 @@ impl ProxyRole {
 
 fn open_disk(at: &DiskLocator) -> Result<Arc<dyn DiskRead>, String> {
     if !at.path.is_empty() {
-        return RawImage::open(Path::new(&at.path))
+        return RawImage::open_mapped(Path::new(&at.path))
             .map(|d| Arc::new(d) as Arc<dyn DiskRead>)
             .map_err(|e| e.to_string());
     }

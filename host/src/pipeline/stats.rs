@@ -45,6 +45,9 @@ pub struct TaskStats {
     pub disk_bytes: u64,
     /// Read from the snapshot.
     pub read_bytes: u64,
+    /// Of those, hashed in place in the disk's memory map, without a copy.
+    #[serde(default)]
+    pub mapped_bytes: u64,
     /// Never read: unallocated in the source.
     pub hole_bytes: u64,
     /// Read, found to be all zeros, not stored.
@@ -79,6 +82,7 @@ impl TaskStats {
 
     pub(super) fn absorb(&mut self, t: &super::worker::Totals) {
         self.read_bytes += t.read_bytes;
+        self.mapped_bytes += t.mapped_bytes;
         self.zero_bytes += t.zero_bytes;
         self.unchanged_bytes += t.unchanged_bytes;
         self.new_bytes += t.new_bytes;
@@ -91,6 +95,7 @@ impl TaskStats {
     pub fn merge(&mut self, o: &TaskStats) {
         self.disk_bytes += o.disk_bytes;
         self.read_bytes += o.read_bytes;
+        self.mapped_bytes += o.mapped_bytes;
         self.hole_bytes += o.hole_bytes;
         self.zero_bytes += o.zero_bytes;
         self.excluded_bytes += o.excluded_bytes;

@@ -3,7 +3,8 @@
 //! Analysts take batches in disk order and read them (several reads in
 //! flight: one thread cannot copy a page cache or a fast disk at full
 //! speed), zero excluded ranges, test for zeros, hash, classify and ask the
-//! target which chunks it lacks;
+//! target which chunks it lacks. An incremental of a mapped disk hashes
+//! the map in place and copies out only the blocks that changed;
 //! coders (one codec instance each, so a single disk uses every core)
 //! compress what is missing and send it. The dedup query is a round trip to
 //! the repository: with analysts ahead of the coders, several queries are in
@@ -14,6 +15,7 @@ use crate::extent::{Extent, Geometry, ranges_within};
 use crate::plugin::Plugin;
 use crate::plugin::codec::{Blocks, Codec};
 use crate::plugin::detect::Detector;
+use crate::source::mapped::MappedFile;
 use arca_transport::{Chunk, ChunkHash, ChunkQuery, HASH_LEN, Manifest, StoreChunks, TargetLink};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Mutex;
@@ -42,6 +44,7 @@ pub(super) struct BatchSpan {
 #[derive(Debug, Default)]
 pub(super) struct Totals {
     pub read_bytes: u64,
+    pub mapped_bytes: u64,
     pub zero_bytes: u64,
     pub unchanged_bytes: u64,
     pub new_bytes: u64,
@@ -54,6 +57,7 @@ pub(super) struct Totals {
 impl Totals {
     fn add(&mut self, o: &Totals) {
         self.read_bytes += o.read_bytes;
+        self.mapped_bytes += o.mapped_bytes;
         self.zero_bytes += o.zero_bytes;
         self.unchanged_bytes += o.unchanged_bytes;
         self.new_bytes += o.new_bytes;
@@ -64,10 +68,12 @@ impl Totals {
     }
 }
 
-struct ReadBatch {
+struct ReadBatch<'s> {
     first: u64,
     lengths: Vec<u32>,
     data: Vec<u8>,
+    /// The batch in the disk's map, not yet copied (`data` is then empty).
+    mapped: Option<&'s [u8]>,
 }
 
 /// Batch buffers, handed back by the coders for the analysts' next reads.
@@ -108,8 +114,9 @@ const QUERIES_AHEAD: usize = 2;
 
 /// A batch that is hashed and classified, with the blocks the repository
 /// lacks: what a coder compresses and sends.
-struct AnalyzedBatch {
-    batch: ReadBatch,
+struct AnalyzedBatch<'s> {
+    /// Owned: analysis copies out of the map what the coders need.
+    batch: ReadBatch<'s>,
     offsets: Vec<usize>,
     digests: Vec<Option<ChunkHash>>,
     missing: Vec<usize>,
@@ -208,40 +215,75 @@ pub(super) fn run_batches(
     })
 }
 
-fn read_span(sh: &Shared<'_>, span: BatchSpan, buffers: &Buffers) -> Result<ReadBatch, TaskError> {
+/// The disk's map, where reading a span through it pays: in an incremental
+/// most blocks are only hashed, which the map allows without a copy. Not in
+/// a first backup (every block is copied into the codec anyway), nor for a
+/// span an exclusion touches (exclusions are zeroed in place).
+fn map_for<'s>(sh: &Shared<'s>, start: u64, length: u64) -> Option<&'s MappedFile> {
+    sh.previous?;
+    let map = sh.input.disk.mapped()?;
+    ranges_within(
+        sh.excluded,
+        Extent {
+            offset: start,
+            length,
+        },
+    )
+    .is_empty()
+    .then_some(map)
+}
+
+fn read_span<'s>(
+    sh: &Shared<'s>,
+    span: BatchSpan,
+    buffers: &Buffers,
+) -> Result<ReadBatch<'s>, TaskError> {
     let start = sh.geometry.block_extent(span.first).offset;
     let lengths: Vec<u32> = (span.first..span.first + span.count)
         .map(|i| sh.geometry.block_extent(i).length as u32)
         .collect();
     let total: usize = lengths.iter().map(|l| *l as usize).sum();
+    let read_err = |offset, source| TaskError::Read {
+        disk: sh.input.label(),
+        offset,
+        source,
+    };
+    if let Some(map) = map_for(sh, start, total as u64) {
+        let bytes = sh
+            .clock
+            .time("read", || map.range(start, total))
+            .map_err(|e| read_err(start, e))?;
+        return Ok(ReadBatch {
+            first: span.first,
+            lengths,
+            data: Vec::new(),
+            mapped: Some(bytes),
+        });
+    }
     let mut data = buffers.take(total);
     let got = sh
         .clock
         .time("read", || sh.input.disk.read_at(&mut data, start))
-        .map_err(|source| TaskError::Read {
-            disk: sh.input.label(),
-            offset: start,
-            source,
-        })?;
+        .map_err(|e| read_err(start, e))?;
     if got < total {
         // The disk shrank under us: a snapshot must not do that.
-        return Err(TaskError::Read {
-            disk: sh.input.label(),
-            offset: start + got as u64,
-            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "disk ended early"),
-        });
+        return Err(read_err(
+            start + got as u64,
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "disk ended early"),
+        ));
     }
     Ok(ReadBatch {
         first: span.first,
         lengths,
         data,
+        mapped: None,
     })
 }
 
-fn analyst_loop(
-    sh: &Shared<'_>,
+fn analyst_loop<'s>(
+    sh: &Shared<'s>,
     rx: Receiver<BatchSpan>,
-    tx: Sender<AnalyzedBatch>,
+    tx: Sender<AnalyzedBatch<'s>>,
     done: Sender<DoneBatch>,
     stop: &AtomicBool,
     buffers: &Buffers,
@@ -252,8 +294,12 @@ fn analyst_loop(
             return Err(TaskError::Cancelled);
         }
         let batch = read_span(sh, span, buffers)?;
-        totals.read_bytes += batch.data.len() as u64;
-        let analyzed = analyze(sh, batch, &mut totals)?;
+        let bytes: u64 = batch.lengths.iter().map(|l| u64::from(*l)).sum();
+        totals.read_bytes += bytes;
+        if batch.mapped.is_some() {
+            totals.mapped_bytes += bytes;
+        }
+        let analyzed = analyze(sh, batch, &mut totals, buffers)?;
         let _ = done.send(DoneBatch {
             first: analyzed.batch.first,
             hashes: analyzed.digests.clone(),
@@ -268,7 +314,7 @@ fn analyst_loop(
 
 fn coder_loop(
     sh: &Shared<'_>,
-    rx: Receiver<AnalyzedBatch>,
+    rx: Receiver<AnalyzedBatch<'_>>,
     stop: &AtomicBool,
     buffers: &Buffers,
 ) -> Result<Totals, TaskError> {
@@ -278,7 +324,7 @@ fn coder_loop(
         if stop.load(Ordering::Relaxed) {
             return Err(TaskError::Cancelled);
         }
-        let bytes = analyzed.batch.data.len() as u64;
+        let bytes = analyzed.batch.lengths.iter().map(|l| u64::from(*l)).sum();
         code(sh, &mut codec, analyzed, &mut totals, buffers)?;
         (sh.progress)(bytes);
     }
@@ -293,11 +339,12 @@ fn is_zero(block: &[u8]) -> bool {
         .all(|page| page.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
-fn analyze(
-    sh: &Shared<'_>,
-    mut batch: ReadBatch,
+fn analyze<'s>(
+    sh: &Shared<'s>,
+    mut batch: ReadBatch<'s>,
     totals: &mut Totals,
-) -> Result<AnalyzedBatch, TaskError> {
+    buffers: &Buffers,
+) -> Result<AnalyzedBatch<'s>, TaskError> {
     let n = batch.lengths.len();
     let mut offsets = Vec::with_capacity(n + 1);
     offsets.push(0usize);
@@ -315,10 +362,11 @@ fn analyze(
         }
     }
 
-    let digests: Vec<Option<ChunkHash>> = sh.clock.time("hash", || {
+    let mut digests: Vec<Option<ChunkHash>> = sh.clock.time("hash", || {
+        let bytes = batch.mapped.unwrap_or(&batch.data);
         (0..n)
             .map(|k| {
-                let b = &batch.data[block(k)];
+                let b = &bytes[block(k)];
                 (!is_zero(b)).then(|| *blake3::hash(b).as_bytes())
             })
             .collect()
@@ -367,6 +415,17 @@ fn analyze(
         totals.new_bytes += len;
         wanted.push(k);
     }
+    if let Some(mapped) = batch.mapped.take() {
+        offsets = copy_out(
+            sh,
+            mapped,
+            &mut batch,
+            &offsets,
+            &wanted,
+            &mut digests,
+            buffers,
+        )?;
+    }
 
     let mut missing: Vec<usize> = Vec::new();
     if !wanted.is_empty() {
@@ -399,6 +458,49 @@ fn analyze(
         digests,
         missing,
     })
+}
+
+/// Copies the blocks to store out of a mapped batch into `batch.data` and
+/// returns their offsets there (blocks left behind take no room). They are
+/// hashed again from the copy: a live file may change between the two
+/// reads, and a chunk's address must be that of the bytes stored. Fails if
+/// the image was truncated while it was read, since what the map gave for
+/// the lost pages was zeros, not the disk.
+fn copy_out(
+    sh: &Shared<'_>,
+    mapped: &[u8],
+    batch: &mut ReadBatch<'_>,
+    offsets: &[usize],
+    wanted: &[usize],
+    digests: &mut [Option<ChunkHash>],
+    buffers: &Buffers,
+) -> Result<Vec<usize>, TaskError> {
+    let n = batch.lengths.len();
+    let mut copied = Vec::with_capacity(n + 1);
+    copied.push(0usize);
+    let mut w = wanted.iter().peekable();
+    for (k, len) in batch.lengths.iter().enumerate() {
+        let take = w.next_if_eq(&&k).is_some();
+        copied.push(copied[k] + if take { *len as usize } else { 0 });
+    }
+    let mut data = buffers.take(copied[n]);
+    sh.clock.time("hash", || {
+        for &k in wanted {
+            let to = &mut data[copied[k]..copied[k + 1]];
+            to.copy_from_slice(&mapped[offsets[k]..offsets[k + 1]]);
+            digests[k] = Some(*blake3::hash(to).as_bytes());
+        }
+    });
+    batch.data = data;
+    let map = sh.input.disk.mapped().expect("a mapped batch has a map");
+    let start = sh.geometry.block_extent(batch.first).offset;
+    map.release(start, mapped.len());
+    map.check().map_err(|source| TaskError::Read {
+        disk: sh.input.label(),
+        offset: start,
+        source,
+    })?;
+    Ok(copied)
 }
 
 /// Compresses and sends a batch's missing blocks; hands the buffers it is

@@ -5,6 +5,7 @@
 //! cannot clone, the live file is read and the report says the restore point
 //! is consistent only if the VM was powered off.
 
+use super::mapped::MappedFile;
 use super::qemu_export::{DiskFormat, ExportError, QemuExport};
 use super::{Consistency, DiskRead};
 use crate::extent::{Extent, normalize};
@@ -34,6 +35,7 @@ pub enum SourceError {
 pub struct RawImage {
     file: File,
     size: u64,
+    map: Option<MappedFile>,
 }
 
 impl RawImage {
@@ -52,7 +54,19 @@ impl RawImage {
         Ok(Self {
             file,
             size: meta.len(),
+            map: None,
         })
+    }
+
+    /// Opens and also maps the file, if it can be (see `source::mapped`),
+    /// unless it is on FUSE: that is how QEMU exports non-raw images, and a
+    /// map there would send every page fault through the export's process.
+    pub fn open_mapped(path: &Path) -> Result<Self, SourceError> {
+        let mut image = Self::open(path)?;
+        if !on_fuse(&image.file) {
+            image.map = MappedFile::map(&image.file, image.size);
+        }
+        Ok(image)
     }
 }
 
@@ -76,6 +90,19 @@ impl DiskRead for RawImage {
 
     fn allocation(&self) -> io::Result<Vec<Extent>> {
         data_extents(&self.file, self.size)
+    }
+
+    fn mapped(&self) -> Option<&MappedFile> {
+        self.map.as_ref()
+    }
+}
+
+fn on_fuse(file: &File) -> bool {
+    // SAFETY: fstatfs fills the zeroed struct for an open descriptor.
+    unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut fs) == 0
+            && fs.f_type == libc::FUSE_SUPER_MAGIC as libc::__fsword_t
     }
 }
 
@@ -180,7 +207,7 @@ impl ImageSnapshot {
         }
         for (d, path) in disks.iter().zip(&read_from) {
             if d.format == DiskFormat::Raw {
-                snap.disks.push(Arc::new(RawImage::open(path)?));
+                snap.disks.push(Arc::new(RawImage::open_mapped(path)?));
                 snap.paths.push(path.clone());
             } else {
                 let export = QemuExport::start(path, d.format, false, export_dir)?;

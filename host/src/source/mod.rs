@@ -6,6 +6,7 @@
 //! by the next session (`sweep_orphans`).
 
 pub mod image_file;
+pub mod mapped;
 pub mod nbd;
 pub mod qemu;
 pub mod qemu_export;
@@ -23,6 +24,11 @@ pub trait DiskRead: Send + Sync {
     /// Ranges that may hold data; everything else reads as zeros and is
     /// never read.
     fn allocation(&self) -> io::Result<Vec<Extent>>;
+    /// The disk as a guarded memory map, where it is a local raw file that
+    /// could be mapped: hashing then reads the page cache without a copy.
+    fn mapped(&self) -> Option<&mapped::MappedFile> {
+        None
+    }
 }
 
 /// How far the restore point can be trusted to be consistent.
