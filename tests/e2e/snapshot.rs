@@ -1,7 +1,8 @@
 //! Reflink snapshots on a filesystem that has them (XFS on a loop device,
 //! made by the test): the restore point is the disk at the snapshot instant
 //! even while the source is rewritten during the backup, and the snapshot is
-//! removed afterwards.
+//! removed afterwards. Live reads where there is no reflink: an image
+//! truncated under the backup fails it cleanly.
 
 use crate::common::*;
 use std::path::{Path, PathBuf};
@@ -123,4 +124,74 @@ fn reflink_snapshot_freezes_the_disk_while_it_is_rewritten() {
         before,
         "the restore point is the disk at the snapshot instant"
     );
+}
+
+/// Without reflink (the lab is on ext4) the image is read live, through a
+/// memory map in an incremental. Truncated while the incremental reads it,
+/// the task fails with a clear error instead of the process dying of
+/// SIGBUS or the lost tail being stored as holes; nothing is committed,
+/// and the repository and the earlier restore point stay whole.
+#[test]
+fn a_live_image_truncated_during_an_incremental_fails_it_cleanly() {
+    let lab = Lab::new();
+    let disk = lab.path("web01.raw");
+    make_disk(&disk, 96 * MIB, 41);
+    let sha_full = sha256(&disk);
+    let job = |level: i32| {
+        format!(
+            "[[pipeline]]\nname = \"p\"\ncodec = {{ plugin = \"zstd\", level = {level} }}\n\n\
+             [[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\npipeline = \"p\"\n"
+        )
+    };
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], &job(1)));
+    let (ok, full) = lab.run_job("nightly");
+    assert!(ok, "full backup failed: {full:#}");
+    let full_point = full["tasks"][0]["restore_point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Every block changes and the codec is slow, so the incremental's reads
+    // run only a few batches ahead of its coders.
+    make_disk(&disk, 96 * MIB, 42);
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], &job(19)));
+    let child = lab
+        .command()
+        .args(["job", "run", "nightly", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the session has mapped the image, cut it to a third.
+    let maps = format!("/proc/{}/maps", child.id());
+    let name = disk.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(name)) {
+        assert!(
+            Instant::now() < deadline,
+            "the session never mapped the image"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+
+    let out = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{report:#}");
+    let task = &report["tasks"][0];
+    assert_eq!(task["parent_point"].as_str(), Some(full_point.as_str()));
+    let err = task["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("shrank") || err.contains("truncated"),
+        "the error says what happened: {err}"
+    );
+    assert_eq!(point_of(&lab.points(), "web01", "disk0").len(), 1);
+    lab.ok(&["verify"]);
+    let restored = lab.path("restored.raw");
+    lab.ok(&["restore", &full_point, "--to", restored.to_str().unwrap()]);
+    assert_eq!(sha256(&restored), sha_full);
 }

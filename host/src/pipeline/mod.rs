@@ -46,6 +46,11 @@ pub enum TaskError {
         offset: u64,
         source: std::io::Error,
     },
+    #[error("{disk} changed under the task: {source}; nothing was committed")]
+    Shrunk {
+        disk: String,
+        source: std::io::Error,
+    },
     #[error("allocation map of {disk}: {source}")]
     Allocation {
         disk: String,
@@ -258,6 +263,15 @@ fn run_inner(
     };
     let batches = worker::batches(&block_plan, &geometry, BATCH_BYTES);
     let totals = worker::run_batches(&shared, batches, &mut hashes)?;
+    // A live image truncated while it was read (before its allocation map
+    // was taken, say) may have read as holes rather than failed a read.
+    input
+        .disk
+        .check_intact()
+        .map_err(|source| TaskError::Shrunk {
+            disk: label.clone(),
+            source,
+        })?;
     stats.absorb(&totals);
     if totals.unchanged_claims_rejected > 0 {
         notices.push(format!(

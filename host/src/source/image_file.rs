@@ -95,6 +95,20 @@ impl DiskRead for RawImage {
     fn mapped(&self) -> Option<&MappedFile> {
         self.map.as_ref()
     }
+
+    fn check_intact(&self) -> io::Result<()> {
+        let now = self.file.metadata()?.len();
+        if now < self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the image shrank from {} to {now} bytes while it was read",
+                    self.size
+                ),
+            ));
+        }
+        self.map.as_ref().map_or(Ok(()), MappedFile::check)
+    }
 }
 
 fn on_fuse(file: &File) -> bool {

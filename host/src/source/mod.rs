@@ -29,6 +29,12 @@ pub trait DiskRead: Send + Sync {
     fn mapped(&self) -> Option<&mapped::MappedFile> {
         None
     }
+    /// Errors if the disk lost data since it was opened: a live image file
+    /// truncated while a task read it. Checked before a restore point is
+    /// committed, since a shrunk file can read as holes rather than fail.
+    fn check_intact(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How far the restore point can be trusted to be consistent.
