@@ -46,7 +46,9 @@ pub enum TaskError {
         offset: u64,
         source: std::io::Error,
     },
-    #[error("{disk} changed under the task: {source}; nothing was committed")]
+    #[error(
+        "{disk} changed under the task: {source}; nothing was committed. Run the job again once nothing truncates or replaces the image during a backup (or use a filesystem with reflink snapshots, which freeze it)"
+    )]
     Shrunk {
         disk: String,
         source: std::io::Error,

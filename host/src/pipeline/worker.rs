@@ -73,7 +73,14 @@ struct ReadBatch<'s> {
     lengths: Vec<u32>,
     data: Vec<u8>,
     /// The batch in the disk's map, not yet copied (`data` is then empty).
-    mapped: Option<&'s [u8]>,
+    mapped: Option<(&'s MappedFile, &'s [u8])>,
+}
+
+impl ReadBatch<'_> {
+    /// Bytes of disk the batch covers, whether read, mapped or copied out.
+    fn disk_bytes(&self) -> u64 {
+        self.lengths.iter().map(|l| u64::from(*l)).sum()
+    }
 }
 
 /// Batch buffers, handed back by the coders for the analysts' next reads.
@@ -257,7 +264,7 @@ fn read_span<'s>(
             first: span.first,
             lengths,
             data: Vec::new(),
-            mapped: Some(bytes),
+            mapped: Some((map, bytes)),
         });
     }
     let mut data = buffers.take(total);
@@ -294,7 +301,7 @@ fn analyst_loop<'s>(
             return Err(TaskError::Cancelled);
         }
         let batch = read_span(sh, span, buffers)?;
-        let bytes: u64 = batch.lengths.iter().map(|l| u64::from(*l)).sum();
+        let bytes = batch.disk_bytes();
         totals.read_bytes += bytes;
         if batch.mapped.is_some() {
             totals.mapped_bytes += bytes;
@@ -324,7 +331,7 @@ fn coder_loop(
         if stop.load(Ordering::Relaxed) {
             return Err(TaskError::Cancelled);
         }
-        let bytes = analyzed.batch.lengths.iter().map(|l| u64::from(*l)).sum();
+        let bytes = analyzed.batch.disk_bytes();
         code(sh, &mut codec, analyzed, &mut totals, buffers)?;
         (sh.progress)(bytes);
     }
@@ -363,7 +370,7 @@ fn analyze<'s>(
     }
 
     let mut digests: Vec<Option<ChunkHash>> = sh.clock.time("hash", || {
-        let bytes = batch.mapped.unwrap_or(&batch.data);
+        let bytes = batch.mapped.map_or(&batch.data[..], |(_, b)| b);
         (0..n)
             .map(|k| {
                 let b = &bytes[block(k)];
@@ -468,7 +475,7 @@ fn analyze<'s>(
 /// the lost pages was zeros, not the disk.
 fn copy_out(
     sh: &Shared<'_>,
-    mapped: &[u8],
+    (map, mapped): (&MappedFile, &[u8]),
     batch: &mut ReadBatch<'_>,
     offsets: &[usize],
     wanted: &[usize],
@@ -492,12 +499,9 @@ fn copy_out(
         }
     });
     batch.data = data;
-    let map = sh.input.disk.mapped().expect("a mapped batch has a map");
-    let start = sh.geometry.block_extent(batch.first).offset;
-    map.release(start, mapped.len());
-    map.check().map_err(|source| TaskError::Read {
+    map.release(sh.geometry.block_extent(batch.first).offset, mapped.len());
+    map.check().map_err(|source| TaskError::Shrunk {
         disk: sh.input.label(),
-        offset: start,
         source,
     })?;
     Ok(copied)

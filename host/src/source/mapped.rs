@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Live maps the handler knows. A map that finds no free slot is not made
@@ -44,8 +44,8 @@ const EMPTY: Slot = Slot {
 };
 static GUARDED: [Slot; SLOTS] = [EMPTY; SLOTS];
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
-static INSTALL: Once = Once::new();
-static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Whether the handler is in place (tried once per process).
+static INSTALLED: OnceLock<bool> = OnceLock::new();
 /// The SIGBUS action before ours, written once before ours is installed.
 static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
 
@@ -189,7 +189,7 @@ impl Drop for MappedFile {
 
 /// Installs the SIGBUS handler once; false if it could not be.
 fn install_handler() -> bool {
-    INSTALL.call_once(|| {
+    *INSTALLED.get_or_init(|| {
         // SAFETY: plain libc calls; PREVIOUS is written here, before the
         // handler that reads it exists.
         unsafe {
@@ -202,12 +202,9 @@ fn install_handler() -> bool {
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
             let previous = &raw mut PREVIOUS;
-            if libc::sigaction(libc::SIGBUS, &action, (*previous).as_mut_ptr()) == 0 {
-                INSTALLED.store(true, Ordering::Release);
-            }
+            libc::sigaction(libc::SIGBUS, &action, (*previous).as_mut_ptr()) == 0
         }
-    });
-    INSTALLED.load(Ordering::Acquire)
+    })
 }
 
 /// Async-signal-safe: atomics, `mmap` and `sigaction` only.
@@ -356,7 +353,7 @@ mod tests {
         }
         use std::os::unix::process::ExitStatusExt;
         let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "source::mapped::tests::a_fault_outside_the_guarded_maps_still_kills",
@@ -364,8 +361,22 @@ mod tests {
             .env(CHILD, dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
+            .spawn()
             .unwrap();
+        // A handler that swallowed the signal would leave the child faulting
+        // forever: that is a failure too, not a hang.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the child neither died of SIGBUS nor exited in 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
     }
 }
