@@ -266,8 +266,9 @@ impl Tools {
         c
     }
 
-    /// Writes `config` to `<home>.toml`, applies it in arca home `home`, and
-    /// compiles the plugins into its cache before anything is timed.
+    /// Writes `config` to `<home>.toml` and applies it in arca home `home`,
+    /// which also compiles its plugins into the cache before anything is
+    /// timed.
     fn configure(&self, home: &str, config: &str) {
         let path = self.dir.join(format!("{home}.toml"));
         std::fs::write(&path, config).unwrap();
@@ -277,7 +278,6 @@ impl Tools {
             .status()
             .unwrap();
         assert!(ok.success(), "arca apply {}", path.display());
-        let _ = self.arca(home).arg("plugins").output();
     }
 
     fn restic(&self) -> Command {

@@ -264,7 +264,6 @@ fn main() {
     );
     let home = dir.join("home");
     let me = arca(&home, &["identity"]).trim().to_owned();
-    let _ = arca(&home, &["plugins"]);
     let link = Link::new(mbit);
     // The relay is the network: it must not wait for a CPU behind the
     // session's coders on this two-core machine (a real link does not).

@@ -514,7 +514,25 @@ fn apply(home: &Home, path: &Path) -> Result<i32> {
         s.pipelines,
         s.jobs
     );
+    compile_pipelines(home, &db)?;
     Ok(0)
+}
+
+/// Compiles every job's stages into the plugin cache, so that a session
+/// starts at once instead of spending its first second or two in the
+/// compiler, and so that a plugin that cannot load (a missing file, not a
+/// component, the wrong world) is reported when it is configured. The
+/// configuration stays applied either way: the job's sessions will report
+/// the same error until the plugin is fixed.
+fn compile_pipelines(home: &Home, db: &ConfigDb) -> Result<()> {
+    let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
+    for name in db.job_names()? {
+        let job = db.load_job(&name)?;
+        if let Err(e) = arca::pipeline::LoadedPipeline::load(&job, &runtime) {
+            eprintln!("warning: job '{name}' cannot load its pipeline: {e}");
+        }
+    }
+    Ok(())
 }
 
 fn repositories(db: &ConfigDb, only: Option<&str>) -> Result<Vec<(String, Repository)>> {

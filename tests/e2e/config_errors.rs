@@ -111,3 +111,59 @@ fn bad_plugin_settings_fail_the_task_with_the_plugin_name() {
         "no restore point from a failed task"
     );
 }
+
+#[test]
+fn apply_compiles_the_pipelines_and_warns_about_a_plugin_that_cannot_load() {
+    let lab = Lab::new();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 2 * MIB, 1);
+    let junk = lab.path("junk.wasm");
+    std::fs::write(&junk, b"not a component").unwrap();
+    let cache = lab.path("cache");
+    let toml = config(
+        &lab,
+        &[("web01", &[disk.as_path()])],
+        &format!(
+            "[[plugin]]\nname = \"junk\"\nkind = \"codec\"\npath = \"{}\"\n\n\
+             [[pipeline]]\nname = \"p\"\ncodec = {{ plugin = \"junk\" }}\n\n\
+             [[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n\n\
+             [[job]]\nname = \"broken\"\nvms = [\"web01\"]\nrepository = \"main\"\npipeline = \"p\"\n",
+            junk.display()
+        ),
+    );
+    let path = lab.path("arca.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = lab
+        .command()
+        .env("ARCA_CACHE", &cache)
+        .args(["apply", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("job 'broken' cannot load its pipeline")
+            && err.contains("plugin 'junk'")
+            && err.contains("not a WebAssembly component"),
+        "{err}"
+    );
+    assert!(!err.contains("job 'nightly'"), "{err}");
+    // The default pipeline's digest and zstd stages are compiled now, each
+    // for the engine it runs on.
+    let compiled = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("cwasm".as_ref()))
+        .count();
+    assert_eq!(compiled, 2, "compiled plugins in {}", cache.display());
+    // The configuration is applied all the same: the good job runs, and
+    // the broken one fails with the same error.
+    let (ok, _) = lab.run_job("nightly");
+    assert!(ok);
+    let out = lab.arca(&["job", "run", "broken"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plugin 'junk'") && err.contains("not a WebAssembly component"),
+        "{err}"
+    );
+}

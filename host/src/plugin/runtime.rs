@@ -181,6 +181,13 @@ impl PluginRuntime {
         bytes: Vec<u8>,
         limits: PluginLimits,
     ) -> Result<Plugin, PluginError> {
+        // wasmtime's own message for this lists the magic bytes one per line.
+        if !bytes.starts_with(b"\0asm") {
+            return Err(PluginError::Load {
+                plugin: name.to_owned(),
+                message: "not a WebAssembly component (the file does not start with \\0asm)".into(),
+            });
+        }
         let hash = *blake3::hash(&bytes).as_bytes();
         let bounded = super::builtin::is_bounded(&hash);
         let engine = if bounded { &self.bounded } else { &self.engine };
