@@ -337,13 +337,14 @@ fn run(cli: Cli) -> Result<i32> {
                 &|_| {},
             )?;
             println!(
-                "restored {}/{}/{} point {} to {}: {} written, {} left sparse, {:.1} s ({:.0} MB/s)",
+                "restored {}/{}/{} point {} to {}: {} written ({} unbuffered), {} left sparse, {:.1} s ({:.0} MB/s)",
                 entry.manifest.job,
                 entry.manifest.vm,
                 entry.manifest.disk,
                 point,
                 to.display(),
                 bytes(stats.written_bytes),
+                bytes(stats.unbuffered_bytes),
                 bytes(stats.hole_bytes),
                 stats.seconds,
                 stats.disk_bytes as f64 / 1e6 / stats.seconds.max(1e-9)

@@ -2,6 +2,7 @@
 //! exclusions, dedup and a third-party codec.
 
 use crate::common::*;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const JOB: &str = "[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n";
@@ -56,8 +57,11 @@ fn full_then_incremental_restore_each_point_bit_exact() {
     let incr_point = task["restore_point"].as_str().unwrap();
     for (point, want) in [(full_point.as_str(), &sha_full), (incr_point, &sha_incr)] {
         let out = lab.path(&format!("{point}.raw"));
-        lab.ok(&["restore", point, "--to", out.to_str().unwrap()]);
+        let said = lab.ok(&["restore", point, "--to", out.to_str().unwrap()]);
         assert_eq!(&sha256(&out), want, "restore of {point}");
+        // Every block is aligned, so all of it went past the page cache.
+        let (written, unbuffered) = written_and_unbuffered(&said);
+        assert!(written != "0 B" && written == unbuffered, "{said}");
         // Holes of the source stay holes in the restored file.
         assert!(
             allocated_bytes(&out) < 48 * MIB,
@@ -244,4 +248,39 @@ fn an_exclusion_stage_that_cannot_judge_a_disk_keeps_it_whole() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(sha256(&out), sha256(&disk));
+}
+
+/// The "X written (Y unbuffered)" figures of a restore's summary line.
+fn written_and_unbuffered(said: &str) -> (String, String) {
+    let tail = said.split(": ").nth(1).unwrap_or_default();
+    let (written, rest) = tail.split_once(" written (").unwrap_or_default();
+    let (unbuffered, _) = rest.split_once(" unbuffered)").unwrap_or_default();
+    (written.to_owned(), unbuffered.to_owned())
+}
+
+#[test]
+fn a_disk_whose_size_is_not_a_multiple_of_the_block_restores_bit_exact() {
+    let lab = Lab::new();
+    // The last block holds 700 KiB and 1000 bytes: it cannot be written
+    // past the page cache, the two whole blocks before it are.
+    let size = 2 * MIB + 700 * 1024 + 1000;
+    let disk = lab.path("odd.raw");
+    make_disk(&disk, size, 21);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&[0x5a; 1000], size - 1000)
+        .unwrap();
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], JOB));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap();
+    let out = lab.path("odd.out");
+    let said = lab.ok(&["restore", point, "--to", out.to_str().unwrap()]);
+    assert_eq!(sha256(&out), sha256(&disk));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
+    let (written, unbuffered) = written_and_unbuffered(&said);
+    assert_eq!(written, "2.7 MiB", "{said}");
+    assert_eq!(unbuffered, "2.0 MiB", "{said}");
 }

@@ -6,6 +6,7 @@
 //! output is sparse where the restore point has holes.
 
 pub mod decoder;
+mod direct;
 
 use crate::extent::Geometry;
 use crate::source::qemu_export::{DiskFormat, QemuExport};
@@ -39,6 +40,8 @@ pub enum RestoreError {
 pub struct RestoreStats {
     pub disk_bytes: u64,
     pub written_bytes: u64,
+    /// Of `written_bytes`, those written past the page cache (`direct`).
+    pub unbuffered_bytes: u64,
     pub hole_bytes: u64,
     pub seconds: f64,
 }
@@ -143,9 +146,16 @@ pub fn restore_to_file(
     };
 
     // Workers write through the same descriptor the write-back thread
-    // starts flushing, so the final sync waits only for the tail.
+    // starts flushing, so the final sync waits only for the tail. Aligned
+    // runs of a new raw file skip the page cache (`direct`).
     let file = std::sync::Arc::new(file);
     let write_back = crate::writeback::WriteBack::start();
+    let direct = match mode {
+        Output::NewRaw => direct::DirectWriter::open(out, file.clone(), workers),
+        // An export of a new image is FUSE, where O_DIRECT means something
+        // else.
+        Output::Existing => None,
+    };
     let geometry = Geometry {
         disk_size: manifest.disk_size,
         block_size: manifest.block_size,
@@ -183,23 +193,41 @@ pub fn restore_to_file(
                             source,
                         })
                         .and_then(|plain| {
+                            let aligned = |k: usize, i: u64| {
+                                direct.is_some()
+                                    && geometry
+                                        .block_extent(i)
+                                        .offset
+                                        .is_multiple_of(direct::ALIGN)
+                                    && (plain.block(k).len() as u64).is_multiple_of(direct::ALIGN)
+                            };
+                            if let Some(d) = &direct {
+                                d.write(
+                                    batch
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|&(k, (i, _))| aligned(k, *i))
+                                        .map(|(k, (i, _))| {
+                                            (plain.block(k), geometry.block_extent(*i).offset)
+                                        }),
+                                )
+                                .map_err(write_err)?;
+                            }
+                            let mut buffered = None;
                             for (k, (i, _)) in batch.iter().enumerate() {
                                 let bytes = plain.block(k);
-                                file.write_all_at(bytes, geometry.block_extent(*i).offset)
-                                    .map_err(write_err)?;
+                                let at = geometry.block_extent(*i).offset;
+                                if !aligned(k, *i) {
+                                    file.write_all_at(bytes, at).map_err(write_err)?;
+                                    let (from, _) = buffered.get_or_insert((at, 0));
+                                    buffered = Some((*from, at + bytes.len() as u64));
+                                }
                                 written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                                 progress(bytes.len() as u64);
                             }
                             decoder.recycle(plain);
-                            if let (Some((first, _)), Some((last, _))) =
-                                (batch.first(), batch.last())
-                            {
-                                let from = geometry.block_extent(*first).offset;
-                                write_back.range(
-                                    &file,
-                                    from,
-                                    geometry.block_extent(*last).end() - from,
-                                );
+                            if let Some((from, to)) = buffered {
+                                write_back.range(&file, from, to - from);
                             }
                             Ok(())
                         });
@@ -213,7 +241,15 @@ pub fn restore_to_file(
         }
     });
     drop(write_back);
-    if let Some(e) = failure.into_inner().expect("failure lock") {
+    let mut failure = failure.into_inner().expect("failure lock");
+    let unbuffered = match direct.map_or(Ok(0), |d| d.finish()) {
+        Ok(n) => n,
+        Err(e) => {
+            failure.get_or_insert(write_err(e));
+            0
+        }
+    };
+    if let Some(e) = failure {
         drop(file);
         if mode == Output::NewRaw {
             let _ = std::fs::remove_file(out);
@@ -225,6 +261,7 @@ pub fn restore_to_file(
     Ok(RestoreStats {
         disk_bytes: manifest.disk_size,
         written_bytes: written,
+        unbuffered_bytes: unbuffered,
         hole_bytes: manifest.disk_size - written,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -54,9 +54,16 @@ const char* HUF_getErrorName(size_t code);  /**< provides error code string (use
 
 /* static allocation of HUF's Compression Table */
 /* this is a private definition, just exposed for allocation and strict aliasing purpose. never EVER access its members directly */
+/* arca patch: on wasm32 the Huffman encoder's table entries and bit
+ * containers are 64 bits wide, as on 64-bit hosts (see bitstream.h): wasm32
+ * has 64-bit integer registers, and a 64-bit container flushes half as often. */
+#if defined(__wasm32__) && !defined(ZSTD_BITSTREAM_SIZE_T)
+typedef U64 HUF_CElt;   /* consider it an incomplete type */
+#else
 typedef size_t HUF_CElt;   /* consider it an incomplete type */
-#define HUF_CTABLE_SIZE_ST(maxSymbolValue)   ((maxSymbolValue)+2)   /* Use tables of size_t, for proper alignment */
-#define HUF_CTABLE_SIZE(maxSymbolValue)       (HUF_CTABLE_SIZE_ST(maxSymbolValue) * sizeof(size_t))
+#endif
+#define HUF_CTABLE_SIZE_ST(maxSymbolValue)   ((maxSymbolValue)+2)   /* Use tables of HUF_CElt, for proper alignment */
+#define HUF_CTABLE_SIZE(maxSymbolValue)       (HUF_CTABLE_SIZE_ST(maxSymbolValue) * sizeof(HUF_CElt))
 #define HUF_CREATE_STATIC_CTABLE(name, maxSymbolValue) \
     HUF_CElt name[HUF_CTABLE_SIZE_ST(maxSymbolValue)] /* no final ; */
 
@@ -200,7 +207,7 @@ U32 HUF_getNbBitsFromCTable(const HUF_CElt* symbolTable, U32 symbolValue);
 typedef struct {
     BYTE tableLog;
     BYTE maxSymbolValue;
-    BYTE unused[sizeof(size_t) - 2];
+    BYTE unused[sizeof(HUF_CElt) - 2];
 } HUF_CTableHeader;
 
 /** HUF_readCTableHeader() :

@@ -195,12 +195,12 @@ static size_t HUF_getNbBitsFast(HUF_CElt elt)
     return elt;
 }
 
-static size_t HUF_getValue(HUF_CElt elt)
+static HUF_CElt HUF_getValue(HUF_CElt elt)
 {
-    return elt & ~(size_t)0xFF;
+    return elt & ~(HUF_CElt)0xFF;
 }
 
-static size_t HUF_getValueFast(HUF_CElt elt)
+static HUF_CElt HUF_getValueFast(HUF_CElt elt)
 {
     return elt;
 }
@@ -216,7 +216,7 @@ static void HUF_setValue(HUF_CElt* elt, size_t value)
     size_t const nbBits = HUF_getNbBits(*elt);
     if (nbBits > 0) {
         assert((value >> nbBits) == 0);
-        *elt |= value << (sizeof(HUF_CElt) * 8 - nbBits);
+        *elt |= (HUF_CElt)value << (sizeof(HUF_CElt) * 8 - nbBits);
     }
 }
 
@@ -838,10 +838,11 @@ size_t HUF_compressBound(size_t size) { return HUF_COMPRESSBOUND(size); }
  *      the first container.
  */
 
-#define HUF_BITS_IN_CONTAINER (sizeof(size_t) * 8)
+#define HUF_BITS_IN_CONTAINER (sizeof(HUF_CElt) * 8)
+#define HUF_32bitContainer() (sizeof(HUF_CElt) == 4)
 
 typedef struct {
-    size_t bitContainer[2];
+    HUF_CElt bitContainer[2];
     size_t bitPos[2];
 
     BYTE* startPtr;
@@ -940,13 +941,14 @@ FORCE_INLINE_TEMPLATE void HUF_flushBits(HUF_CStream_t* bitC, int kFast)
     size_t const nbBits = bitC->bitPos[0] & 0xFF;
     size_t const nbBytes = nbBits >> 3;
     /* The top nbBits bits of bitContainer are the ones we need. */
-    size_t const bitContainer = bitC->bitContainer[0] >> (HUF_BITS_IN_CONTAINER - nbBits);
+    HUF_CElt const bitContainer = bitC->bitContainer[0] >> (HUF_BITS_IN_CONTAINER - nbBits);
     /* Mask bitPos to account for the bytes we consumed. */
     bitC->bitPos[0] &= 7;
     assert(nbBits > 0);
     assert(nbBits <= sizeof(bitC->bitContainer[0]) * 8);
     assert(bitC->ptr <= bitC->endPtr);
-    MEM_writeLEST(bitC->ptr, bitContainer);
+    if (HUF_32bitContainer()) MEM_writeLE32(bitC->ptr, (U32)bitContainer);
+    else MEM_writeLE64(bitC->ptr, (U64)bitContainer);
     bitC->ptr += nbBytes;
     assert(!kFast || bitC->ptr <= bitC->endPtr);
     if (!kFast && bitC->ptr > bitC->endPtr) bitC->ptr = bitC->endPtr;
@@ -1071,9 +1073,9 @@ HUF_compress1X_usingCTable_internal_body(void* dst, size_t dstSize,
       if (HUF_isError(initErr)) return 0; }
 
     if (dstSize < HUF_tightCompressBound(srcSize, (size_t)tableLog) || tableLog > 11)
-        HUF_compress1X_usingCTable_internal_body_loop(&bitC, ip, srcSize, ct, /* kUnroll */ MEM_32bits() ? 2 : 4, /* kFast */ 0, /* kLastFast */ 0);
+        HUF_compress1X_usingCTable_internal_body_loop(&bitC, ip, srcSize, ct, /* kUnroll */ HUF_32bitContainer() ? 2 : 4, /* kFast */ 0, /* kLastFast */ 0);
     else {
-        if (MEM_32bits()) {
+        if (HUF_32bitContainer()) {
             switch (tableLog) {
             case 11:
                 HUF_compress1X_usingCTable_internal_body_loop(&bitC, ip, srcSize, ct, /* kUnroll */ 2, /* kFastFlush */ 1, /* kLastFast */ 0);
@@ -1337,7 +1339,7 @@ HUF_compress_internal (void* dst, size_t dstSize,
                        void* workSpace, size_t wkspSize,
                        HUF_CElt* oldHufTable, HUF_repeat* repeat, int flags)
 {
-    HUF_compress_tables_t* const table = (HUF_compress_tables_t*)HUF_alignUpWorkspace(workSpace, &wkspSize, ZSTD_ALIGNOF(size_t));
+    HUF_compress_tables_t* const table = (HUF_compress_tables_t*)HUF_alignUpWorkspace(workSpace, &wkspSize, ZSTD_ALIGNOF(HUF_CElt));
     BYTE* const ostart = (BYTE*)dst;
     BYTE* const oend = ostart + dstSize;
     BYTE* op = ostart;
