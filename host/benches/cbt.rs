@@ -6,7 +6,7 @@
 //! in clustered runs of 64 KiB–1 MiB through the VM's NBD export, and arca
 //! runs a CBT incremental. Prints time and bytes read of each and their
 //! ratios; never asserts on time. `ARCA_BENCH_BLOCK` sets the job's block
-//! size (default 1MiB).
+//! size (default: arca's, 256 KiB).
 
 mod common;
 
@@ -44,8 +44,13 @@ fn main() {
     let vm = Vm::start(&dir, &img);
     let (qmp, nbd) = (&vm.qmp, &vm.nbd);
 
-    let block = std::env::var("ARCA_BENCH_BLOCK").unwrap_or_else(|_| "1MiB".into());
-    println!("block size {block}");
+    let block = std::env::var("ARCA_BENCH_BLOCK")
+        .map(|b| format!("block_size = \"{b}\"\n"))
+        .unwrap_or_default();
+    println!(
+        "block size {}",
+        std::env::var("ARCA_BENCH_BLOCK").unwrap_or_else(|_| "(arca's default)".into())
+    );
     let home = dir.join("home");
     let cfg = dir.join("arca.toml");
     std::fs::write(
@@ -53,7 +58,7 @@ fn main() {
         format!(
             "[[repository]]\nname = \"bench\"\npath = \"{}\"\n\n[[hypervisor]]\nname = \"q\"\nqmp = \"{}\"\nnbd = \"{}\"\n\n\
              [[vm]]\nname = \"bench\"\nhypervisor = \"q\"\ndisks = [{{ node = \"disk0\" }}]\n\n\
-             [[job]]\nname = \"bench\"\nvms = [\"bench\"]\nrepository = \"bench\"\nblock_size = \"{block}\"\n",
+             [[job]]\nname = \"bench\"\nvms = [\"bench\"]\nrepository = \"bench\"\n{block}",
             dir.join("repo").display(),
             qmp.display(),
             nbd.display()

@@ -106,8 +106,8 @@ fn holes_are_not_read_and_zero_blocks_not_stored() {
     assert_eq!(s["zero_bytes"].as_u64(), Some(4 * MIB), "{s:#}");
     assert_eq!(
         s["new_chunks"].as_u64(),
-        Some(4),
-        "only the 4 data blocks are stored: {s:#}"
+        Some(4 * MIB / BLOCK),
+        "only the blocks of the 4 MiB of data are stored: {s:#}"
     );
     let point = r["tasks"][0]["restore_point"].as_str().unwrap();
     let out = lab.path("out.raw");
@@ -134,10 +134,10 @@ fn identical_disks_are_stored_once() {
     ));
     let (ok, r) = lab.run_job("twins");
     assert!(ok, "{r:#}");
-    // Distinct non-zero 1 MiB blocks of the disk = chunks the repository may hold.
+    // Distinct non-zero blocks of the disk = chunks the repository may hold.
     let data = std::fs::read(&a).unwrap();
     let distinct: std::collections::HashSet<[u8; 32]> = data
-        .chunks(MIB as usize)
+        .chunks(BLOCK as usize)
         .filter(|b| b.iter().any(|x| *x != 0))
         .map(|b| *blake3::hash(b).as_bytes())
         .collect();
@@ -261,8 +261,9 @@ fn written_and_unbuffered(said: &str) -> (String, String) {
 #[test]
 fn a_disk_whose_size_is_not_a_multiple_of_the_block_restores_bit_exact() {
     let lab = Lab::new();
-    // The last block holds 700 KiB and 1000 bytes: it cannot be written
-    // past the page cache, the two whole blocks before it are.
+    // With 1 MiB blocks the last block holds 700 KiB and 1000 bytes: it
+    // cannot be written past the page cache, the two whole blocks before it
+    // are.
     let size = 2 * MIB + 700 * 1024 + 1000;
     let disk = lab.path("odd.raw");
     make_disk(&disk, size, 21);
@@ -272,7 +273,8 @@ fn a_disk_whose_size_is_not_a_multiple_of_the_block_restores_bit_exact() {
         .unwrap()
         .write_all_at(&[0x5a; 1000], size - 1000)
         .unwrap();
-    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], JOB));
+    let job = format!("{JOB}block_size = \"1MiB\"\n");
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], &job));
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
     let point = r["tasks"][0]["restore_point"].as_str().unwrap();

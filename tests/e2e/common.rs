@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub const MIB: u64 = 1 << 20;
+/// The block size of a job that does not set one.
+pub const BLOCK: u64 = arca::config::DEFAULT_BLOCK_SIZE as u64;
 
 pub fn arca_bin() -> &'static str {
     env!("CARGO_BIN_EXE_arca")

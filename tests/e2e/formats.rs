@@ -105,7 +105,7 @@ fn every_format_backs_up_and_restores_to_the_same_content() {
         .sum();
     let distinct = {
         let data = std::fs::read(&raw).unwrap();
-        data.chunks(MIB as usize)
+        data.chunks(BLOCK as usize)
             .filter(|b| b.iter().any(|x| *x != 0))
             .map(|b| *blake3::hash(b).as_bytes())
             .collect::<std::collections::HashSet<_>>()

@@ -725,8 +725,10 @@ mod tests {
             .spawn()
             .expect("qemu-nbd (qemu-utils)");
         let server = Server(child);
+        // The socket file appears at bind(), before qemu-nbd listens: wait
+        // until a connection is accepted, not until the file exists.
         for _ in 0..500 {
-            if sock.exists() {
+            if UnixStream::connect(&sock).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
