@@ -44,13 +44,12 @@ fn main() {
     let vm = Vm::start(&dir, &img);
     let (qmp, nbd) = (&vm.qmp, &vm.nbd);
 
-    let block = std::env::var("ARCA_BENCH_BLOCK")
-        .map(|b| format!("block_size = \"{b}\"\n"))
-        .unwrap_or_default();
+    let block = std::env::var("ARCA_BENCH_BLOCK").ok();
     println!(
         "block size {}",
-        std::env::var("ARCA_BENCH_BLOCK").unwrap_or_else(|_| "(arca's default)".into())
+        block.as_deref().unwrap_or("(arca's default)")
     );
+    let block = block.map_or(String::new(), |b| format!("block_size = \"{b}\"\n"));
     let home = dir.join("home");
     let cfg = dir.join("arca.toml");
     std::fs::write(

@@ -252,10 +252,13 @@ fn an_exclusion_stage_that_cannot_judge_a_disk_keeps_it_whole() {
 
 /// The "X written (Y unbuffered)" figures of a restore's summary line.
 fn written_and_unbuffered(said: &str) -> (String, String) {
-    let tail = said.split(": ").nth(1).unwrap_or_default();
-    let (written, rest) = tail.split_once(" written (").unwrap_or_default();
-    let (unbuffered, _) = rest.split_once(" unbuffered)").unwrap_or_default();
-    (written.to_owned(), unbuffered.to_owned())
+    let parse = || {
+        let tail = said.split(": ").nth(1)?;
+        let (written, rest) = tail.split_once(" written (")?;
+        let (unbuffered, _) = rest.split_once(" unbuffered)")?;
+        Some((written.to_owned(), unbuffered.to_owned()))
+    };
+    parse().unwrap_or_else(|| panic!("no 'X written (Y unbuffered)' in: {said}"))
 }
 
 #[test]

@@ -185,7 +185,10 @@ impl PluginRuntime {
         if !bytes.starts_with(b"\0asm") {
             return Err(PluginError::Load {
                 plugin: name.to_owned(),
-                message: "not a WebAssembly component (the file does not start with \\0asm)".into(),
+                message: "not a WebAssembly component (the file does not start with \\0asm); \
+                          check the path of its [[plugin]] entry: a plugin is a component \
+                          built for wasm32-wasip2"
+                    .into(),
             });
         }
         let hash = *blake3::hash(&bytes).as_bytes();

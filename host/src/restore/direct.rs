@@ -32,8 +32,8 @@ const RUN: usize = 4 << 20;
 /// Buffers per decoding worker: one being filled, one being written.
 const BUFFERS_PER_WORKER: usize = 2;
 
-/// A run of bytes for the writer thread, at `data[start..start + len]` of
-/// `buf` (`start` aligns it in memory).
+/// A run of bytes for the writer thread: `len` bytes of `buf` from its
+/// first page-aligned address (`aligned_start`), for disk offset `offset`.
 struct Piece {
     buf: Vec<u8>,
     len: usize,

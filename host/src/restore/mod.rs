@@ -193,34 +193,33 @@ pub fn restore_to_file(
                             source,
                         })
                         .and_then(|plain| {
-                            let aligned = |k: usize, i: u64| {
+                            // Whole aligned blocks of a new raw file go past
+                            // the page cache; the rest is written here.
+                            let unbuffered = |k: usize, at: u64| {
                                 direct.is_some()
-                                    && geometry
-                                        .block_extent(i)
-                                        .offset
-                                        .is_multiple_of(direct::ALIGN)
+                                    && at.is_multiple_of(direct::ALIGN)
                                     && (plain.block(k).len() as u64).is_multiple_of(direct::ALIGN)
                             };
+                            let blocks = batch
+                                .iter()
+                                .enumerate()
+                                .map(|(k, (i, _))| (k, geometry.block_extent(*i).offset));
                             if let Some(d) = &direct {
                                 d.write(
-                                    batch
-                                        .iter()
-                                        .enumerate()
-                                        .filter(|&(k, (i, _))| aligned(k, *i))
-                                        .map(|(k, (i, _))| {
-                                            (plain.block(k), geometry.block_extent(*i).offset)
-                                        }),
+                                    blocks
+                                        .clone()
+                                        .filter(|&(k, at)| unbuffered(k, at))
+                                        .map(|(k, at)| (plain.block(k), at)),
                                 )
                                 .map_err(write_err)?;
                             }
-                            let mut buffered = None;
-                            for (k, (i, _)) in batch.iter().enumerate() {
+                            let mut buffered: Option<(u64, u64)> = None;
+                            for (k, at) in blocks {
                                 let bytes = plain.block(k);
-                                let at = geometry.block_extent(*i).offset;
-                                if !aligned(k, *i) {
+                                if !unbuffered(k, at) {
                                     file.write_all_at(bytes, at).map_err(write_err)?;
-                                    let (from, _) = buffered.get_or_insert((at, 0));
-                                    buffered = Some((*from, at + bytes.len() as u64));
+                                    let from = buffered.map_or(at, |(from, _)| from);
+                                    buffered = Some((from, at + bytes.len() as u64));
                                 }
                                 written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                                 progress(bytes.len() as u64);
