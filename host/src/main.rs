@@ -371,6 +371,9 @@ fn run(cli: Cli) -> Result<i32> {
                     for m in &r.damaged_manifests {
                         println!("  damaged manifest {}: {}", m.path, m.reason);
                     }
+                    for m in &r.damaged_indexes {
+                        println!("  damaged pack index {}: {}", m.path, m.reason);
+                    }
                     for c in &r.damaged_chunks {
                         println!(
                             "  damaged chunk {}: {}; restore points hurt: {}",

@@ -15,6 +15,9 @@ pub struct VerifyReport {
     pub restore_points: usize,
     pub chunks_checked: usize,
     pub damaged_manifests: Vec<DamagedManifest>,
+    /// Pack index files that cannot be read (their chunks then show as
+    /// missing in `damaged_chunks`).
+    pub damaged_indexes: Vec<DamagedManifest>,
     pub damaged_chunks: Vec<DamagedChunk>,
 }
 
@@ -34,7 +37,9 @@ pub struct DamagedChunk {
 
 impl VerifyReport {
     pub fn is_clean(&self) -> bool {
-        self.damaged_manifests.is_empty() && self.damaged_chunks.is_empty()
+        self.damaged_manifests.is_empty()
+            && self.damaged_indexes.is_empty()
+            && self.damaged_chunks.is_empty()
     }
 }
 
@@ -43,7 +48,17 @@ pub fn verify(
     bank: &CodecBank,
     workers: usize,
 ) -> Result<VerifyReport, crate::repository::RepositoryError> {
-    let mut report = VerifyReport::default();
+    let mut report = VerifyReport {
+        damaged_indexes: repo
+            .damaged_indexes()
+            .into_iter()
+            .map(|(path, reason)| DamagedManifest {
+                path: path.display().to_string(),
+                reason,
+            })
+            .collect(),
+        ..Default::default()
+    };
     // chunk -> (raw length, restore points that use it)
     let mut refs: BTreeMap<ChunkHash, (u32, Vec<String>)> = BTreeMap::new();
     for path in repo.manifest_paths()? {

@@ -164,8 +164,14 @@ fn session_with_agent_killed(lab: &Lab, agent: Agent) -> std::process::Child {
         let staged = std::fs::read_dir(&staging)
             .map(|d| {
                 d.flatten().any(|e| {
+                    // A staging pack with a few chunks in it.
                     std::fs::read_dir(e.path())
-                        .map(|f| f.count() > 3)
+                        .map(|f| {
+                            f.flatten().any(|p| {
+                                p.path().extension().is_some_and(|x| x == "pack")
+                                    && p.metadata().is_ok_and(|m| m.len() > 256 << 10)
+                            })
+                        })
                         .unwrap_or(false)
                 })
             })

@@ -322,7 +322,8 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
-/// Total size of all chunk files in a repository.
+/// Total size of all chunk records in a repository (its packs, and chunk
+/// files of format 1).
 pub fn chunk_bytes(repo: &Path) -> u64 {
     fn walk(p: &Path) -> u64 {
         let mut total = 0;
@@ -336,7 +337,20 @@ pub fn chunk_bytes(repo: &Path) -> u64 {
         }
         total
     }
-    walk(&repo.join("chunks"))
+    ["packs", "chunks"]
+        .iter()
+        .map(|d| repo.join(d))
+        .filter(|d| d.is_dir())
+        .map(|d| walk(&d))
+        .sum()
+}
+
+/// The chunk addresses a repository holds, read through arca's own index.
+pub fn chunk_addresses(repo: &Path) -> Vec<[u8; 32]> {
+    arca::repository::Repository::open(repo)
+        .unwrap()
+        .chunk_addresses()
+        .unwrap()
 }
 
 pub fn point_of<'a>(

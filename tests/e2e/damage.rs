@@ -19,10 +19,14 @@ fn backed_up_lab() -> (Lab, String) {
     (lab, point)
 }
 
-fn some_chunk(lab: &Lab) -> std::path::PathBuf {
-    let mut all: Vec<_> = walk(&lab.path("repo/chunks"));
-    all.sort();
-    all.remove(all.len() / 2)
+/// A chunk in the middle of the repository: its address, and the file,
+/// offset and length of its record.
+fn some_chunk(lab: &Lab) -> (String, std::path::PathBuf, u64, u64) {
+    let repo = arca::repository::Repository::open(&lab.path("repo")).unwrap();
+    let all = repo.chunk_addresses().unwrap();
+    let hash = all[all.len() / 2];
+    let (file, offset, len) = repo.chunk_record(&hash).unwrap();
+    (arca::repository::hex(&hash), file, offset, len)
 }
 
 fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -37,22 +41,27 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A restore of `point` fails and leaves no output behind.
+fn restore_fails(lab: &Lab, point: &str) {
+    let target = lab.path("o.raw");
+    let r = lab.arca(&["restore", point, "--to", target.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(!target.exists(), "no partial output is left behind");
+}
+
 #[test]
 fn a_corrupt_chunk_is_named_by_verify_and_fails_restore() {
     let (lab, point) = backed_up_lab();
-    let chunk = some_chunk(&lab);
-    let hash = chunk.file_name().unwrap().to_str().unwrap().to_owned();
+    let (hash, pack, offset, len) = some_chunk(&lab);
     let f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
-        .open(&chunk)
+        .open(&pack)
         .unwrap();
-    let len = f.metadata().unwrap().len();
     let mut byte = [0u8];
-    std::fs::File::open(&chunk)
-        .unwrap()
-        .read_exact_at(&mut byte, len - 10)
-        .unwrap();
-    f.write_all_at(&[byte[0] ^ 0x40], len - 10).unwrap();
+    let at = offset + len - 10;
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
     drop(f);
 
     let out = lab.arca(&["verify"]);
@@ -76,13 +85,42 @@ fn a_corrupt_chunk_is_named_by_verify_and_fails_restore() {
 }
 
 #[test]
+fn a_damaged_pack_index_is_named_by_verify_and_fails_restore() {
+    let (lab, point) = backed_up_lab();
+    let index = walk(&lab.path("repo/index")).pop().unwrap();
+    let mut bytes = std::fs::read(&index).unwrap();
+    bytes[20] ^= 0x01;
+    std::fs::write(&index, bytes).unwrap();
+    let out = lab.arca(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "verify must fail on damage");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("damaged pack index {}", index.display()))
+            && text.contains("checksum")
+            && text.contains(&point),
+        "{text}"
+    );
+    restore_fails(&lab, &point);
+    assert!(
+        !lab.path("o.raw").exists(),
+        "no partial output is left behind"
+    );
+}
+
+#[test]
 fn a_missing_chunk_and_a_damaged_manifest_are_reported() {
     let (lab, point) = backed_up_lab();
-    let chunk = some_chunk(&lab);
-    std::fs::remove_file(&chunk).unwrap();
+    let (hash, pack, _, _) = some_chunk(&lab);
+    std::fs::remove_file(&pack).unwrap();
     let out = lab.arca(&["verify"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("missing from the repository"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "damaged chunk {hash}: missing from the repository"
+        )),
+        "{text}"
+    );
 
     let manifest = walk(&lab.path("repo/points")).pop().unwrap();
     let bytes = std::fs::read(&manifest).unwrap();
@@ -96,11 +134,5 @@ fn a_missing_chunk_and_a_damaged_manifest_are_reported() {
         damaged[0]["reason"].as_str().unwrap().contains("damaged")
             || damaged[0]["reason"].as_str().unwrap().contains("truncated")
     );
-    let r = lab.arca(&[
-        "restore",
-        &point,
-        "--to",
-        lab.path("o.raw").to_str().unwrap(),
-    ]);
-    assert_eq!(r.status.code(), Some(1));
+    restore_fails(&lab, &point);
 }

@@ -1,4 +1,5 @@
-//! One chunk file: magic, header length, prost header, coded payload.
+//! One chunk record (a record in a pack, or a format-1 chunk file): magic,
+//! header length, prost header, coded payload.
 
 use prost::Message;
 use std::io::{self, Write};
@@ -41,13 +42,18 @@ impl StoredChunk {
     /// Writes a chunk file: the prefix (magic, header length, header), then
     /// the payload as it is, without first copying both into one buffer.
     pub fn write(w: &mut impl Write, header: &ChunkHeader, payload: &[u8]) -> io::Result<()> {
+        w.write_all(&Self::prefix(header))?;
+        w.write_all(payload)
+    }
+
+    /// What precedes the payload in a record: magic, header length, header.
+    pub fn prefix(header: &ChunkHeader) -> Vec<u8> {
         let h = header.encode_to_vec();
         let mut prefix = Vec::with_capacity(MAGIC.len() + 4 + h.len());
         prefix.extend_from_slice(MAGIC);
         prefix.extend_from_slice(&(h.len() as u32).to_le_bytes());
         prefix.extend_from_slice(&h);
-        w.write_all(&prefix)?;
-        w.write_all(payload)
+        prefix
     }
 
     /// The header at the start of a chunk file, and the offset of its

@@ -1,18 +1,24 @@
 //! The repository: content-addressed chunks and restore-point manifests on a
 //! local filesystem.
 //!
-//! Layout (format version 1):
+//! Layout (format version 2):
 //! ```text
 //! arca-repository.json        format, version, id, chunk addressing, encryption
-//! chunks/ab/<hex>             one chunk per file: header + coded payload
+//! packs/ab/<id>.pack          chunk records (header + coded payload), `pack`
+//! index/<id>.idx              where each record of pack <id> lies
+//! chunks/ab/<hex>             format 1: one chunk per file (still read)
 //! codecs/<hex>.wasm           every codec component that coded a chunk
 //! points/<job>/<vm>/<disk>/<point>.manifest
-//! staging/<writer>/           a writer's chunks until its commit
+//! staging/<process>/          a process's packs until a commit publishes them
 //! ```
 //! Invariants: a chunk's address is the BLAKE3 of its plaintext, computed by
-//! the host; chunks and codecs are durable before the manifest that references
-//! them appears (by atomic rename); a staging folder is never read by anyone
-//! but its writer and is swept when its writer is gone.
+//! the host; packs, their indexes and codecs are durable before a manifest
+//! that references them appears (by atomic rename); an index file never
+//! names a pack that is not durable; a staging folder is never read by anyone
+//! but its process and is swept when that process is gone. A format-1
+//! repository is read as it is and becomes format 2 when a writer first
+//! publishes a pack in it (so an older arca refuses it instead of missing
+//! chunks).
 //!
 //! Room for what comes next: `chunk_address` and `encryption` in the format
 //! file name the addressing (`blake3`, later `blake3-keyed`) and cipher, and
@@ -20,18 +26,32 @@
 //! repository lock exclusively while writers hold it shared.
 
 pub mod chunk;
+mod index;
 pub mod manifest;
+pub mod pack;
+mod packer;
 pub mod writer;
 
 use arca_transport::{ChunkHash, HASH_LEN, Manifest};
+use index::{ChunkIndex, Location};
+use packer::Packer;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
 
 pub use writer::PointWriter;
 
 pub const FORMAT_NAME: &str = "arca-repository";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Chunk files, one per chunk; read, never written any more.
+const LOOSE_FORMAT: u32 = 1;
+/// Open pack files kept per repository; beyond this the cache starts over
+/// (the process's descriptor limit is shared with sockets and disks).
+const OPEN_PACKS: usize = 128;
 const FORMAT_FILE: &str = "arca-repository.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +111,51 @@ pub struct FormatFile {
 pub struct Repository {
     root: PathBuf,
     pub format: FormatFile,
+    shared: Arc<Shared>,
+}
+
+/// What every `Repository` of one folder shares in a process: the chunk
+/// index and the staging packer (so that tasks side by side store a shared
+/// chunk once), and open pack files.
+struct Shared {
+    root: PathBuf,
+    index: RwLock<ChunkIndex>,
+    packer: Mutex<Option<Packer>>,
+    /// Held while packs are published, so that a commit that finds nothing
+    /// left to publish knows every pack taken before it is visible.
+    publish: Mutex<()>,
+    files: Mutex<HashMap<u32, Arc<File>>>,
+    /// `chunks/` exists: a format-1 repository's chunk files are read too.
+    loose: bool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> = LazyLock::new(Default::default);
+
+fn shared_for(root: &Path) -> Result<Arc<Shared>, RepositoryError> {
+    let key = std::fs::canonicalize(root).map_err(io_err(root))?;
+    let mut open = OPEN.lock().expect("open repositories lock");
+    open.retain(|_, w| w.strong_count() > 0);
+    if let Some(s) = open.get(&key).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    let shared = Arc::new(Shared {
+        root: root.to_owned(),
+        index: RwLock::default(),
+        packer: Mutex::new(None),
+        publish: Mutex::new(()),
+        files: Mutex::default(),
+        loose: root.join("chunks").is_dir(),
+    });
+    open.insert(key, Arc::downgrade(&shared));
+    Ok(shared)
 }
 
 /// A restore point as listed: its manifest and where it lies.
@@ -98,6 +163,18 @@ pub struct Repository {
 pub struct PointEntry {
     pub manifest: Manifest,
     pub path: PathBuf,
+}
+
+/// A 64-digit hex name as an address (format-1 chunk file names).
+fn parse_hex(name: &str) -> Option<ChunkHash> {
+    if name.len() != 2 * HASH_LEN {
+        return None;
+    }
+    let mut out = [0u8; HASH_LEN];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 pub fn hex(hash: &[u8]) -> String {
@@ -124,7 +201,7 @@ impl Repository {
     }
 
     fn create(path: &Path) -> Result<(), RepositoryError> {
-        for sub in ["chunks", "codecs", "points", "staging"] {
+        for sub in ["packs", "index", "codecs", "points", "staging"] {
             std::fs::create_dir_all(path.join(sub)).map_err(io_err(path))?;
         }
         let format = FormatFile {
@@ -165,17 +242,32 @@ impl Repository {
                 found: format.version,
             });
         }
-        Ok(Self {
+        let repo = Self {
             root: path.to_owned(),
             format,
-        })
+            shared: shared_for(path)?,
+        };
+        repo.refresh()?;
+        Ok(repo)
+    }
+
+    /// Loads index files published since this process last looked.
+    fn refresh(&self) -> Result<(), RepositoryError> {
+        let dir = self.root.join("index");
+        self.shared
+            .index
+            .write()
+            .expect("chunk index lock")
+            .refresh(&dir)
+            .map_err(io_err(&dir))
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+    /// Where a format-1 repository keeps a chunk as a file of its own.
+    fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
         let h = hex(hash);
         self.root.join("chunks").join(&h[..2]).join(&h)
     }
@@ -185,7 +277,195 @@ impl Repository {
     }
 
     pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
-        self.chunk_path(hash).exists()
+        self.indexed(hash).is_some() || (self.shared.loose && self.chunk_path(hash).exists())
+    }
+
+    fn indexed(&self, hash: &ChunkHash) -> Option<Location> {
+        self.shared
+            .index
+            .read()
+            .expect("chunk index lock")
+            .get(hash)
+    }
+
+    /// The open pack file of a location (opened once, then shared).
+    fn pack_file(&self, hash: &ChunkHash, loc: Location) -> Result<Arc<File>, RepositoryError> {
+        let mut files = self.shared.files.lock().expect("pack files lock");
+        if let Some(f) = files.get(&loc.pack) {
+            return Ok(f.clone());
+        }
+        let id = self
+            .shared
+            .index
+            .read()
+            .expect("chunk index lock")
+            .pack_id(loc.pack)
+            .to_owned();
+        let file = Arc::new(
+            File::open(packer::pack_path(&self.root, &id)).map_err(|e| chunk_io_err(hash, e))?,
+        );
+        if files.len() >= OPEN_PACKS {
+            files.clear();
+        }
+        files.insert(loc.pack, file.clone());
+        Ok(file)
+    }
+
+    /// Reads `len` bytes of a pack from `offset` into `dest`.
+    fn read_record(
+        &self,
+        hash: &ChunkHash,
+        loc: Location,
+        offset: u64,
+        dest: &mut [u8],
+    ) -> Result<(), RepositoryError> {
+        self.pack_file(hash, loc)?
+            .read_exact_at(dest, offset)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => RepositoryError::Chunk {
+                    hash: hex(hash),
+                    reason: "its pack is shorter than its index says (truncated)".into(),
+                },
+                _ => chunk_io_err(hash, e),
+            })
+    }
+
+    /// Every chunk address the repository holds.
+    pub fn chunk_addresses(&self) -> Result<Vec<ChunkHash>, RepositoryError> {
+        let mut out: Vec<ChunkHash> = self
+            .shared
+            .index
+            .read()
+            .expect("chunk index lock")
+            .hashes()
+            .copied()
+            .collect();
+        if self.shared.loose {
+            let top = self.root.join("chunks");
+            for sub in std::fs::read_dir(&top).map_err(io_err(&top))? {
+                let sub = sub.map_err(io_err(&top))?.path();
+                for f in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
+                    let name = f.map_err(io_err(&sub))?.file_name();
+                    if let Some(h) = parse_hex(&name.to_string_lossy()) {
+                        out.push(h);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The file, offset and length of a chunk's record, for tools and tests
+    /// that look at (or damage) the bytes themselves.
+    pub fn chunk_record(&self, hash: &ChunkHash) -> Option<(PathBuf, u64, u64)> {
+        if let Some(loc) = self.indexed(hash) {
+            let index = self.shared.index.read().expect("chunk index lock");
+            let path = packer::pack_path(&self.root, index.pack_id(loc.pack));
+            return Some((path, loc.offset, u64::from(loc.len)));
+        }
+        let path = self.chunk_path(hash);
+        let len = std::fs::metadata(&path).ok()?.len();
+        Some((path, 0, len))
+    }
+
+    /// Index files that could not be read, and why.
+    pub fn damaged_indexes(&self) -> Vec<(PathBuf, String)> {
+        self.shared
+            .index
+            .read()
+            .expect("chunk index lock")
+            .damaged
+            .clone()
+    }
+
+    /// Stages a chunk for the next publish; returns the bytes it added, or
+    /// `None` when the repository or a staged pack already holds it.
+    pub(crate) fn stage_chunk(
+        &self,
+        hash: &ChunkHash,
+        header: &chunk::ChunkHeader,
+        payload: &[u8],
+    ) -> Result<Option<u64>, RepositoryError> {
+        if self.indexed(hash).is_some() {
+            return Ok(None);
+        }
+        let prefix = chunk::StoredChunk::prefix(header);
+        let len = (prefix.len() + payload.len()) as u64;
+        let reservation = {
+            let mut packer = self.shared.packer.lock().expect("packer lock");
+            if packer.is_none() {
+                *packer = Some(Packer::new(&self.root.join("staging"))?);
+            }
+            packer.as_mut().expect("a packer").reserve(hash, len)?
+        };
+        match reservation {
+            Some(r) => r.write(&prefix, payload).map(|()| Some(len)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a chunk is staged in this process and not yet published.
+    pub(crate) fn is_staged(&self, hash: &ChunkHash) -> bool {
+        self.shared
+            .packer
+            .lock()
+            .expect("packer lock")
+            .as_ref()
+            .is_some_and(|p| p.holds(hash))
+    }
+
+    /// Publishes every staged pack (see `packer`): when this returns, every
+    /// chunk staged before the call is durable and indexed.
+    pub(crate) fn publish_staged(&self) -> Result<(), RepositoryError> {
+        let _publishing = self.shared.publish.lock().expect("publish lock");
+        let (packs, staging) = {
+            let mut packer = self.shared.packer.lock().expect("packer lock");
+            match packer.as_mut() {
+                Some(p) => (p.take(), p.staging().to_owned()),
+                None => return Ok(()),
+            }
+        };
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .upgrade_format()
+            .and_then(|()| packer::publish(&self.root, &staging, &packs));
+        if result.is_ok() {
+            let mut index = self.shared.index.write().expect("chunk index lock");
+            for p in &packs {
+                index.add(&p.id, &p.entries);
+            }
+        }
+        // Failed packs are forgotten too, so that their chunks are sent
+        // again instead of being taken for stored.
+        if let Some(p) = self.shared.packer.lock().expect("packer lock").as_mut() {
+            p.forget(&packs);
+        }
+        result
+    }
+
+    /// A format-1 repository says format 2 before its first pack appears.
+    fn upgrade_format(&self) -> Result<(), RepositoryError> {
+        let file = self.root.join(FORMAT_FILE);
+        let body = std::fs::read(&file).map_err(io_err(&file))?;
+        let mut format: FormatFile =
+            serde_json::from_slice(&body).map_err(|e| RepositoryError::BadFormatFile {
+                path: self.root.clone(),
+                reason: e.to_string(),
+            })?;
+        if format.version > LOOSE_FORMAT {
+            return Ok(());
+        }
+        for sub in ["packs", "index"] {
+            let dir = self.root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        format.version = FORMAT_VERSION;
+        let body = serde_json::to_vec_pretty(&format).expect("format file serializes");
+        writer::write_atomic(&file, &body, &self.root.join("staging"))
     }
 
     pub fn read_chunk(&self, hash: &ChunkHash) -> Result<chunk::StoredChunk, RepositoryError> {
@@ -204,8 +484,18 @@ impl Repository {
         hash: &ChunkHash,
         buf: &mut Vec<u8>,
     ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
-        let path = self.chunk_path(hash);
         buf.clear();
+        if let Some(loc) = self.indexed(hash) {
+            buf.resize(loc.len as usize, 0);
+            self.read_record(hash, loc, loc.offset, buf)?;
+            return chunk::StoredChunk::parse_in_place(buf).map_err(|reason| {
+                RepositoryError::Chunk {
+                    hash: hex(hash),
+                    reason,
+                }
+            });
+        }
+        let path = self.chunk_path(hash);
         std::fs::File::open(&path)
             .and_then(|mut f| io::Read::read_to_end(&mut f, buf))
             .map_err(|e| chunk_io_err(hash, e))?;
@@ -230,6 +520,9 @@ impl Repository {
             hash: hex(hash),
             reason,
         };
+        if let Some(loc) = self.indexed(hash) {
+            return self.read_packed_payload(hash, loc, pick);
+        }
         let mut file =
             std::fs::File::open(self.chunk_path(hash)).map_err(|e| chunk_io_err(hash, e))?;
         // Headers are tens of bytes; a longer one takes the slow path.
@@ -245,14 +538,7 @@ impl Repository {
         }
         let (header, start) = match chunk::StoredChunk::parse_prefix(&head[..got]).map_err(bad)? {
             Some(prefix) => prefix,
-            None if got == head.len() => {
-                let mut all = Vec::new();
-                let (header, payload) = self.read_chunk_into(hash, &mut all)?;
-                let dest = pick(&header);
-                let at = dest.len();
-                dest.extend_from_slice(&all[payload]);
-                return Ok((header, at..dest.len()));
-            }
+            None if got == head.len() => return self.read_whole_into(hash, pick),
             None => return Err(bad("chunk header is truncated".into())),
         };
         let dest = pick(&header);
@@ -268,6 +554,57 @@ impl Repository {
         if let Err(reason) = chunk::check_payload_len(&header, (dest.len() - at) as u64) {
             dest.truncate(at);
             return Err(bad(reason));
+        }
+        Ok((header, at..dest.len()))
+    }
+
+    /// The slow path of `read_payload_into` for a header longer than its
+    /// first read: the record is read whole, then its payload copied.
+    fn read_whole_into<'a>(
+        &self,
+        hash: &ChunkHash,
+        pick: impl FnOnce(&chunk::ChunkHeader) -> &'a mut Vec<u8>,
+    ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
+        let mut all = Vec::new();
+        let (header, payload) = self.read_chunk_into(hash, &mut all)?;
+        let dest = pick(&header);
+        let at = dest.len();
+        dest.extend_from_slice(&all[payload]);
+        Ok((header, at..dest.len()))
+    }
+
+    /// `read_payload_into` for a chunk in a pack: the first read gets the
+    /// header (and the start of the payload), the second the rest of the
+    /// payload straight into the buffer `pick` chooses.
+    fn read_packed_payload<'a>(
+        &self,
+        hash: &ChunkHash,
+        loc: Location,
+        pick: impl FnOnce(&chunk::ChunkHeader) -> &'a mut Vec<u8>,
+    ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
+        let bad = |reason: String| RepositoryError::Chunk {
+            hash: hex(hash),
+            reason,
+        };
+        let mut head = [0u8; 4096];
+        let got = head.len().min(loc.len as usize);
+        self.read_record(hash, loc, loc.offset, &mut head[..got])?;
+        let Some((header, start)) = chunk::StoredChunk::parse_prefix(&head[..got]).map_err(bad)?
+        else {
+            if got < loc.len as usize {
+                return self.read_whole_into(hash, pick);
+            }
+            return Err(bad("chunk header is truncated".into()));
+        };
+        chunk::check_payload_len(&header, u64::from(loc.len) - start as u64).map_err(bad)?;
+        let dest = pick(&header);
+        let at = dest.len();
+        dest.extend_from_slice(&head[start..got]);
+        let have = dest.len();
+        dest.resize(at + header.payload_len as usize, 0);
+        if let Err(e) = self.read_record(hash, loc, loc.offset + got as u64, &mut dest[have..]) {
+            dest.truncate(at);
+            return Err(e);
         }
         Ok((header, at..dest.len()))
     }
@@ -405,17 +742,20 @@ pub const HOLE: ChunkHash = [0u8; HASH_LEN];
 mod tests {
     use super::*;
 
-    fn put(repo: &Repository, hash: &ChunkHash, codec: &str, payload: &[u8], claimed: u32) {
-        let path = repo.chunk_path(hash);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let header = chunk::ChunkHeader {
+    fn header(codec: &str, raw_len: u32, payload_len: u32) -> chunk::ChunkHeader {
+        chunk::ChunkHeader {
             codec: codec.into(),
             codec_hash: Vec::new(),
-            raw_len: 7,
-            payload_len: claimed,
-        };
-        let mut f = std::fs::File::create(path).unwrap();
-        chunk::StoredChunk::write(&mut f, &header, payload).unwrap();
+            raw_len,
+            payload_len,
+        }
+    }
+
+    /// Stores a chunk record as a writer does (staged, then published).
+    fn put(repo: &Repository, hash: &ChunkHash, codec: &str, payload: &[u8], claimed: u32) {
+        repo.stage_chunk(hash, &header(codec, 7, claimed), payload)
+            .unwrap();
+        repo.publish_staged().unwrap();
     }
 
     #[test]
@@ -460,5 +800,92 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing from the repository"), "{e}");
+    }
+
+    #[test]
+    fn a_format_1_repository_is_read_and_says_format_2_once_it_has_a_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for sub in ["chunks", "codecs", "points", "staging"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let format = |version: u32| {
+            format!(
+                r#"{{"format":"arca-repository","version":{version},"id":"00","chunk_address":"blake3","encryption":"none"}}"#
+            )
+        };
+        std::fs::write(root.join(FORMAT_FILE), format(1)).unwrap();
+        let old = b"a chunk file of format 1".to_vec();
+        let old_hash = *blake3::hash(&old).as_bytes();
+        let h = hex(&old_hash);
+        std::fs::create_dir_all(root.join("chunks").join(&h[..2])).unwrap();
+        let mut f = std::fs::File::create(root.join("chunks").join(&h[..2]).join(&h)).unwrap();
+        chunk::StoredChunk::write(&mut f, &header("none", 24, 24), &old).unwrap();
+        drop(f);
+
+        let repo = Repository::open(root).unwrap();
+        assert!(repo.has_chunk(&old_hash));
+        assert_eq!(repo.read_chunk(&old_hash).unwrap().payload, old);
+        assert_eq!(repo.chunk_addresses().unwrap(), vec![old_hash]);
+
+        let new = b"a chunk in a pack".to_vec();
+        let new_hash = *blake3::hash(&new).as_bytes();
+        put(&repo, &new_hash, "none", &new, new.len() as u32);
+        let now: FormatFile =
+            serde_json::from_slice(&std::fs::read(root.join(FORMAT_FILE)).unwrap()).unwrap();
+        assert_eq!(now.version, FORMAT_VERSION);
+        let mut both = vec![old_hash, new_hash];
+        both.sort();
+        assert_eq!(repo.chunk_addresses().unwrap(), both);
+        assert_eq!(repo.read_chunk(&new_hash).unwrap().payload, new);
+        assert_eq!(repo.read_chunk(&old_hash).unwrap().payload, old);
+    }
+
+    #[test]
+    fn a_damaged_index_is_named_and_its_chunks_read_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let repo = Repository::open_or_create(dir.path()).unwrap();
+            put(&repo, &[1; 32], "none", b"abc", 3);
+        }
+        let idx = std::fs::read_dir(dir.path().join("index"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&idx).unwrap();
+        bytes[14] ^= 0xff;
+        std::fs::write(&idx, bytes).unwrap();
+        // The first repository is gone, so this open reads the files anew.
+        let repo = Repository::open(dir.path()).unwrap();
+        let damaged = repo.damaged_indexes();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].0, idx);
+        assert!(damaged[0].1.contains("checksum"), "{}", damaged[0].1);
+        let e = repo.read_chunk(&[1; 32]).unwrap_err().to_string();
+        assert!(e.contains("missing from the repository"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_pack_is_reported_not_read_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        put(&repo, &[1; 32], "none", &[5u8; 10000], 10000);
+        let (pack, offset, len) = repo.chunk_record(&[1; 32]).unwrap();
+        assert_eq!(offset, 0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
+        let mut buf = Vec::new();
+        let e = repo
+            .read_payload_into(&[1; 32], |_| &mut buf)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        assert!(buf.is_empty(), "nothing partial left in the buffer");
     }
 }

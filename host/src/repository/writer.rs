@@ -1,15 +1,14 @@
 //! The target mover's side of a restore point: stage chunks, then commit.
 //!
-//! Chunks are written to a private staging folder without a sync each (their
-//! write-back starts at once, `crate::writeback`), then one `syncfs` makes
-//! them all durable, they are linked into `chunks/`, a
-//! second `syncfs` makes the links durable, and only then the manifest is
-//! written and renamed into place. A process killed at any moment therefore
-//! leaves either no restore point or a complete one, and a staging folder
-//! that the next session sweeps.
+//! Chunks go to the repository's staging packs (`packer`), shared by every
+//! writer of the repository in this process; a commit publishes the staged
+//! packs (durable, then indexed), checks that every block of the manifest
+//! is in the repository, and only then writes the manifest and renames it
+//! into place. A process killed at any moment therefore leaves either no
+//! restore point or a complete one, and a staging folder that the next
+//! session sweeps.
 
 use super::{Repository, RepositoryError, chunk, hex, io_err, manifest};
-use crate::writeback::WriteBack;
 use arca_transport::{
     ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, HASH_LEN, LinkError,
     RegisterCodec, StoreChunks, TargetMover,
@@ -18,21 +17,19 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 pub struct PointWriter {
     repo: Repository,
-    staging: PathBuf,
-    _lock: File,
     state: Mutex<State>,
-    write_back: WriteBack,
 }
 
 #[derive(Default)]
 struct State {
-    chunks: HashSet<ChunkHash>,
-    codecs: Vec<Vec<u8>>,
+    /// Chunks this writer added to the repository, and their bytes.
+    new_chunks: u64,
+    stored_bytes: u64,
     finished: bool,
 }
 
@@ -42,65 +39,41 @@ fn target_err(e: impl std::fmt::Display) -> LinkError {
 
 impl PointWriter {
     pub(super) fn new(repo: &Repository) -> Result<Self, RepositoryError> {
-        let name = format!("{}-{}", std::process::id(), hex(&rand::random::<[u8; 6]>()));
-        let staging = repo.root.join("staging").join(name);
-        std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-        let lock_path = staging.join("lock");
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock on a descriptor we own. The lock lives as long as this
-        // writer, which is how `sweep` tells a live writer from a dead one.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io_err(&lock_path)(io::Error::last_os_error()));
-        }
+        // Packs other processes published since the repository was opened
+        // answer this writer's dedup queries too.
+        repo.refresh()?;
         Ok(Self {
             repo: repo.clone(),
-            staging,
-            _lock: lock,
             state: Mutex::new(State::default()),
-            write_back: WriteBack::start(),
         })
-    }
-
-    fn staged_chunk(&self, hash: &ChunkHash) -> PathBuf {
-        self.staging.join(hex(hash))
     }
 
     fn commit_inner(&self, commit: CommitPoint) -> Result<CommitReply, RepositoryError> {
         let repo = &self.repo;
+        let staging = repo.root.join("staging");
         let mut m = commit.manifest.ok_or_else(|| RepositoryError::Manifest {
-            path: self.staging.clone(),
+            path: staging.clone(),
             reason: "commit without a manifest".into(),
         })?;
         let mut state = self.state.lock().expect("writer state lock");
         if state.finished {
             return Err(RepositoryError::Manifest {
-                path: self.staging.clone(),
+                path: staging,
                 reason: "this writer has already committed or aborted".into(),
             });
         }
-        sync_filesystem(&self.staging)?;
-
-        for hash in &state.codecs {
-            let staged = self.staging.join(format!("codec-{}.wasm", hex(hash)));
-            let dest = repo.codec_path(hash);
-            match std::fs::hard_link(&staged, &dest) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(&dest)(e)),
-            }
-        }
-        let (new_chunks, stored_bytes) = self.publish_chunks(&state.chunks)?;
+        repo.publish_staged()?;
         // The manifest must not reference anything that is not there.
+        let mut checked = HashSet::new();
         for block in m.block_hashes.chunks_exact(HASH_LEN) {
             let hash: ChunkHash = block.try_into().expect("32 bytes");
-            if hash != super::HOLE && !repo.has_chunk(&hash) {
+            if hash != super::HOLE && checked.insert(hash) && !repo.has_chunk(&hash) {
                 return Err(RepositoryError::DanglingReference {
                     point: format!("{}/{}/{}", m.job, m.vm, m.disk),
                     hash: hex(&hash),
                 });
             }
         }
-        sync_filesystem(&self.staging)?;
 
         let now = jiff::Timestamp::now();
         m.created_unix_ms = now.as_millisecond();
@@ -118,62 +91,14 @@ impl PointWriter {
         write_atomic(
             &dir.join(format!("{}.manifest", m.point_id)),
             &manifest::encode(&m),
-            &self.staging,
+            &staging,
         )?;
         state.finished = true;
-        drop(state);
-        self.remove_staging();
         Ok(CommitReply {
             point_id: m.point_id,
-            new_chunks,
-            stored_bytes,
+            new_chunks: state.new_chunks,
+            stored_bytes: state.stored_bytes,
         })
-    }
-
-    /// Publishes durable staged chunks; returns how many were new and the
-    /// bytes they occupy.
-    fn publish_chunks(&self, chunks: &HashSet<ChunkHash>) -> Result<(u64, u64), RepositoryError> {
-        let (mut new_chunks, mut stored_bytes) = (0u64, 0u64);
-        for hash in chunks {
-            let staged = self.staged_chunk(hash);
-            let dest = self.repo.chunk_path(hash);
-            let parent = dest.parent().expect("chunk path has a parent");
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-            // A hard link publishes the chunk only if no other writer did:
-            // the check and the creation are one atomic step, so concurrent
-            // commits of the same chunk count it once.
-            match std::fs::hard_link(&staged, &dest) {
-                Ok(()) => {
-                    stored_bytes += std::fs::metadata(&dest).map_err(io_err(&dest))?.len();
-                    new_chunks += 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(&dest)(e)),
-            }
-        }
-        Ok((new_chunks, stored_bytes))
-    }
-
-    /// An aborted task keeps the chunks it sent (no restore point refers to
-    /// them yet): a retry after a dropped link finds them by its dedup
-    /// queries and resumes instead of sending everything again.
-    fn keep_sent_chunks(&self, chunks: &HashSet<ChunkHash>) -> Result<u64, RepositoryError> {
-        if chunks.is_empty() {
-            return Ok(0);
-        }
-        // Durable before visible, as at a commit.
-        sync_filesystem(&self.staging)?;
-        let (new_chunks, _) = self.publish_chunks(chunks)?;
-        sync_filesystem(&self.staging)?;
-        Ok(new_chunks)
-    }
-
-    fn remove_staging(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.staging)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!("could not remove staging {}: {e}", self.staging.display());
-        }
     }
 }
 
@@ -182,21 +107,13 @@ impl TargetMover for PointWriter {
         if !query.hashes.len().is_multiple_of(HASH_LEN) {
             return Err(target_err("chunk query is not a list of 32-byte addresses"));
         }
-        let hashes: Vec<ChunkHash> = query
+        let missing = query
             .hashes
             .chunks_exact(HASH_LEN)
-            .map(|h| h.try_into().expect("32 bytes"))
-            .collect();
-        // Staged chunks under the lock; the published ones by stat, outside
-        // it, so that the workers' queries do not wait on each other's I/O.
-        let staged: Vec<bool> = {
-            let state = self.state.lock().expect("writer state lock");
-            hashes.iter().map(|h| state.chunks.contains(h)).collect()
-        };
-        let missing = hashes
-            .iter()
-            .zip(staged)
-            .map(|(h, staged)| !staged && !self.repo.has_chunk(h))
+            .map(|h| {
+                let h: ChunkHash = h.try_into().expect("32 bytes");
+                !self.repo.has_chunk(&h) && !self.repo.is_staged(&h)
+            })
             .collect();
         Ok(ChunkQueryReply { missing })
     }
@@ -214,15 +131,15 @@ impl TargetMover for PointWriter {
                 raw_len: c.raw_len,
                 payload_len: c.payload.len() as u32,
             };
-            let path = self.staged_chunk(&hash);
-            let mut f = File::create(&path).map_err(target_err)?;
-            chunk::StoredChunk::write(&mut f, &header, &c.payload).map_err(target_err)?;
-            self.write_back.file(f);
-            self.state
-                .lock()
-                .expect("writer state lock")
-                .chunks
-                .insert(hash);
+            if let Some(bytes) = self
+                .repo
+                .stage_chunk(&hash, &header, &c.payload)
+                .map_err(target_err)?
+            {
+                let mut state = self.state.lock().expect("writer state lock");
+                state.new_chunks += 1;
+                state.stored_bytes += bytes;
+            }
         }
         Ok(())
     }
@@ -238,52 +155,32 @@ impl TargetMover for PointWriter {
         if dest.exists() {
             return Ok(());
         }
-        let staged = self
-            .staging
-            .join(format!("codec-{}.wasm", hex(&codec.hash)));
-        std::fs::write(&staged, &codec.component).map_err(target_err)?;
-        self.state
-            .lock()
-            .expect("writer state lock")
-            .codecs
-            .push(codec.hash);
-        Ok(())
+        // Durable and in place at once: a codec nobody references yet is
+        // harmless, and a chunk that names it never lacks it.
+        write_atomic(&dest, &codec.component, &self.repo.root.join("staging")).map_err(target_err)
     }
 
     fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError> {
         self.commit_inner(commit).map_err(target_err)
     }
 
+    /// An aborted task keeps the chunks it sent (no restore point refers to
+    /// them yet): a retry after a dropped link finds them by its dedup
+    /// queries and resumes instead of sending everything again.
     fn abort(&self) {
         let mut state = self.state.lock().expect("writer state lock");
         if !state.finished {
             state.finished = true;
-            match self.keep_sent_chunks(&state.chunks) {
-                Ok(n) if n > 0 => {
-                    tracing::info!("aborted task: kept {n} chunk(s) it sent, for a retry to find")
-                }
-                Ok(_) => {}
+            match self.repo.publish_staged() {
+                Ok(()) if state.new_chunks > 0 => tracing::info!(
+                    "aborted task: kept {} chunk(s) it sent, for a retry to find",
+                    state.new_chunks
+                ),
+                Ok(()) => {}
                 Err(e) => tracing::warn!("aborted task: could not keep its chunks: {e}"),
             }
         }
-        drop(state);
-        self.remove_staging();
     }
-}
-
-impl Drop for PointWriter {
-    fn drop(&mut self) {
-        self.remove_staging();
-    }
-}
-
-fn sync_filesystem(path: &Path) -> Result<(), RepositoryError> {
-    let dir = File::open(path).map_err(io_err(path))?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io_err(path)(io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// Writes a file so that readers see either nothing or all of it.
@@ -401,33 +298,110 @@ mod tests {
         let retry = repo.writer().unwrap();
         assert_eq!(ask(&retry, &[h1, h2]), vec![false, true]);
         assert!(repo.points().unwrap().is_empty(), "no restore point");
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("staging"))
-                .unwrap()
-                .count(),
-            1,
-            "only the retry's staging is left"
-        );
+        // Kept means published: the index files on disk (what another
+        // process reads) name it.
+        let indexed: Vec<ChunkHash> = walk_files(&dir.path().join("index"))
+            .iter()
+            .flat_map(|p| super::super::pack::decode_index(&std::fs::read(p).unwrap()).unwrap())
+            .map(|e| e.hash)
+            .collect();
+        assert_eq!(indexed, vec![h1]);
         // The kept chunk is a whole, readable chunk: a commit can use it.
-        let mut hashes = vec![0u8; HASH_LEN];
-        hashes.copy_from_slice(&h1);
         let reply = retry
             .commit(CommitPoint {
-                manifest: Some(Manifest {
-                    format_version: arca_transport::MANIFEST_FORMAT_VERSION,
-                    job: "j".into(),
-                    vm: "v".into(),
-                    disk: "d".into(),
-                    disk_size: 4096,
-                    block_size: 4096,
-                    block_hashes: hashes,
-                    ..Default::default()
-                }),
+                manifest: Some(manifest_of(&[h1])),
             })
             .unwrap();
         assert_eq!(reply.new_chunks, 0, "nothing new: the chunk was kept");
         assert_eq!(repo.points().unwrap().len(), 1);
         let kept = repo.read_chunk(&h1).unwrap();
         assert_eq!(kept.payload, c1.payload, "whole and readable");
+    }
+
+    fn manifest_of(hashes: &[ChunkHash]) -> Manifest {
+        Manifest {
+            format_version: arca_transport::MANIFEST_FORMAT_VERSION,
+            job: "j".into(),
+            vm: "v".into(),
+            disk: "d".into(),
+            disk_size: 4096 * hashes.len() as u64,
+            block_size: 4096,
+            block_hashes: hashes.concat(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn writers_side_by_side_store_a_shared_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (shared, c) = chunk(7);
+        let (own, c_own) = chunk(8);
+        let (a, b) = (repo.writer().unwrap(), repo.writer().unwrap());
+        // Both ask before either sends, as two tasks on twin disks do.
+        assert_eq!(ask(&a, &[shared]), vec![true]);
+        assert_eq!(ask(&b, &[shared]), vec![true]);
+        a.store(StoreChunks {
+            chunks: vec![c.clone()],
+        })
+        .unwrap();
+        b.store(StoreChunks {
+            chunks: vec![c, c_own],
+        })
+        .unwrap();
+        // `b` commits first and publishes `a`'s chunk with its own.
+        let rb = b
+            .commit(CommitPoint {
+                manifest: Some(manifest_of(&[shared, own])),
+            })
+            .unwrap();
+        let ra = a
+            .commit(CommitPoint {
+                manifest: Some(manifest_of(&[shared])),
+            })
+            .unwrap();
+        assert_eq!((ra.new_chunks, rb.new_chunks), (1, 1));
+        let record = |h: &ChunkHash| repo.chunk_record(h).unwrap().2;
+        let packs: u64 = walk_files(&dir.path().join("packs"))
+            .iter()
+            .map(|p| p.metadata().unwrap().len())
+            .sum();
+        assert_eq!(packs, record(&shared) + record(&own), "each stored once");
+        assert_eq!(packs, ra.stored_bytes + rb.stored_bytes);
+        for h in [shared, own] {
+            assert_eq!(
+                repo.read_chunk(&h).unwrap().payload,
+                vec![if h == shared { 7 } else { 8 }; 4096]
+            );
+        }
+    }
+
+    #[test]
+    fn a_commit_that_references_a_chunk_nobody_stored_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, _) = chunk(3);
+        let e = repo
+            .writer()
+            .unwrap()
+            .commit(CommitPoint {
+                manifest: Some(manifest_of(&[h])),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("which is not in the repository"), "{e}");
+        assert!(repo.points().unwrap().is_empty());
+    }
+
+    fn walk_files(p: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            if e.path().is_dir() {
+                out.extend(walk_files(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 }

@@ -1,0 +1,99 @@
+//! The chunk index in memory: where each chunk of the repository lies.
+//!
+//! Built from the repository's index files when it is opened and refreshed
+//! when a writer starts (other processes may have published packs since), it
+//! answers the movers' dedup queries and the commit's reference check without
+//! touching the filesystem once per block.
+
+use super::pack::{self, IndexEntry};
+use arca_transport::ChunkHash;
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A chunk record: which pack (a number in this index), where, how long.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Location {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ChunkIndex {
+    chunks: HashMap<ChunkHash, Location>,
+    /// Pack ids; a `Location::pack` is a position here.
+    packs: Vec<String>,
+    /// Index files that could not be read, with why (verify reports them).
+    pub damaged: Vec<(PathBuf, String)>,
+    seen: HashSet<String>,
+}
+
+impl ChunkIndex {
+    pub fn get(&self, hash: &ChunkHash) -> Option<Location> {
+        self.chunks.get(hash).copied()
+    }
+
+    pub fn pack_id(&self, pack: u32) -> &str {
+        &self.packs[pack as usize]
+    }
+
+    pub fn hashes(&self) -> impl Iterator<Item = &ChunkHash> {
+        self.chunks.keys()
+    }
+
+    /// Adds a pack's records. A chunk already indexed keeps its first
+    /// location: two writers in different processes may both have stored
+    /// it, and either copy is as good.
+    pub fn add(&mut self, pack_id: &str, entries: &[IndexEntry]) {
+        if !self.seen.insert(pack_id.to_owned()) {
+            return;
+        }
+        let pack = self.packs.len() as u32;
+        self.packs.push(pack_id.to_owned());
+        for e in entries {
+            self.chunks.entry(e.hash).or_insert(Location {
+                pack,
+                offset: e.offset,
+                len: e.len,
+            });
+        }
+    }
+
+    /// Loads the index files in `dir` that it has not seen yet.
+    pub fn refresh(&mut self, dir: &Path) -> io::Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".idx"))
+            else {
+                continue;
+            };
+            if self.seen.contains(id) {
+                continue;
+            }
+            let id = id.to_owned();
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| pack::decode_index(&b))
+            {
+                Ok(records) => self.add(&id, &records),
+                Err(reason) => {
+                    // Its chunks then read as missing, and verify names the
+                    // file as well as the restore points that are hurt.
+                    tracing::warn!("pack index {}: {reason}", path.display());
+                    self.seen.insert(id);
+                    self.damaged.push((path, reason));
+                }
+            }
+        }
+        Ok(())
+    }
+}
