@@ -45,3 +45,87 @@ pub fn read(path: &Path) -> Result<Manifest, RepositoryError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     decode(&bytes, path)
 }
+
+/// How much of a manifest `read_header` reads: names and ids are short.
+const HEADER_READ: usize = 64 << 10;
+/// The block list's field: everything before it is the header.
+const BLOCK_HASHES_TAG: u32 = 10;
+
+/// A manifest's fields before its block list (tags 1–9: names, point id,
+/// creation time, geometry, parent), with `block_hashes` empty, read from
+/// the first bytes of the file only. A disk's restore points are ordered by
+/// these, and a point's block list is 32 bytes per block (128 MiB for a
+/// 1 TiB disk), so finding the newest of many points must not read them
+/// all. Not checked against the trailer: whoever keeps a point reads it
+/// whole with `read`. A file shorter than the read is decoded whole.
+pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
+    use std::io::Read;
+    let bad = |reason: String| RepositoryError::Manifest {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut buf = Vec::with_capacity(HEADER_READ);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(HEADER_READ as u64).read_to_end(&mut buf))
+        .map_err(io_err(path))?;
+    if buf.len() < HEADER_READ {
+        return decode(&buf, path);
+    }
+    if &buf[..MAGIC.len()] != MAGIC {
+        return Err(bad("not a manifest (bad magic)".into()));
+    }
+    let body = &buf[MAGIC.len()..];
+    let mut rest = body;
+    while !rest.is_empty() {
+        let at = body.len() - rest.len();
+        let (tag, wire_type) =
+            prost::encoding::decode_key(&mut rest).map_err(|e| bad(e.to_string()))?;
+        if tag == BLOCK_HASHES_TAG {
+            return Manifest::decode(&body[..at]).map_err(|e| bad(e.to_string()));
+        }
+        let ctx = prost::encoding::DecodeContext::default();
+        if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
+            break;
+        }
+    }
+    // The header did not end within the read (never so for arca's own
+    // manifests): read it whole.
+    read(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_of_a_large_manifest_matches_the_whole_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for blocks in [0u64, 3, 100_000] {
+            let m = Manifest {
+                format_version: MANIFEST_FORMAT_VERSION,
+                job: "nightly".into(),
+                vm: "web01".into(),
+                disk: "disk0".into(),
+                point_id: "20261201T000000Z-00000000".into(),
+                created_unix_ms: 1_764_547_200_123,
+                disk_size: blocks * 4096,
+                block_size: 4096,
+                parent_point: "20261130T000000Z-00000000".into(),
+                block_hashes: vec![7; blocks as usize * 32],
+                consistency: "crash-consistent".into(),
+                ..Default::default()
+            };
+            let path = dir.path().join(format!("{blocks}.manifest"));
+            std::fs::write(&path, encode(&m)).unwrap();
+            let h = read_header(&path).unwrap();
+            assert_eq!(
+                (&h.point_id, h.created_unix_ms, h.disk_size, &h.parent_point),
+                (&m.point_id, m.created_unix_ms, m.disk_size, &m.parent_point)
+            );
+            assert_eq!(read(&path).unwrap(), m);
+        }
+        let path = dir.path().join("junk.manifest");
+        std::fs::write(&path, vec![1u8; HEADER_READ + 10]).unwrap();
+        assert!(read_header(&path).is_err());
+    }
+}

@@ -165,6 +165,45 @@ pub struct PointEntry {
     pub path: PathBuf,
 }
 
+/// Appends `len` bytes of `file` from `offset` to `dest`, read straight
+/// into its spare capacity: restore moves every payload through here, and
+/// zero-filling the room first (what a safe `read_exact_at` needs) cost a
+/// pass over all of it.
+fn append_at(file: &File, offset: u64, len: usize, dest: &mut Vec<u8>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    dest.reserve(len);
+    let start = dest.len();
+    let mut done = 0;
+    while done < len {
+        let spare = &mut dest.spare_capacity_mut()[done..len];
+        // SAFETY: pread writes at most `spare.len()` bytes into memory this
+        // Vec owns and has reserved; writing to uninitialised bytes through
+        // a raw pointer is allowed, and they are counted as initialised
+        // (by `set_len` below) only once the kernel reported them written.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    // SAFETY: the `len` bytes after `start` were written by pread above.
+    unsafe { dest.set_len(start + len) };
+    Ok(())
+}
+
 /// A 64-digit hex name as an address (format-1 chunk file names).
 fn parse_hex(name: &str) -> Option<ChunkHash> {
     if name.len() != 2 * HASH_LEN {
@@ -600,11 +639,16 @@ impl Repository {
         let dest = pick(&header);
         let at = dest.len();
         dest.extend_from_slice(&head[start..got]);
-        let have = dest.len();
-        dest.resize(at + header.payload_len as usize, 0);
-        if let Err(e) = self.read_record(hash, loc, loc.offset + got as u64, &mut dest[have..]) {
+        let rest = at + header.payload_len as usize - dest.len();
+        let file = self.pack_file(hash, loc)?;
+        if let Err(e) = append_at(&file, loc.offset + got as u64, rest, dest) {
             dest.truncate(at);
-            return Err(e);
+            return Err(match e.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    bad("its pack is shorter than its index says (truncated)".into())
+                }
+                _ => chunk_io_err(hash, e),
+            });
         }
         Ok((header, at..dest.len()))
     }
@@ -681,35 +725,48 @@ impl Repository {
         vm: &str,
         disk: &str,
     ) -> Result<Option<Manifest>, RepositoryError> {
+        let mut newest_first = self.point_headers(job, vm, disk)?;
+        newest_first.reverse();
+        for (path, _) in newest_first {
+            // A damaged newest point must not stop backups: the next one is
+            // then incremental to the newest readable point.
+            match manifest::read(&path) {
+                Ok(m) => return Ok(Some(m)),
+                Err(e) => tracing::warn!("ignoring restore point: {e}"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The headers (`manifest::read_header`) of one disk's restore points,
+    /// oldest first; unreadable ones are left out with a warning.
+    fn point_headers(
+        &self,
+        job: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<Vec<(PathBuf, Manifest)>, RepositoryError> {
         let dir = self.points_dir().join(job).join(vm).join(disk);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io_err(&dir)(e)),
         };
-        let mut best: Option<Manifest> = None;
+        let mut out = Vec::new();
         for entry in entries {
             let path = entry.map_err(io_err(&dir))?.path();
             if path.extension().is_none_or(|e| e != "manifest") {
                 continue;
             }
-            // A damaged newest point must not stop backups: the next one is
-            // then incremental to the newest readable point.
-            let m = match manifest::read(&path) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!("ignoring restore point: {e}");
-                    continue;
-                }
-            };
-            if best
-                .as_ref()
-                .is_none_or(|b| (m.created_unix_ms, &m.point_id) > (b.created_unix_ms, &b.point_id))
-            {
-                best = Some(m);
+            match manifest::read_header(&path) {
+                Ok(m) => out.push((path, m)),
+                Err(e) => tracing::warn!("ignoring restore point: {e}"),
             }
         }
-        Ok(best)
+        out.sort_by(|(_, a), (_, b)| {
+            (a.created_unix_ms, &a.point_id).cmp(&(b.created_unix_ms, &b.point_id))
+        });
+        Ok(out)
     }
 
     pub fn find_point(&self, point_id: &str) -> Result<PointEntry, RepositoryError> {

@@ -393,6 +393,45 @@ mod tests {
         assert!(repo.points().unwrap().is_empty());
     }
 
+    #[test]
+    fn the_newest_readable_point_is_the_parent_when_the_newest_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, c) = chunk(4);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let w = repo.writer().unwrap();
+            w.store(StoreChunks {
+                chunks: vec![c.clone()],
+            })
+            .unwrap();
+            let reply = w
+                .commit(CommitPoint {
+                    manifest: Some(manifest_of(&[h])),
+                })
+                .unwrap();
+            ids.push(reply.point_id);
+        }
+        let latest = || repo.latest_point("j", "v", "d").unwrap().unwrap().point_id;
+        assert_eq!(latest(), ids[2]);
+        // Its block list damaged (its header still reads): the one before.
+        let path = repo
+            .points()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.manifest.point_id == ids[2])
+            .unwrap()
+            .path;
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 40;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(latest(), ids[1]);
+        // Cut short (not even a header): still the one before.
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        assert_eq!(latest(), ids[1]);
+    }
+
     fn walk_files(p: &Path) -> Vec<std::path::PathBuf> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(p).unwrap().flatten() {
