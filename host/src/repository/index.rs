@@ -76,14 +76,20 @@ impl ChunkIndex {
             else {
                 continue;
             };
-            if self.seen.contains(id) {
+            if self.seen.contains(id) || !super::packer::is_pack_id(id) {
                 continue;
             }
             let id = id.to_owned();
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| pack::decode_index(&b))
-            {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Not seen, so the next refresh tries again (a descriptor
+                // shortage must not make a healthy pack look damaged).
+                Err(e) => {
+                    tracing::warn!("pack index {}: {e}", path.display());
+                    continue;
+                }
+            };
+            match pack::decode_index(&bytes) {
                 Ok(records) => self.add(&id, &records),
                 Err(reason) => {
                     // Its chunks then read as missing, and verify names the

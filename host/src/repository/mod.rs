@@ -137,10 +137,16 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> = LazyLock::new(Default::default);
+type OpenKey = (PathBuf, String);
+static OPEN: LazyLock<Mutex<HashMap<OpenKey, Weak<Shared>>>> = LazyLock::new(Default::default);
 
-fn shared_for(root: &Path) -> Result<Arc<Shared>, RepositoryError> {
-    let key = std::fs::canonicalize(root).map_err(io_err(root))?;
+/// The shared state of the repository at `root` whose format file says
+/// `id`: a folder removed and made again (a new id) gets a fresh index.
+fn shared_for(root: &Path, id: &str) -> Result<Arc<Shared>, RepositoryError> {
+    let key = (
+        std::fs::canonicalize(root).map_err(io_err(root))?,
+        id.to_owned(),
+    );
     let mut open = OPEN.lock().expect("open repositories lock");
     open.retain(|_, w| w.strong_count() > 0);
     if let Some(s) = open.get(&key).and_then(Weak::upgrade) {
@@ -283,8 +289,8 @@ impl Repository {
         }
         let repo = Self {
             root: path.to_owned(),
+            shared: shared_for(path, &format.id)?,
             format,
-            shared: shared_for(path)?,
         };
         repo.refresh()?;
         Ok(repo)
@@ -434,6 +440,10 @@ impl Repository {
         let len = (prefix.len() + payload.len()) as u64;
         let reservation = {
             let mut packer = self.shared.packer.lock().expect("packer lock");
+            // Again under the lock: a publish may have indexed it since.
+            if self.indexed(hash).is_some() {
+                return Ok(None);
+            }
             if packer.is_none() {
                 *packer = Some(Packer::new(&self.root.join("staging"))?);
             }
@@ -472,18 +482,19 @@ impl Repository {
         let result = self
             .upgrade_format()
             .and_then(|()| packer::publish(&self.root, &staging, &packs));
-        if result.is_ok() {
+        if let Ok(published) = &result {
             let mut index = self.shared.index.write().expect("chunk index lock");
-            for p in &packs {
+            for p in published {
                 index.add(&p.id, &p.entries);
             }
         }
-        // Failed packs are forgotten too, so that their chunks are sent
-        // again instead of being taken for stored.
+        // Packs that were not published are forgotten too, so that their
+        // chunks are sent again instead of being taken for stored (and a
+        // commit that counted on them fails its reference check).
         if let Some(p) = self.shared.packer.lock().expect("packer lock").as_mut() {
             p.forget(&packs);
         }
-        result
+        result.map(|_| ())
     }
 
     /// A format-1 repository says format 2 before its first pack appears.
@@ -944,5 +955,18 @@ mod tests {
             .to_string();
         assert!(e.contains("truncated"), "{e}");
         assert!(buf.is_empty(), "nothing partial left in the buffer");
+    }
+
+    #[test]
+    fn a_repository_made_again_in_the_same_folder_does_not_inherit_the_old_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let old = Repository::open_or_create(&root).unwrap();
+        put(&old, &[1; 32], "none", b"abc", 3);
+        std::fs::remove_dir_all(&root).unwrap();
+        // `old` is still open in this process (an agent, say).
+        let new = Repository::open_or_create(&root).unwrap();
+        assert!(old.has_chunk(&[1; 32]));
+        assert!(!new.has_chunk(&[1; 32]), "a new repository holds nothing");
     }
 }

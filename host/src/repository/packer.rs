@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex};
 pub(super) struct Packer {
     staging: PathBuf,
     _lock: File,
+    /// Size at which a pack is sealed (`PACK_TARGET`; smaller in tests).
+    target: u64,
     current: Option<StagedPack>,
     sealed: Vec<StagedPack>,
     /// Chunks in staged packs, written or being written, not yet indexed.
@@ -43,7 +45,10 @@ pub(super) struct Packer {
 
 pub(super) struct StagedPack {
     pub id: String,
-    file: Arc<File>,
+    /// Open while the pack takes records; a sealed pack closes it (once its
+    /// last write is done), so that a long session between commits does not
+    /// hold a descriptor per pack, and its publish opens it again.
+    file: Option<Arc<File>>,
     len: u64,
     pub entries: Vec<IndexEntry>,
     writes: Arc<Writes>,
@@ -56,6 +61,12 @@ pub(super) struct StagedPack {
 struct Writes {
     outstanding: AtomicUsize,
     failed: Mutex<Option<String>>,
+}
+
+impl Writes {
+    fn has_failed(&self) -> bool {
+        self.failed.lock().expect("pack writes lock").is_some()
+    }
 }
 
 /// Room for one record in a staged pack, to be written outside the lock.
@@ -98,6 +109,10 @@ impl Drop for Reservation {
 
 impl Packer {
     pub fn new(staging_root: &Path) -> Result<Self, RepositoryError> {
+        Self::with_target(staging_root, PACK_TARGET)
+    }
+
+    pub fn with_target(staging_root: &Path, target: u64) -> Result<Self, RepositoryError> {
         let name = format!("{}-{}", std::process::id(), hex(&rand::random::<[u8; 6]>()));
         let staging = staging_root.join(name);
         std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
@@ -111,6 +126,7 @@ impl Packer {
         Ok(Self {
             staging,
             _lock: lock,
+            target,
             current: None,
             sealed: Vec::new(),
             in_flight: HashSet::new(),
@@ -136,6 +152,15 @@ impl Packer {
         if self.in_flight.contains(hash) {
             return Ok(None);
         }
+        let record_len = u32::try_from(len).map_err(|_| RepositoryError::Chunk {
+            hash: hex(hash),
+            reason: format!("a record of {len} bytes does not fit a pack index entry"),
+        })?;
+        // A pack whose write failed takes nothing more: it will not be
+        // published, and what it holds is forgotten (sent again) then.
+        if self.current.as_ref().is_some_and(|p| p.writes.has_failed()) {
+            self.seal();
+        }
         if self.current.is_none() {
             let id = hex(&rand::random::<[u8; 16]>());
             let path = self.staging.join(format!("{id}.pack"));
@@ -146,7 +171,7 @@ impl Packer {
                 .map_err(io_err(&path))?;
             self.current = Some(StagedPack {
                 id,
-                file: Arc::new(file),
+                file: Some(Arc::new(file)),
                 len: 0,
                 entries: Vec::new(),
                 writes: Arc::default(),
@@ -158,26 +183,33 @@ impl Packer {
         pack.entries.push(IndexEntry {
             hash: *hash,
             offset,
-            len: len as u32,
+            len: record_len,
         });
-        pack.writes.outstanding.fetch_add(1, Ordering::Acquire);
+        pack.writes.outstanding.fetch_add(1, Ordering::Relaxed);
         let reservation = Reservation {
-            file: pack.file.clone(),
+            file: pack.file.clone().expect("the current pack is open"),
             path: self.staging.join(format!("{}.pack", pack.id)),
             offset,
             writes: pack.writes.clone(),
             write_back: self.write_back.clone(),
         };
         self.in_flight.insert(*hash);
-        if pack.len >= PACK_TARGET {
-            self.sealed.extend(self.current.take());
+        if pack.len >= self.target {
+            self.seal();
         }
         Ok(Some(reservation))
     }
 
+    fn seal(&mut self) {
+        if let Some(mut pack) = self.current.take() {
+            pack.file = None;
+            self.sealed.push(pack);
+        }
+    }
+
     /// Every staged pack, for publishing; appends go to a new one after.
     pub fn take(&mut self) -> Vec<StagedPack> {
-        self.sealed.extend(self.current.take());
+        self.seal();
         std::mem::take(&mut self.sealed)
     }
 
@@ -210,29 +242,43 @@ pub(super) fn index_path(root: &Path, id: &str) -> PathBuf {
 }
 
 /// Makes staged packs durable and visible, in the order the module doc
-/// gives.
-pub(super) fn publish(
+/// gives; returns the ones it published. A pack one of whose writes failed
+/// is left out (its chunks are then sent again), so that one failed write
+/// does not fail every writer's commit.
+pub(super) fn publish<'p>(
     root: &Path,
     staging: &Path,
-    packs: &[StagedPack],
-) -> Result<(), RepositoryError> {
-    let mut dirs = BTreeSet::new();
+    packs: &'p [StagedPack],
+) -> Result<Vec<&'p StagedPack>, RepositoryError> {
+    // Writes reserved before the packs were taken finish in moments.
     for p in packs {
-        let staged = staging.join(format!("{}.pack", p.id));
-        // Writes reserved before the pack was taken finish in moments.
         while p.writes.outstanding.load(Ordering::Acquire) > 0 {
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        if let Some(e) = p.writes.failed.lock().expect("pack writes lock").as_ref() {
-            return Err(io_err(&staged)(io::Error::other(e.clone())));
-        }
-        p.file.sync_data().map_err(io_err(&staged))?;
+    }
+    let (healthy, failed): (Vec<&StagedPack>, Vec<&StagedPack>) =
+        packs.iter().partition(|p| !p.writes.has_failed());
+    for p in failed {
+        let staged = staging.join(format!("{}.pack", p.id));
+        let why = p.writes.failed.lock().expect("pack writes lock").clone();
+        tracing::warn!(
+            "staged pack {} not published, a write into it failed: {}",
+            staged.display(),
+            why.unwrap_or_default()
+        );
+        let _ = std::fs::remove_file(&staged);
+    }
+    // `packs/` itself too: another process may have made a fan-out folder
+    // this one uses and not synced it yet.
+    let mut dirs = BTreeSet::from([root.join("packs")]);
+    for p in &healthy {
+        let staged = staging.join(format!("{}.pack", p.id));
+        File::open(&staged)
+            .and_then(|f| f.sync_data())
+            .map_err(io_err(&staged))?;
         let dest = pack_path(root, &p.id);
         let parent = dest.parent().expect("pack path has a parent");
-        if !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-            dirs.insert(root.join("packs"));
-        }
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
         std::fs::rename(&staged, &dest).map_err(io_err(&dest))?;
         dirs.insert(parent.to_owned());
     }
@@ -240,9 +286,8 @@ pub(super) fn publish(
         sync_dir(d)?;
     }
     let index_dir = root.join("index");
-    std::fs::create_dir_all(&index_dir).map_err(io_err(&index_dir))?;
-    let mut tmps = Vec::with_capacity(packs.len());
-    for p in packs {
+    let mut tmps = Vec::with_capacity(healthy.len());
+    for p in &healthy {
         let tmp = staging.join(format!("{}.idx", p.id));
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
         io::Write::write_all(&mut f, &pack::encode_index(&p.entries))
@@ -253,11 +298,120 @@ pub(super) fn publish(
     for (tmp, dest) in &tmps {
         std::fs::rename(tmp, dest).map_err(io_err(dest))?;
     }
-    sync_dir(&index_dir)
+    sync_dir(&index_dir)?;
+    Ok(healthy)
+}
+
+/// A pack id as arca makes them: 32 lowercase hex digits (anything else in
+/// `index/` is not arca's and is left alone).
+pub(super) fn is_pack_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), RepositoryError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::chunk::{ChunkHeader, StoredChunk};
+    use super::*;
+
+    fn record(byte: u8) -> (ChunkHash, Vec<u8>, Vec<u8>) {
+        let payload = vec![byte; 3000 + usize::from(byte)];
+        let hash = *blake3::hash(&payload).as_bytes();
+        let prefix = StoredChunk::prefix(&ChunkHeader {
+            codec: "none".into(),
+            codec_hash: Vec::new(),
+            raw_len: payload.len() as u32,
+            payload_len: payload.len() as u32,
+        });
+        (hash, prefix, payload)
+    }
+
+    fn stage(p: &mut Packer, byte: u8) -> ChunkHash {
+        let (hash, prefix, payload) = record(byte);
+        let len = (prefix.len() + payload.len()) as u64;
+        p.reserve(&hash, len)
+            .unwrap()
+            .expect("not staged yet")
+            .write(&prefix, &payload)
+            .unwrap();
+        hash
+    }
+
+    fn repository(dir: &Path) {
+        for sub in ["packs", "index", "staging"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+    }
+
+    #[test]
+    fn small_packs_are_sealed_and_each_is_published_with_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        repository(root);
+        let mut p = Packer::with_target(&root.join("staging"), 10_000).unwrap();
+        let hashes: Vec<ChunkHash> = (0..10).map(|i| stage(&mut p, i)).collect();
+        assert!(p.reserve(&hashes[0], 10).unwrap().is_none(), "staged once");
+        assert!(p.holds(&hashes[9]));
+        let packs = p.take();
+        assert!(packs.len() >= 3, "{} packs", packs.len());
+        let published = publish(root, p.staging(), &packs).unwrap();
+        assert_eq!(published.len(), packs.len());
+        let mut found = Vec::new();
+        for pack in &packs {
+            let bytes = std::fs::read(pack_path(root, &pack.id)).unwrap();
+            let entries =
+                pack::decode_index(&std::fs::read(index_path(root, &pack.id)).unwrap()).unwrap();
+            assert_eq!(entries, pack.entries);
+            let end = entries.last().map_or(0, |e| e.offset + u64::from(e.len));
+            assert_eq!(
+                bytes.len() as u64,
+                end,
+                "records back to back, nothing else"
+            );
+            for e in entries {
+                let rec = &bytes[e.offset as usize..][..e.len as usize];
+                let (_, payload) = StoredChunk::parse_in_place(rec).unwrap();
+                assert_eq!(blake3::hash(&rec[payload]).as_bytes(), &e.hash);
+                found.push(e.hash);
+            }
+        }
+        found.sort();
+        let mut want = hashes.clone();
+        want.sort();
+        assert_eq!(found, want);
+        p.forget(&packs);
+        assert!(!p.holds(&hashes[9]));
+    }
+
+    #[test]
+    fn a_pack_with_a_failed_write_is_left_out_and_the_others_are_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        repository(root);
+        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
+        let lost = stage(&mut p, 1);
+        let failed_id = p.current.as_ref().unwrap().id.clone();
+        // As `Reservation::write` records an I/O error (no space, ...).
+        *p.current.as_ref().unwrap().writes.failed.lock().unwrap() = Some("injected".into());
+        let kept = stage(&mut p, 2);
+        let packs = p.take();
+        assert_eq!(packs.len(), 2, "the failed pack took nothing more");
+        let published = publish(root, p.staging(), &packs).unwrap();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].entries[0].hash, kept);
+        assert!(pack_path(root, &published[0].id).exists());
+        assert!(!pack_path(root, &failed_id).exists());
+        assert!(!index_path(root, &failed_id).exists());
+        assert!(!p.staging().join(format!("{failed_id}.pack")).exists());
+        p.forget(&packs);
+        assert!(!p.holds(&lost), "sent again by whoever needs it");
+    }
 }

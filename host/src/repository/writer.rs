@@ -87,7 +87,7 @@ impl PointWriter {
             hex(&rand::random::<[u8; 4]>())
         );
         let dir = repo.manifest_dir(&m);
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        create_dirs_durably(&dir)?;
         write_atomic(
             &dir.join(format!("{}.manifest", m.point_id)),
             &manifest::encode(&m),
@@ -241,18 +241,45 @@ pub(super) fn sweep(staging_root: &Path) -> Result<usize, RepositoryError> {
 }
 
 fn writer_gone(staging: &Path) -> bool {
+    let pid = staging
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('-').next())
+        .and_then(|p| p.parse().ok());
+    // A live process keeps its folder: between making it and locking its
+    // `lock` file, the lock alone would say it is gone.
+    if pid.is_some_and(crate::source::image_file::process_alive) {
+        return false;
+    }
     match File::open(staging.join("lock")) {
         // SAFETY: flock on a descriptor we own; released when `f` drops.
         Ok(f) => unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 },
-        Err(_) => {
-            let pid = staging
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.split('-').next())
-                .and_then(|p| p.parse().ok());
-            !pid.is_some_and(crate::source::image_file::process_alive)
+        Err(_) => true,
+    }
+}
+
+/// Makes `dir` and its missing parents, and syncs the folder that holds
+/// each one it made, so that a manifest written into it survives a power
+/// loss along with the path to it.
+fn create_dirs_durably(dir: &Path) -> Result<(), RepositoryError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at);
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
         }
     }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    for made in missing.iter().rev() {
+        if let Some(parent) = made.parent() {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(parent))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
