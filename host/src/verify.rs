@@ -14,15 +14,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct VerifyReport {
     pub restore_points: usize,
     pub chunks_checked: usize,
-    pub damaged_manifests: Vec<DamagedManifest>,
+    pub damaged_manifests: Vec<DamagedFile>,
     /// Pack index files that cannot be read (their chunks then show as
     /// missing in `damaged_chunks`).
-    pub damaged_indexes: Vec<DamagedManifest>,
+    pub damaged_indexes: Vec<DamagedFile>,
     pub damaged_chunks: Vec<DamagedChunk>,
 }
 
+/// A manifest or pack index that cannot be read, and why.
 #[derive(Debug, Serialize)]
-pub struct DamagedManifest {
+pub struct DamagedFile {
     pub path: String,
     pub reason: String,
 }
@@ -52,7 +53,7 @@ pub fn verify(
         damaged_indexes: repo
             .damaged_indexes()
             .into_iter()
-            .map(|(path, reason)| DamagedManifest {
+            .map(|(path, reason)| DamagedFile {
                 path: path.display().to_string(),
                 reason,
             })
@@ -65,7 +66,7 @@ pub fn verify(
         let m = match manifest::read(&path) {
             Ok(m) => m,
             Err(e) => {
-                report.damaged_manifests.push(DamagedManifest {
+                report.damaged_manifests.push(DamagedFile {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 });

@@ -91,6 +91,17 @@ fn chunk_io_err(hash: &ChunkHash, e: io::Error) -> RepositoryError {
     }
 }
 
+/// A failed read of a chunk's record in its pack.
+fn pack_read_err(hash: &ChunkHash, e: io::Error) -> RepositoryError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => RepositoryError::Chunk {
+            hash: hex(hash),
+            reason: "its pack is shorter than its index says (truncated)".into(),
+        },
+        _ => chunk_io_err(hash, e),
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RepositoryError + '_ {
     move |source| RepositoryError::Io {
         path: path.to_owned(),
@@ -366,13 +377,7 @@ impl Repository {
     ) -> Result<(), RepositoryError> {
         self.pack_file(hash, loc)?
             .read_exact_at(dest, offset)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => RepositoryError::Chunk {
-                    hash: hex(hash),
-                    reason: "its pack is shorter than its index says (truncated)".into(),
-                },
-                _ => chunk_io_err(hash, e),
-            })
+            .map_err(|e| pack_read_err(hash, e))
     }
 
     /// Every chunk address the repository holds.
@@ -433,14 +438,11 @@ impl Repository {
         header: &chunk::ChunkHeader,
         payload: &[u8],
     ) -> Result<Option<u64>, RepositoryError> {
-        if self.indexed(hash).is_some() {
-            return Ok(None);
-        }
         let prefix = chunk::StoredChunk::prefix(header);
         let len = (prefix.len() + payload.len()) as u64;
         let reservation = {
             let mut packer = self.shared.packer.lock().expect("packer lock");
-            // Again under the lock: a publish may have indexed it since.
+            // Under the lock, so that a publish cannot index it in between.
             if self.indexed(hash).is_some() {
                 return Ok(None);
             }
@@ -499,6 +501,10 @@ impl Repository {
 
     /// A format-1 repository says format 2 before its first pack appears.
     fn upgrade_format(&self) -> Result<(), RepositoryError> {
+        // Opened as format 2: nothing to read again at every publish.
+        if self.format.version > LOOSE_FORMAT {
+            return Ok(());
+        }
         let file = self.root.join(FORMAT_FILE);
         let body = std::fs::read(&file).map_err(io_err(&file))?;
         let mut format: FormatFile =
@@ -535,20 +541,20 @@ impl Repository {
         buf: &mut Vec<u8>,
     ) -> Result<(chunk::ChunkHeader, std::ops::Range<usize>), RepositoryError> {
         buf.clear();
-        if let Some(loc) = self.indexed(hash) {
-            buf.resize(loc.len as usize, 0);
-            self.read_record(hash, loc, loc.offset, buf)?;
-            return chunk::StoredChunk::parse_in_place(buf).map_err(|reason| {
-                RepositoryError::Chunk {
-                    hash: hex(hash),
-                    reason,
-                }
-            });
+        match self.indexed(hash) {
+            Some(loc) => append_at(
+                &*self.pack_file(hash, loc)?,
+                loc.offset,
+                loc.len as usize,
+                buf,
+            )
+            .map_err(|e| pack_read_err(hash, e))?,
+            None => {
+                std::fs::File::open(self.chunk_path(hash))
+                    .and_then(|mut f| io::Read::read_to_end(&mut f, buf))
+                    .map_err(|e| chunk_io_err(hash, e))?;
+            }
         }
-        let path = self.chunk_path(hash);
-        std::fs::File::open(&path)
-            .and_then(|mut f| io::Read::read_to_end(&mut f, buf))
-            .map_err(|e| chunk_io_err(hash, e))?;
         chunk::StoredChunk::parse_in_place(buf).map_err(|reason| RepositoryError::Chunk {
             hash: hex(hash),
             reason,
@@ -654,12 +660,7 @@ impl Repository {
         let file = self.pack_file(hash, loc)?;
         if let Err(e) = append_at(&file, loc.offset + got as u64, rest, dest) {
             dest.truncate(at);
-            return Err(match e.kind() {
-                io::ErrorKind::UnexpectedEof => {
-                    bad("its pack is shorter than its index says (truncated)".into())
-                }
-                _ => chunk_io_err(hash, e),
-            });
+            return Err(pack_read_err(hash, e));
         }
         Ok((header, at..dest.len()))
     }

@@ -16,6 +16,7 @@
 //! collection), never an index that points at nothing.
 
 use super::pack::{self, IndexEntry, PACK_TARGET};
+use super::writer::sync_dir;
 use super::{RepositoryError, hex, io_err};
 use crate::writeback::WriteBack;
 use arca_transport::ChunkHash;
@@ -162,7 +163,9 @@ impl Packer {
         }
         let record_len = u32::try_from(len).map_err(|_| RepositoryError::Chunk {
             hash: hex(hash),
-            reason: format!("a record of {len} bytes does not fit a pack index entry"),
+            reason: format!(
+                "a record of {len} bytes does not fit a pack index entry (4 GiB at most)"
+            ),
         })?;
         // A pack whose write failed takes nothing more: it will not be
         // published, and what it holds is forgotten (sent again) then.
@@ -184,7 +187,7 @@ impl Packer {
             .expect("at least one lane");
         if self.lanes[lane].is_none() {
             let id = hex(&rand::random::<[u8; 16]>());
-            let path = self.staging.join(format!("{id}.pack"));
+            let path = staged_path(&self.staging, &id);
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -209,7 +212,7 @@ impl Packer {
         pack.writes.outstanding.fetch_add(1, Ordering::Relaxed);
         let reservation = Reservation {
             file: pack.file.clone().expect("an open pack has its file"),
-            path: self.staging.join(format!("{}.pack", pack.id)),
+            path: staged_path(&self.staging, &pack.id),
             offset,
             writes: pack.writes.clone(),
             write_back: self.write_back.clone(),
@@ -256,6 +259,11 @@ impl Drop for Packer {
     }
 }
 
+/// Where a pack lies until its publish.
+fn staged_path(staging: &Path, id: &str) -> PathBuf {
+    staging.join(format!("{id}.pack"))
+}
+
 pub(super) fn pack_path(root: &Path, id: &str) -> PathBuf {
     root.join("packs").join(&id[..2]).join(format!("{id}.pack"))
 }
@@ -282,7 +290,7 @@ pub(super) fn publish<'p>(
     let (healthy, failed): (Vec<&StagedPack>, Vec<&StagedPack>) =
         packs.iter().partition(|p| !p.writes.has_failed());
     for p in failed {
-        let staged = staging.join(format!("{}.pack", p.id));
+        let staged = staged_path(staging, &p.id);
         let why = p.writes.failed.lock().expect("pack writes lock").clone();
         tracing::warn!(
             "staged pack {} not published, a write into it failed: {}",
@@ -295,7 +303,7 @@ pub(super) fn publish<'p>(
     // this one uses and not synced it yet.
     let mut dirs = BTreeSet::from([root.join("packs")]);
     for p in &healthy {
-        let staged = staging.join(format!("{}.pack", p.id));
+        let staged = staged_path(staging, &p.id);
         File::open(&staged)
             .and_then(|f| f.sync_data())
             .map_err(io_err(&staged))?;
@@ -332,12 +340,6 @@ pub(super) fn is_pack_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-pub(super) fn sync_dir(dir: &Path) -> Result<(), RepositoryError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
 }
 
 #[cfg(test)]

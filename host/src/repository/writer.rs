@@ -203,10 +203,14 @@ pub(super) fn write_atomic(
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
-    let parent = dest.parent().expect("destination has a parent");
-    File::open(parent)
+    sync_dir(dest.parent().expect("destination has a parent"))
+}
+
+/// Makes a folder's entries (files renamed or made in it) durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), RepositoryError> {
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(parent))
+        .map_err(io_err(dir))
 }
 
 pub(super) fn sweep(staging_root: &Path) -> Result<usize, RepositoryError> {
@@ -274,9 +278,7 @@ fn create_dirs_durably(dir: &Path) -> Result<(), RepositoryError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     for made in missing.iter().rev() {
         if let Some(parent) = made.parent() {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(parent))?;
+            sync_dir(parent)?;
         }
     }
     Ok(())
@@ -334,15 +336,18 @@ mod tests {
             .collect();
         assert_eq!(indexed, vec![h1]);
         // The kept chunk is a whole, readable chunk: a commit can use it.
-        let reply = retry
-            .commit(CommitPoint {
-                manifest: Some(manifest_of(&[h1])),
-            })
-            .unwrap();
+        let reply = commit(&retry, &[h1]).unwrap();
         assert_eq!(reply.new_chunks, 0, "nothing new: the chunk was kept");
         assert_eq!(repo.points().unwrap().len(), 1);
         let kept = repo.read_chunk(&h1).unwrap();
         assert_eq!(kept.payload, c1.payload, "whole and readable");
+    }
+
+    /// Commits a restore point of one 4 KiB block per address.
+    fn commit(w: &PointWriter, hashes: &[ChunkHash]) -> Result<CommitReply, LinkError> {
+        w.commit(CommitPoint {
+            manifest: Some(manifest_of(hashes)),
+        })
     }
 
     fn manifest_of(hashes: &[ChunkHash]) -> Manifest {
@@ -377,16 +382,8 @@ mod tests {
         })
         .unwrap();
         // `b` commits first and publishes `a`'s chunk with its own.
-        let rb = b
-            .commit(CommitPoint {
-                manifest: Some(manifest_of(&[shared, own])),
-            })
-            .unwrap();
-        let ra = a
-            .commit(CommitPoint {
-                manifest: Some(manifest_of(&[shared])),
-            })
-            .unwrap();
+        let rb = commit(&b, &[shared, own]).unwrap();
+        let ra = commit(&a, &[shared]).unwrap();
         assert_eq!((ra.new_chunks, rb.new_chunks), (1, 1));
         let record = |h: &ChunkHash| repo.chunk_record(h).unwrap().2;
         let packs: u64 = walk_files(&dir.path().join("packs"))
@@ -408,12 +405,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::open_or_create(dir.path()).unwrap();
         let (h, _) = chunk(3);
-        let e = repo
-            .writer()
-            .unwrap()
-            .commit(CommitPoint {
-                manifest: Some(manifest_of(&[h])),
-            })
+        let e = commit(&repo.writer().unwrap(), &[h])
             .unwrap_err()
             .to_string();
         assert!(e.contains("which is not in the repository"), "{e}");
@@ -425,6 +417,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::open_or_create(dir.path()).unwrap();
         let (h, c) = chunk(4);
+        // Block lists longer than `read_header` reads, so that a damaged
+        // block list leaves the header readable.
+        let blocks = vec![h; 4096];
         let mut ids = Vec::new();
         for _ in 0..3 {
             let w = repo.writer().unwrap();
@@ -432,11 +427,7 @@ mod tests {
                 chunks: vec![c.clone()],
             })
             .unwrap();
-            let reply = w
-                .commit(CommitPoint {
-                    manifest: Some(manifest_of(&[h])),
-                })
-                .unwrap();
+            let reply = commit(&w, &blocks).unwrap();
             ids.push(reply.point_id);
         }
         let latest = || repo.latest_point("j", "v", "d").unwrap().unwrap().point_id;
@@ -453,6 +444,10 @@ mod tests {
         let at = bytes.len() - 40;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            manifest::read_header(&path).is_ok(),
+            "the header still reads"
+        );
         assert_eq!(latest(), ids[1]);
         // Cut short (not even a header): still the one before.
         std::fs::write(&path, &bytes[..20]).unwrap();
