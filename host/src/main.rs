@@ -182,12 +182,21 @@ fn main() {
 /// Serving them from the heap and keeping freed memory for the next batch
 /// took a restore of a 4 GiB disk from 6.8 s to 4.8 s on the development
 /// machine, for 7% more peak memory.
+///
+/// What the heap keeps is kept per arena, and glibc makes up to eight
+/// arenas per core as threads contend: four disks at once (a dozen threads
+/// passing batches around) peaked at 379–505 MiB over runs of the same
+/// session. One arena per core bounds it (306–326 MiB, docs/BENCHMARKS.md)
+/// at no cost in time: the threads that allocate batches are about as many
+/// as the cores.
 fn tune_allocator() {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // SAFETY: mallopt only changes malloc's thresholds; it is called before
     // any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, cores.min(64) as libc::c_int);
     }
 }
 

@@ -43,6 +43,12 @@ pub trait TargetLink: Send + Sync {
     fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError>;
     fn abort(&self);
     fn stats(&self) -> LinkStats;
+    /// Whether the target mover answers in this process, so a request
+    /// costs no round trip: the source mover then keeps no queries in
+    /// flight ahead of its coders (each would hold a batch in memory).
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// Bytes a link carried, counted as encoded protobuf.
@@ -113,6 +119,9 @@ impl<T: TargetMover> TargetLink for InProcessLink<T> {
             received_bytes: self.received.load(Ordering::Relaxed),
         }
     }
+    fn in_process(&self) -> bool {
+        true
+    }
 }
 
 /// A link that fails every request once its flag is raised, so that a
@@ -162,5 +171,73 @@ impl TargetLink for CancellableLink {
     }
     fn stats(&self) -> LinkStats {
         self.inner.stats()
+    }
+    fn in_process(&self) -> bool {
+        self.inner.in_process()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::{ThrottledLink, TokenBucket};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    /// A target that refuses everything: only the links' own answers matter.
+    struct Refusing;
+
+    impl TargetMover for Refusing {
+        fn query(&self, _: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
+            Err(LinkError::Target("refused".into()))
+        }
+        fn store(&self, _: StoreChunks) -> Result<(), LinkError> {
+            Err(LinkError::Target("refused".into()))
+        }
+        fn register_codec(&self, _: RegisterCodec) -> Result<(), LinkError> {
+            Err(LinkError::Target("refused".into()))
+        }
+        fn commit(&self, _: CommitPoint) -> Result<CommitReply, LinkError> {
+            Err(LinkError::Target("refused".into()))
+        }
+        fn abort(&self) {}
+    }
+
+    #[test]
+    fn wrappers_say_whether_what_they_wrap_answers_in_process() {
+        let local = || Box::new(InProcessLink::new(Refusing)) as Box<dyn TargetLink>;
+        assert!(local().in_process());
+        let cancellable = CancellableLink::new(local(), Arc::new(AtomicBool::new(false)));
+        assert!(cancellable.in_process());
+        let bucket = Arc::new(TokenBucket::new(1_000_000, std::time::Instant::now()));
+        let throttled = ThrottledLink::new(Box::new(cancellable), vec![bucket]);
+        assert!(throttled.in_process());
+        // A link that does not say is taken to have round trips.
+        let remote = ThrottledLink::new(Box::new(remote()), Vec::new());
+        assert!(!remote.in_process());
+    }
+
+    /// A link with round trips, as a remote one is: it keeps the default.
+    fn remote() -> impl TargetLink {
+        struct Remote;
+        impl TargetLink for Remote {
+            fn query(&self, _: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
+                Err(LinkError::Target("unreachable".into()))
+            }
+            fn store(&self, _: StoreChunks) -> Result<(), LinkError> {
+                Err(LinkError::Target("unreachable".into()))
+            }
+            fn register_codec(&self, _: RegisterCodec) -> Result<(), LinkError> {
+                Err(LinkError::Target("unreachable".into()))
+            }
+            fn commit(&self, _: CommitPoint) -> Result<CommitReply, LinkError> {
+                Err(LinkError::Target("unreachable".into()))
+            }
+            fn abort(&self) {}
+            fn stats(&self) -> LinkStats {
+                LinkStats::default()
+            }
+        }
+        Remote
     }
 }

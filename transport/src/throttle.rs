@@ -121,6 +121,9 @@ impl TargetLink for ThrottledLink {
     fn stats(&self) -> LinkStats {
         self.inner.stats()
     }
+    fn in_process(&self) -> bool {
+        self.inner.in_process()
+    }
 }
 
 #[cfg(test)]

@@ -115,8 +115,10 @@ impl Buffers {
     }
 }
 
-/// Queries in flight beyond one per coder: enough to cover a round trip of
-/// a long link while the coders work. Each holds a batch in memory.
+/// Queries in flight beyond one per coder over a link with round trips:
+/// enough to cover a round trip of a long link while the coders work. Each
+/// holds a batch in memory, so an in-process link, which answers at once,
+/// keeps none (four disks at once held 2 × 4 × 8 MiB more for nothing).
 const QUERIES_AHEAD: usize = 2;
 
 /// A batch that is hashed and classified, with the blocks the repository
@@ -159,10 +161,15 @@ pub(super) fn run_batches(
     hashes: &mut [u8],
 ) -> Result<Totals, TaskError> {
     let workers = sh.input.workers.max(1);
+    let ahead = if sh.link.in_process() {
+        0
+    } else {
+        QUERIES_AHEAD
+    };
     let stop = AtomicBool::new(false);
     // Every batch in flight: one per analyst, one queued per coder, one
     // per coder at work.
-    let buffers = Buffers::new(3 * workers + QUERIES_AHEAD);
+    let buffers = Buffers::new(3 * workers + ahead);
     std::thread::scope(|scope| {
         // Every span up front: analysts take them in order as they go.
         let (work_tx, work_rx) = crossbeam_channel::unbounded::<BatchSpan>();
@@ -180,7 +187,7 @@ pub(super) fn run_batches(
             r
         };
         let mut handles = Vec::new();
-        for _ in 0..workers + QUERIES_AHEAD {
+        for _ in 0..workers + ahead {
             let (rx, tx, done) = (work_rx.clone(), code_tx.clone(), done_tx.clone());
             handles
                 .push(scope.spawn(move || failing(analyst_loop(sh, rx, tx, done, stop, buffers))));
