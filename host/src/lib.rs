@@ -11,5 +11,6 @@ pub mod repository;
 pub mod restore;
 pub mod session;
 pub mod source;
+pub mod unbuffered;
 pub mod verify;
 pub mod writeback;

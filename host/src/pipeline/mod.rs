@@ -147,9 +147,17 @@ fn run_inner(
 
     let allocation = clock
         .time("allocation-map", || input.disk.allocation())
-        .map_err(|source| TaskError::Allocation {
-            disk: label.clone(),
-            source,
+        .map_err(|source| match input.disk.check_intact() {
+            // Cut while its map was walked: the map's error (a seek past
+            // the new end) says less than the cut does.
+            Err(shrunk) => TaskError::Shrunk {
+                disk: label.clone(),
+                source: shrunk,
+            },
+            Ok(()) => TaskError::Allocation {
+                disk: label.clone(),
+                source,
+            },
         })?;
     let allocation = normalize(allocation, size);
 

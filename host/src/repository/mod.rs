@@ -440,7 +440,7 @@ impl Repository {
     ) -> Result<Option<u64>, RepositoryError> {
         let prefix = chunk::StoredChunk::prefix(header);
         let len = (prefix.len() + payload.len()) as u64;
-        let reservation = {
+        let flushes = {
             let mut packer = self.shared.packer.lock().expect("packer lock");
             // Under the lock, so that a publish cannot index it in between.
             if self.indexed(hash).is_some() {
@@ -449,12 +449,18 @@ impl Repository {
             if packer.is_none() {
                 *packer = Some(Packer::new(&self.root.join("staging"))?);
             }
-            packer.as_mut().expect("a packer").reserve(hash, len)?
+            packer
+                .as_mut()
+                .expect("a packer")
+                .append(hash, &prefix, payload)?
         };
-        match reservation {
-            Some(r) => r.write(&prefix, payload).map(|()| Some(len)),
-            None => Ok(None),
+        let Some(flushes) = flushes else {
+            return Ok(None);
+        };
+        for f in flushes {
+            f.write()?;
         }
+        Ok(Some(len))
     }
 
     /// Whether a chunk is staged in this process and not yet published.
@@ -471,7 +477,7 @@ impl Repository {
     /// chunk staged before the call is durable and indexed.
     pub(crate) fn publish_staged(&self) -> Result<(), RepositoryError> {
         let _publishing = self.shared.publish.lock().expect("publish lock");
-        let (packs, staging) = {
+        let ((packs, last_runs), staging) = {
             let mut packer = self.shared.packer.lock().expect("packer lock");
             match packer.as_mut() {
                 Some(p) => (p.take(), p.staging().to_owned()),
@@ -480,6 +486,14 @@ impl Repository {
         };
         if packs.is_empty() {
             return Ok(());
+        }
+        // A run that fails leaves its pack out of the publish (below); the
+        // error is this commit's, since its chunks may lie there.
+        let mut failed_run = None;
+        for f in last_runs {
+            if let Err(e) = f.write() {
+                failed_run.get_or_insert(e);
+            }
         }
         let result = self
             .upgrade_format()
@@ -496,7 +510,8 @@ impl Repository {
         if let Some(p) = self.shared.packer.lock().expect("packer lock").as_mut() {
             p.forget(&packs);
         }
-        result.map(|_| ())
+        result?;
+        failed_run.map_or(Ok(()), Err)
     }
 
     /// A format-1 repository says format 2 before its first pack appears.

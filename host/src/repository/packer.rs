@@ -8,8 +8,12 @@
 //! `Repository::publish_staged` orders this so that no manifest appears
 //! before the packs its chunks lie in.
 //!
+//! Records are gathered in memory and written in runs of 2 MiB past the
+//! page cache (`crate::unbuffered`); a pack's last run is written when it
+//! is sealed or taken for a publish.
+//!
 //! Publish order (what makes a killed process harmless): each pack is made
-//! durable (`fdatasync`, its write-back started as it was written) and
+//! durable (`fdatasync`, after its runs are written) and
 //! renamed into `packs/`, the directories are synced, then its index file is
 //! written, synced and renamed into `index/`. A process killed before the
 //! index appears leaves a pack nobody reads (space for a future garbage
@@ -18,13 +22,14 @@
 use super::pack::{self, IndexEntry, PACK_TARGET};
 use super::writer::sync_dir;
 use super::{RepositoryError, hex, io_err};
+use crate::unbuffered::{ALIGN, aligned_start, write_piece};
 use crate::writeback::WriteBack;
 use arca_transport::ChunkHash;
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,16 +37,27 @@ use std::sync::{Arc, Mutex};
 /// Packs open for appending at once: one per worker a task has by default.
 const LANES: usize = 2;
 
-/// Under its lock only bookkeeping happens (no I/O but creating a pack), so
-/// that the workers' dedup queries and reservations never wait for another
-/// worker's write: the bytes are written after, by `Reservation::write`.
+/// Bytes a pack gathers in memory before one unbuffered write (a multiple
+/// of `ALIGN`). Records are copied into it under the packer's lock, which
+/// costs microseconds; a write into the page cache cost far more on the
+/// machines measured (see `crate::unbuffered`), which is why packs are
+/// written past it.
+const RUN: usize = 2 << 20;
+
+/// Spare run buffers kept for the next runs (each is `RUN + ALIGN` bytes):
+/// a fresh one is faulted in page by page.
+const SPARE_RUNS: usize = 2 * LANES + 2;
+
+/// Under its lock only bookkeeping and copies into memory happen (no I/O
+/// but creating a pack), so that the workers' dedup queries never wait for
+/// a write: a run that fills is written after, by `Flush::write`.
 pub(super) struct Packer {
     staging: PathBuf,
     _lock: File,
     /// Size at which a pack is sealed (`PACK_TARGET`; smaller in tests).
     target: u64,
     /// Packs taking records. More than one, because the kernel writes to
-    /// one file under its inode lock, so two workers appending to the same
+    /// one file under its inode lock, so two workers writing into the same
     /// pack take turns: with one pack the transfer stage's busy time in a
     /// full backup was up to 1.7× that of a file per chunk, and kernel
     /// profiles showed the writers spinning on the lock.
@@ -49,23 +65,68 @@ pub(super) struct Packer {
     sealed: Vec<StagedPack>,
     /// Chunks in staged packs, written or being written, not yet indexed.
     in_flight: HashSet<ChunkHash>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
     write_back: Arc<WriteBack>,
 }
 
 pub(super) struct StagedPack {
     pub id: String,
-    /// Open while the pack takes records; a sealed pack closes it (once its
-    /// last write is done), so that a long session between commits does not
-    /// hold a descriptor per pack, and its publish opens it again.
-    file: Option<Arc<File>>,
+    /// Open while the pack takes records; a sealed pack lets it go (once
+    /// its last write is done), so that a long session between commits
+    /// does not hold descriptors per pack, and its publish opens it again.
+    file: Option<Arc<PackFile>>,
     len: u64,
+    /// The records after the last full run, not written yet: the pack's
+    /// bytes from `len - run.len` (a multiple of `RUN`) to `len`.
+    run: Option<Run>,
     pub entries: Vec<IndexEntry>,
     writes: Arc<Writes>,
 }
 
-/// Writes into one pack that are reserved and not finished, and the first
-/// that failed: a pack is published only when the first is zero and there
-/// is no second.
+/// A staged pack's descriptors: one unbuffered where the filesystem allows
+/// it, and an ordinary one for what it refuses.
+struct PackFile {
+    path: PathBuf,
+    direct: Option<File>,
+    buffered: File,
+}
+
+impl PackFile {
+    fn create(path: PathBuf) -> io::Result<Self> {
+        let buffered = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| tracing::debug!("{}: no O_DIRECT ({e})", path.display()))
+            .ok();
+        Ok(Self {
+            path,
+            direct,
+            buffered,
+        })
+    }
+}
+
+/// Bytes gathered for one write, from the first aligned byte of `buf`.
+struct Run {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Run {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let at = aligned_start(&self.buf);
+        &mut self.buf[at..at + RUN]
+    }
+}
+
+/// Writes into one pack that are due and not finished, and the first that
+/// failed: a pack is published only when the first is zero and there is no
+/// second.
 #[derive(Default)]
 struct Writes {
     outstanding: AtomicUsize,
@@ -78,40 +139,75 @@ impl Writes {
     }
 }
 
-/// Room for one record in a staged pack, to be written outside the lock.
-pub(super) struct Reservation {
-    file: Arc<File>,
-    path: PathBuf,
+/// A run of a staged pack to write, outside the packer's lock.
+pub(super) struct Flush {
+    file: Arc<PackFile>,
+    run: Option<Run>,
     offset: u64,
     writes: Arc<Writes>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
     write_back: Arc<WriteBack>,
 }
 
-impl Reservation {
-    pub fn write(self, prefix: &[u8], payload: &[u8]) -> Result<(), RepositoryError> {
-        let at = self.offset;
-        let result = self
-            .file
-            .write_all_at(prefix, at)
-            .and_then(|()| self.file.write_all_at(payload, at + prefix.len() as u64));
+impl Flush {
+    /// Writes the run. A pack's last run is written padded with zeros to
+    /// `ALIGN` (its publish cuts the file to its records' end).
+    pub fn write(mut self) -> Result<(), RepositoryError> {
+        let mut run = self.run.take().expect("a flush writes once");
+        let len = run.len;
+        let padded = len.next_multiple_of(ALIGN as usize);
+        let bytes = run.bytes_mut();
+        bytes[len..padded].fill(0);
+        let f = &self.file;
+        let result = match &f.direct {
+            Some(direct) => {
+                let mut fallback = false;
+                write_piece(
+                    direct,
+                    &f.buffered,
+                    &bytes[..padded],
+                    self.offset,
+                    &mut fallback,
+                )
+            }
+            None => f
+                .buffered
+                .write_all_at(&bytes[..padded], self.offset)
+                .map(|()| false),
+        };
+        self.give_back(run);
         match result {
-            Ok(()) => {
-                let len = (prefix.len() + payload.len()) as u64;
-                self.write_back.range(&self.file, at, len);
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let file = Arc::new(f.buffered.try_clone().map_err(io_err(&f.path))?);
+                self.write_back.range(&file, self.offset, padded as u64);
                 Ok(())
             }
             Err(e) => {
                 let mut failed = self.writes.failed.lock().expect("pack writes lock");
                 failed.get_or_insert_with(|| e.to_string());
-                Err(io_err(&self.path)(e))
+                Err(io_err(&f.path)(e))
             }
+        }
+    }
+
+    fn give_back(&self, run: Run) {
+        let mut spare = self.spare.lock().expect("spare runs lock");
+        if spare.len() < SPARE_RUNS {
+            spare.push(run.buf);
         }
     }
 }
 
-impl Drop for Reservation {
-    // Also on a panic, so that a publish never waits for a write that died.
+impl Drop for Flush {
+    // Also when never written (a panic, an error before), so that a
+    // publish never waits for a write that will not come; the pack then
+    // counts as failed.
     fn drop(&mut self) {
+        if self.run.take().is_some() {
+            let mut failed = self.writes.failed.lock().expect("pack writes lock");
+            failed.get_or_insert_with(|| "a run was never written".into());
+        }
         self.writes.outstanding.fetch_sub(1, Ordering::Release);
     }
 }
@@ -139,6 +235,7 @@ impl Packer {
             lanes: Default::default(),
             sealed: Vec::new(),
             in_flight: HashSet::new(),
+            spare: Arc::default(),
             write_back: Arc::new(WriteBack::start()),
         })
     }
@@ -151,22 +248,26 @@ impl Packer {
         self.in_flight.contains(hash)
     }
 
-    /// Reserves room for a chunk record of `len` bytes unless the chunk is
-    /// already staged (`None`).
-    pub fn reserve(
+    /// Appends a chunk record (`prefix` then `payload`) unless the chunk is
+    /// already staged (`None`); returns the runs it filled, for the caller
+    /// to write once it has let the lock go.
+    pub fn append(
         &mut self,
         hash: &ChunkHash,
-        len: u64,
-    ) -> Result<Option<Reservation>, RepositoryError> {
+        prefix: &[u8],
+        payload: &[u8],
+    ) -> Result<Option<Vec<Flush>>, RepositoryError> {
         if self.in_flight.contains(hash) {
             return Ok(None);
         }
+        let len = (prefix.len() + payload.len()) as u64;
         let record_len = u32::try_from(len).map_err(|_| RepositoryError::Chunk {
             hash: hex(hash),
             reason: format!(
                 "a record of {len} bytes does not fit a pack index entry (4 GiB at most)"
             ),
         })?;
+        let mut flushes = Vec::new();
         // A pack whose write failed takes nothing more: it will not be
         // published, and what it holds is forgotten (sent again) then.
         for lane in 0..LANES {
@@ -174,10 +275,10 @@ impl Packer {
                 .as_ref()
                 .is_some_and(|p| p.writes.has_failed())
             {
-                self.seal(lane);
+                flushes.extend(self.seal(lane));
             }
         }
-        // A lane nobody is writing into, else the least busy.
+        // A lane whose pack nobody is writing, else the least busy.
         let lane = (0..LANES)
             .min_by_key(|&l| {
                 self.lanes[l]
@@ -188,55 +289,65 @@ impl Packer {
         if self.lanes[lane].is_none() {
             let id = hex(&rand::random::<[u8; 16]>());
             let path = staged_path(&self.staging, &id);
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
+            let file = PackFile::create(path.clone()).map_err(io_err(&path))?;
             self.lanes[lane] = Some(StagedPack {
                 id,
                 file: Some(Arc::new(file)),
                 len: 0,
+                run: None,
                 entries: Vec::new(),
                 writes: Arc::default(),
             });
         }
         let pack = self.lanes[lane].as_mut().expect("an open pack");
-        let offset = pack.len;
-        pack.len += len;
         pack.entries.push(IndexEntry {
             hash: *hash,
-            offset,
+            offset: pack.len,
             len: record_len,
         });
-        pack.writes.outstanding.fetch_add(1, Ordering::Relaxed);
-        let reservation = Reservation {
-            file: pack.file.clone().expect("an open pack has its file"),
-            path: staged_path(&self.staging, &pack.id),
-            offset,
-            writes: pack.writes.clone(),
-            write_back: self.write_back.clone(),
-        };
+        for mut bytes in [prefix, payload] {
+            while !bytes.is_empty() {
+                let run = pack.run.get_or_insert_with(|| Run {
+                    buf: take_spare(&self.spare),
+                    len: 0,
+                });
+                let n = bytes.len().min(RUN - run.len);
+                let at = run.len;
+                run.bytes_mut()[at..at + n].copy_from_slice(&bytes[..n]);
+                run.len += n;
+                pack.len += n as u64;
+                bytes = &bytes[n..];
+                if run.len == RUN {
+                    let full = pack.run.take().expect("the run just filled");
+                    flushes.push(flush(pack, full, &self.spare, &self.write_back));
+                }
+            }
+        }
         self.in_flight.insert(*hash);
         if pack.len >= self.target {
-            self.seal(lane);
+            flushes.extend(self.seal(lane));
         }
-        Ok(Some(reservation))
+        Ok(Some(flushes))
     }
 
-    fn seal(&mut self, lane: usize) {
-        if let Some(mut pack) = self.lanes[lane].take() {
-            pack.file = None;
-            self.sealed.push(pack);
-        }
+    /// Moves a lane's pack to the sealed ones; returns the write of its
+    /// last run.
+    fn seal(&mut self, lane: usize) -> Option<Flush> {
+        let mut pack = self.lanes[lane].take()?;
+        let last = pack
+            .run
+            .take()
+            .map(|run| flush(&pack, run, &self.spare, &self.write_back));
+        pack.file = None;
+        self.sealed.push(pack);
+        last
     }
 
-    /// Every staged pack, for publishing; appends go to a new one after.
-    pub fn take(&mut self) -> Vec<StagedPack> {
-        for lane in 0..LANES {
-            self.seal(lane);
-        }
-        std::mem::take(&mut self.sealed)
+    /// Every staged pack, for publishing, and the writes of their last
+    /// runs, to be done before; appends go to new packs after.
+    pub fn take(&mut self) -> (Vec<StagedPack>, Vec<Flush>) {
+        let flushes = (0..LANES).filter_map(|lane| self.seal(lane)).collect();
+        (std::mem::take(&mut self.sealed), flushes)
     }
 
     /// Published (or failed) packs are no longer staged.
@@ -247,6 +358,32 @@ impl Packer {
             }
         }
     }
+}
+
+/// The write of `run`, the pack's bytes that end at its current length.
+fn flush(
+    pack: &StagedPack,
+    run: Run,
+    spare: &Arc<Mutex<Vec<Vec<u8>>>>,
+    write_back: &Arc<WriteBack>,
+) -> Flush {
+    pack.writes.outstanding.fetch_add(1, Ordering::Relaxed);
+    Flush {
+        file: pack.file.clone().expect("an open pack has its file"),
+        offset: pack.len - run.len as u64,
+        run: Some(run),
+        writes: pack.writes.clone(),
+        spare: spare.clone(),
+        write_back: write_back.clone(),
+    }
+}
+
+fn take_spare(spare: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
+    spare
+        .lock()
+        .expect("spare runs lock")
+        .pop()
+        .unwrap_or_else(|| vec![0u8; RUN + ALIGN as usize])
 }
 
 impl Drop for Packer {
@@ -281,7 +418,7 @@ pub(super) fn publish<'p>(
     staging: &Path,
     packs: &'p [StagedPack],
 ) -> Result<Vec<&'p StagedPack>, RepositoryError> {
-    // Writes reserved before the packs were taken finish in moments.
+    // Runs due before the packs were taken are written in moments.
     for p in packs {
         while p.writes.outstanding.load(Ordering::Acquire) > 0 {
             std::thread::sleep(std::time::Duration::from_micros(50));
@@ -304,8 +441,12 @@ pub(super) fn publish<'p>(
     let mut dirs = BTreeSet::from([root.join("packs")]);
     for p in &healthy {
         let staged = staged_path(staging, &p.id);
-        File::open(&staged)
-            .and_then(|f| f.sync_data())
+        // The last run was written padded to `ALIGN`: cut it to the end of
+        // the last record, so that a pack holds its records and nothing else.
+        OpenOptions::new()
+            .write(true)
+            .open(&staged)
+            .and_then(|f| f.set_len(p.len).and_then(|()| f.sync_data()))
             .map_err(io_err(&staged))?;
         let dest = pack_path(root, &p.id);
         let parent = dest.parent().expect("pack path has a parent");
@@ -361,13 +502,23 @@ mod tests {
 
     fn stage(p: &mut Packer, byte: u8) -> ChunkHash {
         let (hash, prefix, payload) = record(byte);
-        let len = (prefix.len() + payload.len()) as u64;
-        p.reserve(&hash, len)
+        for f in p
+            .append(&hash, &prefix, &payload)
             .unwrap()
             .expect("not staged yet")
-            .write(&prefix, &payload)
-            .unwrap();
+        {
+            f.write().unwrap();
+        }
         hash
+    }
+
+    /// As a publish does: the packs, with their last runs written.
+    fn take(p: &mut Packer) -> Vec<StagedPack> {
+        let (packs, last_runs) = p.take();
+        for f in last_runs {
+            let _ = f.write();
+        }
+        packs
     }
 
     fn repository(dir: &Path) {
@@ -383,9 +534,12 @@ mod tests {
         repository(root);
         let mut p = Packer::with_target(&root.join("staging"), 10_000).unwrap();
         let hashes: Vec<ChunkHash> = (0..10).map(|i| stage(&mut p, i)).collect();
-        assert!(p.reserve(&hashes[0], 10).unwrap().is_none(), "staged once");
+        assert!(
+            p.append(&hashes[0], b"", b"x").unwrap().is_none(),
+            "staged once"
+        );
         assert!(p.holds(&hashes[9]));
-        let packs = p.take();
+        let packs = take(&mut p);
         assert!(packs.len() >= 3, "{} packs", packs.len());
         let published = publish(root, p.staging(), &packs).unwrap();
         assert_eq!(published.len(), packs.len());
@@ -425,12 +579,12 @@ mod tests {
         let lost = stage(&mut p, 1);
         let failing = p.lanes[0].as_ref().unwrap();
         let failed_id = failing.id.clone();
-        // As `Reservation::write` records an I/O error (no space, ...).
+        // As `Flush::write` records an I/O error (no space, ...).
         *failing.writes.failed.lock().unwrap() = Some("injected".into());
         // With no write outstanding the first lane would take the next
         // record: it must not, having failed.
         let kept = stage(&mut p, 2);
-        let packs = p.take();
+        let packs = take(&mut p);
         assert_eq!(packs.len(), 2, "the failed pack took nothing more");
         assert_eq!(packs.iter().map(|p| p.entries.len()).sum::<usize>(), 2);
         let published = publish(root, p.staging(), &packs).unwrap();
@@ -442,5 +596,47 @@ mod tests {
         assert!(!p.staging().join(format!("{failed_id}.pack")).exists());
         p.forget(&packs);
         assert!(!p.holds(&lost), "sent again by whoever needs it");
+    }
+
+    #[test]
+    fn records_that_cross_runs_come_back_whole_and_the_pack_ends_at_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        repository(root);
+        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
+        // Odd sizes, so that records straddle runs at every offset; about
+        // 3.5 runs in all, so that the last one is partial.
+        let mut want = Vec::new();
+        for i in 0..10u32 {
+            let payload: Vec<u8> = (0..700_001 + i * 13)
+                .map(|j| (j.wrapping_mul(2_654_435_761) >> (i % 7)) as u8)
+                .collect();
+            let hash = *blake3::hash(&payload).as_bytes();
+            let prefix = format!("record {i}").into_bytes();
+            for f in p.append(&hash, &prefix, &payload).unwrap().unwrap() {
+                f.write().unwrap();
+            }
+            want.push((hash, [prefix, payload].concat()));
+        }
+        let packs = take(&mut p);
+        let published = publish(root, p.staging(), &packs).unwrap();
+        assert_eq!(published.len(), packs.len());
+        let mut seen = 0;
+        for pack in &packs {
+            let bytes = std::fs::read(pack_path(root, &pack.id)).unwrap();
+            assert_eq!(bytes.len() as u64, pack.len, "padding cut at publish");
+            for e in &pack.entries {
+                let (_, record) = want.iter().find(|(h, _)| *h == e.hash).unwrap();
+                assert_eq!(
+                    &bytes[e.offset as usize..][..e.len as usize],
+                    &record[..],
+                    "record at {}",
+                    e.offset
+                );
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, want.len());
+        assert!(packs.iter().any(|p| p.len > 3 * RUN as u64), "crossed runs");
     }
 }

@@ -17,16 +17,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Offsets, lengths and buffer addresses of direct writes are multiples of
-/// this, which satisfies every logical block size up to 4 KiB.
-pub const ALIGN: u64 = 4096;
+pub use crate::unbuffered::ALIGN;
+use crate::unbuffered::{aligned_start, write_piece};
 /// Largest single write, and the size of each pooled buffer.
 const RUN: usize = 4 << 20;
 /// Buffers per decoding worker: one being filled, one being written.
@@ -193,34 +192,6 @@ impl Drop for DirectWriter {
             let _ = t.join();
         }
     }
-}
-
-fn aligned_start(buf: &[u8]) -> usize {
-    buf.as_ptr().align_offset(ALIGN as usize)
-}
-
-/// Writes one piece; `Ok(true)` if it went to the device directly. A
-/// device that refuses the alignment (`EINVAL`) gets this piece and the
-/// rest through the page cache.
-fn write_piece(
-    direct: &File,
-    buffered: &File,
-    data: &[u8],
-    offset: u64,
-    fallback: &mut bool,
-) -> io::Result<bool> {
-    if !*fallback {
-        match direct.write_all_at(data, offset) {
-            Ok(()) => return Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!("O_DIRECT write refused ({e}); writing buffered");
-                *fallback = true;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    buffered.write_all_at(data, offset)?;
-    Ok(false)
 }
 
 #[cfg(test)]
