@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Packs open for appending at once: one per worker a task has by default.
@@ -88,7 +88,9 @@ pub(super) struct StagedPack {
 struct PackFile {
     path: PathBuf,
     direct: Option<File>,
-    buffered: File,
+    buffered: Arc<File>,
+    /// Set once the filesystem refused an unbuffered write into it.
+    refused: AtomicBool,
 }
 
 impl PackFile {
@@ -106,7 +108,8 @@ impl PackFile {
         Ok(Self {
             path,
             direct,
-            buffered,
+            buffered: Arc::new(buffered),
+            refused: AtomicBool::new(false),
         })
     }
 }
@@ -161,14 +164,16 @@ impl Flush {
         let f = &self.file;
         let result = match &f.direct {
             Some(direct) => {
-                let mut fallback = false;
-                write_piece(
+                let mut refused = f.refused.load(Ordering::Relaxed);
+                let r = write_piece(
                     direct,
                     &f.buffered,
                     &bytes[..padded],
                     self.offset,
-                    &mut fallback,
-                )
+                    &mut refused,
+                );
+                f.refused.store(refused, Ordering::Relaxed);
+                r
             }
             None => f
                 .buffered
@@ -179,8 +184,8 @@ impl Flush {
         match result {
             Ok(true) => Ok(()),
             Ok(false) => {
-                let file = Arc::new(f.buffered.try_clone().map_err(io_err(&f.path))?);
-                self.write_back.range(&file, self.offset, padded as u64);
+                self.write_back
+                    .range(&f.buffered, self.offset, padded as u64);
                 Ok(())
             }
             Err(e) => {
@@ -638,5 +643,39 @@ mod tests {
         }
         assert_eq!(seen, want.len());
         assert!(packs.iter().any(|p| p.len > 3 * RUN as u64), "crossed runs");
+    }
+
+    #[test]
+    fn a_pack_without_unbuffered_writes_goes_through_the_page_cache_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        repository(root);
+        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
+        let first = stage(&mut p, 1);
+        // As on a filesystem that refuses O_DIRECT at open (FUSE, say).
+        let lane = p.lanes[0].as_mut().unwrap();
+        let path = staged_path(p.staging.as_path(), &lane.id);
+        lane.file = Some(Arc::new(PackFile {
+            direct: None,
+            buffered: Arc::new(OpenOptions::new().write(true).open(&path).unwrap()),
+            refused: AtomicBool::new(false),
+            path,
+        }));
+        let big: Vec<u8> = (0..3 * RUN as u32 + 5).map(|j| (j % 251) as u8).collect();
+        let hash = *blake3::hash(&big).as_bytes();
+        for f in p.append(&hash, b"big", &big).unwrap().unwrap() {
+            f.write().unwrap();
+        }
+        let packs = take(&mut p);
+        assert_eq!(packs.len(), 1);
+        let published = publish(root, p.staging(), &packs).unwrap();
+        assert_eq!(published.len(), 1);
+        let bytes = std::fs::read(pack_path(root, &packs[0].id)).unwrap();
+        assert_eq!(bytes.len() as u64, packs[0].len);
+        let e = &packs[0].entries;
+        assert_eq!((e[0].hash, e[1].hash), (first, hash));
+        let rec = &bytes[e[1].offset as usize..][..e[1].len as usize];
+        assert_eq!(&rec[..3], b"big");
+        assert!(rec[3..] == big[..], "the record that crossed runs");
     }
 }
