@@ -440,7 +440,7 @@ impl Repository {
     ) -> Result<Option<u64>, RepositoryError> {
         let prefix = chunk::StoredChunk::prefix(header);
         let len = (prefix.len() + payload.len()) as u64;
-        let flushes = {
+        let (flushes, writer) = {
             let mut packer = self.shared.packer.lock().expect("packer lock");
             // Under the lock, so that a publish cannot index it in between.
             if self.indexed(hash).is_some() {
@@ -449,16 +449,17 @@ impl Repository {
             if packer.is_none() {
                 *packer = Some(Packer::new(&self.root.join("staging"))?);
             }
-            packer
-                .as_mut()
-                .expect("a packer")
-                .append(hash, &prefix, payload)?
+            let p = packer.as_mut().expect("a packer");
+            (p.append(hash, &prefix, payload)?, p.writer())
         };
         let Some(flushes) = flushes else {
             return Ok(None);
         };
         for f in flushes {
-            f.write()?;
+            // Only a packer being dropped has no writer thread left.
+            if let Err(crossbeam_channel::SendError(f)) = writer.send(f) {
+                f.write()?;
+            }
         }
         Ok(Some(len))
     }
@@ -498,7 +499,7 @@ impl Repository {
         let result = self
             .upgrade_format()
             .and_then(|()| packer::publish(&self.root, &staging, &packs));
-        if let Ok(published) = &result {
+        if let Ok((published, _)) = &result {
             let mut index = self.shared.index.write().expect("chunk index lock");
             for p in published {
                 index.add(&p.id, &p.entries);
@@ -510,8 +511,8 @@ impl Repository {
         if let Some(p) = self.shared.packer.lock().expect("packer lock").as_mut() {
             p.forget(&packs);
         }
-        result?;
-        failed_run.map_or(Ok(()), Err)
+        let (_, failed_write) = result?;
+        failed_run.or(failed_write).map_or(Ok(()), Err)
     }
 
     /// A format-1 repository says format 2 before its first pack appears.

@@ -9,8 +9,8 @@
 //! before the packs its chunks lie in.
 //!
 //! Records are gathered in memory and written in runs of 2 MiB past the
-//! page cache (`crate::unbuffered`); a pack's last run is written when it
-//! is sealed or taken for a publish.
+//! page cache (`crate::unbuffered`) by the packer's writer thread; a pack's
+//! last run is written when it is sealed or taken for a publish.
 //!
 //! Publish order (what makes a killed process harmless): each pack is made
 //! durable (`fdatasync`, after its runs are written) and
@@ -25,6 +25,7 @@ use super::{RepositoryError, hex, io_err};
 use crate::unbuffered::{ALIGN, aligned_start, write_piece};
 use crate::writeback::WriteBack;
 use arca_transport::ChunkHash;
+use crossbeam_channel::Sender;
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,6 +34,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 /// Packs open for appending at once: one per worker a task has by default.
 const LANES: usize = 2;
@@ -44,13 +46,17 @@ const LANES: usize = 2;
 /// written past it.
 const RUN: usize = 2 << 20;
 
+/// Full runs waiting for the writer thread; a coder that finds the queue
+/// full waits (the device is then what bounds the backup).
+const QUEUED_RUNS: usize = 4;
+
 /// Spare run buffers kept for the next runs (each is `RUN + ALIGN` bytes):
 /// a fresh one is faulted in page by page.
-const SPARE_RUNS: usize = 2 * LANES + 2;
+const SPARE_RUNS: usize = LANES + QUEUED_RUNS + 1;
 
 /// Under its lock only bookkeeping and copies into memory happen (no I/O
 /// but creating a pack), so that the workers' dedup queries never wait for
-/// a write: a run that fills is written after, by `Flush::write`.
+/// a write: a run that fills is written after, on the writer thread.
 pub(super) struct Packer {
     staging: PathBuf,
     _lock: File,
@@ -67,6 +73,10 @@ pub(super) struct Packer {
     in_flight: HashSet<ChunkHash>,
     spare: Arc<Mutex<Vec<Vec<u8>>>>,
     write_back: Arc<WriteBack>,
+    /// Full runs go to a thread of their own: an unbuffered write returns
+    /// only when the device has the bytes, and a coder that waited for it
+    /// left its core idle (a fifth of its time in a full backup).
+    writer: Option<(Sender<Flush>, JoinHandle<()>)>,
 }
 
 pub(super) struct StagedPack {
@@ -233,6 +243,17 @@ impl Packer {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(io_err(&lock_path)(io::Error::last_os_error()));
         }
+        let (tx, rx) = crossbeam_channel::bounded::<Flush>(QUEUED_RUNS);
+        let thread = std::thread::Builder::new()
+            .name("arca-pack-writer".into())
+            .spawn(move || {
+                for f in rx {
+                    // A failure is recorded in its pack, and its publish
+                    // reports it.
+                    let _ = f.write();
+                }
+            })
+            .map_err(io_err(&staging))?;
         Ok(Self {
             staging,
             _lock: lock,
@@ -242,7 +263,17 @@ impl Packer {
             in_flight: HashSet::new(),
             spare: Arc::default(),
             write_back: Arc::new(WriteBack::start()),
+            writer: Some((tx, thread)),
         })
+    }
+
+    /// Where full runs go to be written (see `writer`).
+    pub fn writer(&self) -> Sender<Flush> {
+        self.writer
+            .as_ref()
+            .expect("writer lives as long as the packer")
+            .0
+            .clone()
     }
 
     pub fn staging(&self) -> &Path {
@@ -393,6 +424,10 @@ fn take_spare(spare: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
 
 impl Drop for Packer {
     fn drop(&mut self) {
+        if let Some((tx, thread)) = self.writer.take() {
+            drop(tx);
+            let _ = thread.join();
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.staging)
             && e.kind() != io::ErrorKind::NotFound
         {
@@ -415,14 +450,15 @@ pub(super) fn index_path(root: &Path, id: &str) -> PathBuf {
 }
 
 /// Makes staged packs durable and visible, in the order the module doc
-/// gives; returns the ones it published. A pack one of whose writes failed
-/// is left out (its chunks are then sent again), so that one failed write
-/// does not fail every writer's commit.
+/// gives; returns the ones it published and, if a write into one of the
+/// others failed, that failure. A pack one of whose writes failed is left
+/// out (its chunks are then sent again), so that one failed write does not
+/// keep every other pack from its publish.
 pub(super) fn publish<'p>(
     root: &Path,
     staging: &Path,
     packs: &'p [StagedPack],
-) -> Result<Vec<&'p StagedPack>, RepositoryError> {
+) -> Result<(Vec<&'p StagedPack>, Option<RepositoryError>), RepositoryError> {
     // Runs due before the packs were taken are written in moments.
     for p in packs {
         while p.writes.outstanding.load(Ordering::Acquire) > 0 {
@@ -431,15 +467,20 @@ pub(super) fn publish<'p>(
     }
     let (healthy, failed): (Vec<&StagedPack>, Vec<&StagedPack>) =
         packs.iter().partition(|p| !p.writes.has_failed());
+    let mut failure = None;
     for p in failed {
         let staged = staged_path(staging, &p.id);
         let why = p.writes.failed.lock().expect("pack writes lock").clone();
+        let why = why.unwrap_or_default();
         tracing::warn!(
-            "staged pack {} not published, a write into it failed: {}",
+            "staged pack {} not published, a write into it failed: {why}",
             staged.display(),
-            why.unwrap_or_default()
         );
         let _ = std::fs::remove_file(&staged);
+        failure.get_or_insert(RepositoryError::Io {
+            path: staged,
+            source: io::Error::other(format!("writing a staged pack: {why}")),
+        });
     }
     // `packs/` itself too: another process may have made a fan-out folder
     // this one uses and not synced it yet.
@@ -476,7 +517,7 @@ pub(super) fn publish<'p>(
         std::fs::rename(tmp, dest).map_err(io_err(dest))?;
     }
     sync_dir(&index_dir)?;
-    Ok(healthy)
+    Ok((healthy, failure))
 }
 
 /// A pack id as arca makes them: 32 lowercase hex digits (anything else in
@@ -546,7 +587,8 @@ mod tests {
         assert!(p.holds(&hashes[9]));
         let packs = take(&mut p);
         assert!(packs.len() >= 3, "{} packs", packs.len());
-        let published = publish(root, p.staging(), &packs).unwrap();
+        let (published, failure) = publish(root, p.staging(), &packs).unwrap();
+        assert!(failure.is_none());
         assert_eq!(published.len(), packs.len());
         let mut found = Vec::new();
         for pack in &packs {
@@ -592,8 +634,10 @@ mod tests {
         let packs = take(&mut p);
         assert_eq!(packs.len(), 2, "the failed pack took nothing more");
         assert_eq!(packs.iter().map(|p| p.entries.len()).sum::<usize>(), 2);
-        let published = publish(root, p.staging(), &packs).unwrap();
+        let (published, failure) = publish(root, p.staging(), &packs).unwrap();
         assert_eq!(published.len(), 1);
+        let failure = failure.expect("the failed write is reported").to_string();
+        assert!(failure.contains("injected"), "{failure}");
         assert_eq!(published[0].entries[0].hash, kept);
         assert!(pack_path(root, &published[0].id).exists());
         assert!(!pack_path(root, &failed_id).exists());
@@ -624,7 +668,8 @@ mod tests {
             want.push((hash, [prefix, payload].concat()));
         }
         let packs = take(&mut p);
-        let published = publish(root, p.staging(), &packs).unwrap();
+        let (published, failure) = publish(root, p.staging(), &packs).unwrap();
+        assert!(failure.is_none());
         assert_eq!(published.len(), packs.len());
         let mut seen = 0;
         for pack in &packs {
@@ -668,7 +713,8 @@ mod tests {
         }
         let packs = take(&mut p);
         assert_eq!(packs.len(), 1);
-        let published = publish(root, p.staging(), &packs).unwrap();
+        let (published, failure) = publish(root, p.staging(), &packs).unwrap();
+        assert!(failure.is_none());
         assert_eq!(published.len(), 1);
         let bytes = std::fs::read(pack_path(root, &packs[0].id)).unwrap();
         assert_eq!(bytes.len() as u64, packs[0].len);
