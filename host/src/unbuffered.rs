@@ -24,8 +24,8 @@ pub fn aligned_start(buf: &[u8]) -> usize {
 }
 
 /// Writes one piece; `Ok(true)` if it went to the device directly. A
-/// device that refuses the alignment (`EINVAL`) gets this piece and the
-/// rest through the page cache.
+/// device or filesystem that refuses the write unbuffered gets this piece
+/// and the rest through the page cache.
 pub fn write_piece(
     direct: &File,
     buffered: &File,
@@ -36,7 +36,9 @@ pub fn write_piece(
     if !*fallback {
         match direct.write_all_at(data, offset) {
             Ok(()) => return Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // EINVAL: alignment; EOPNOTSUPP: a filesystem that opens with
+            // O_DIRECT and then refuses it (some FUSE and network ones).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
                 tracing::debug!("O_DIRECT write refused ({e}); writing buffered");
                 *fallback = true;
             }

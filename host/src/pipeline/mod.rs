@@ -150,11 +150,13 @@ fn run_inner(
         .map_err(|source| match input.disk.check_intact() {
             // Cut while its map was walked: the map's error (a seek past
             // the new end) says less than the cut does.
-            Err(shrunk) => TaskError::Shrunk {
-                disk: label.clone(),
-                source: shrunk,
-            },
-            Ok(()) => TaskError::Allocation {
+            Err(shrunk) if shrunk.kind() == std::io::ErrorKind::UnexpectedEof => {
+                TaskError::Shrunk {
+                    disk: label.clone(),
+                    source: shrunk,
+                }
+            }
+            _ => TaskError::Allocation {
                 disk: label.clone(),
                 source,
             },

@@ -488,8 +488,11 @@ impl Repository {
         if packs.is_empty() {
             return Ok(());
         }
-        // A run that fails leaves its pack out of the publish (below); the
-        // error is this commit's, since its chunks may lie there.
+        // A run that fails leaves its pack out of the publish (below), and
+        // the failure is the error of whichever commit publishes it: the
+        // pack may hold chunks of any writer in the process (a chunk two
+        // tasks share is stored once), and each task's retry sends again
+        // what is missing.
         let mut failed_run = None;
         for f in last_runs {
             if let Err(e) = f.write() {

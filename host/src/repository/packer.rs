@@ -489,10 +489,22 @@ pub(super) fn publish<'p>(
         let staged = staged_path(staging, &p.id);
         // The last run was written padded to `ALIGN`: cut it to the end of
         // the last record, so that a pack holds its records and nothing else.
+        // Shorter than its records would mean a run never written (which
+        // the write count rules out): cutting would then fill it with zeros.
         OpenOptions::new()
             .write(true)
             .open(&staged)
-            .and_then(|f| f.set_len(p.len).and_then(|()| f.sync_data()))
+            .and_then(|f| {
+                let on_disk = f.metadata()?.len();
+                if on_disk < p.len {
+                    return Err(io::Error::other(format!(
+                        "holds {on_disk} bytes, its records end at {}",
+                        p.len
+                    )));
+                }
+                f.set_len(p.len)?;
+                f.sync_data()
+            })
             .map_err(io_err(&staged))?;
         let dest = pack_path(root, &p.id);
         let parent = dest.parent().expect("pack path has a parent");
