@@ -45,10 +45,24 @@ struct Run {
 }
 
 /// Runs `cmd` to its end and measures it with `wait4` (peak RSS and CPU of
-/// the process itself). Panics with its output if it fails.
+/// the process itself). Its output (arca's JSON session report, with the
+/// busy time of every stage) is kept in `logs/<tool>-<run>.log`, so that
+/// a figure can be explained after the run. Panics with it if it fails.
 // `wait4` reaps the child: `Child::wait` cannot report its resource usage.
 #[allow(clippy::zombie_processes)]
-fn measure(tool: &str, run: &str, cmd: &mut Command, log: &Path) -> Run {
+fn measure(tool: &str, run: &str, cmd: &mut Command, logs: &Path) -> Run {
+    std::fs::create_dir_all(logs).unwrap();
+    let name: String = format!("{tool}-{run}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '+' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let log = &logs.join(format!("{name}.log"));
     let out = std::fs::File::create(log).unwrap();
     // Every run starts with nothing left to write back: the image conversion
     // and the previous tool's repository would otherwise still be going to
@@ -331,7 +345,7 @@ fn main() {
         dir: dir.clone(),
         arca: PathBuf::from(env!("CARGO_BIN_EXE_arca")),
     };
-    let log = dir.join("run.log");
+    let log = dir.join("logs");
     let mut runs: Vec<Run> = Vec::new();
 
     // Set-up, not measured: repositories and configurations.
@@ -521,7 +535,7 @@ fn parallel_disks(tools: &Tools, disk: &Path) -> Run {
         "arca",
         &format!("full, {n} disks"),
         &mut c,
-        &tools.dir.join("parallel.log"),
+        &tools.dir.join("logs"),
     );
     for i in 0..n {
         let _ = std::fs::remove_file(tools.dir.join(format!("copy{i}.raw")));
