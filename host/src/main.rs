@@ -185,8 +185,8 @@ fn main() {
 ///
 /// What the heap keeps is kept per arena, and glibc makes up to eight
 /// arenas per core as threads contend: four disks at once (a dozen threads
-/// passing batches around) peaked at 379–505 MiB over runs of the same
-/// session. One arena per core bounds it (306–326 MiB, docs/BENCHMARKS.md)
+/// passing batches around) peaked at 379–417 MiB over runs of the same
+/// session. One arena per core bounds it (320–378 MiB, docs/BENCHMARKS.md)
 /// at no cost in time: the threads that allocate batches are about as many
 /// as the cores.
 fn tune_allocator() {

@@ -9,9 +9,10 @@
 //! buffer address aligned; where a filesystem refuses it, the same bytes go
 //! through the page cache.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 
 /// Offsets, lengths and buffer addresses of direct writes are multiples of
 /// this, which satisfies every logical block size up to 4 KiB.
@@ -21,6 +22,18 @@ pub const ALIGN: u64 = 4096;
 /// bytes to spare holds a whole aligned run after it.
 pub fn aligned_start(buf: &[u8]) -> usize {
     buf.as_ptr().align_offset(ALIGN as usize)
+}
+
+/// `path` opened again for unbuffered writes; `None` where its filesystem
+/// does not allow `O_DIRECT` (tmpfs on older kernels, FUSE), and the
+/// caller writes through its ordinary descriptor.
+pub fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| tracing::debug!("{}: no O_DIRECT ({e}); writing buffered", path.display()))
+        .ok()
 }
 
 /// Writes one piece; `Ok(true)` if it went to the device directly. A

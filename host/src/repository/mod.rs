@@ -488,16 +488,13 @@ impl Repository {
         if packs.is_empty() {
             return Ok(());
         }
-        // A run that fails leaves its pack out of the publish (below), and
-        // the failure is the error of whichever commit publishes it: the
-        // pack may hold chunks of any writer in the process (a chunk two
-        // tasks share is stored once), and each task's retry sends again
-        // what is missing.
-        let mut failed_run = None;
+        // A run that fails is recorded in its pack, which the publish then
+        // leaves out and reports: the failure is the error of whichever
+        // commit publishes it, since the pack may hold chunks of any writer
+        // in the process (a chunk two tasks share is stored once), and each
+        // task's retry sends again what is missing.
         for f in last_runs {
-            if let Err(e) = f.write() {
-                failed_run.get_or_insert(e);
-            }
+            let _ = f.write();
         }
         let result = self
             .upgrade_format()
@@ -515,7 +512,7 @@ impl Repository {
             p.forget(&packs);
         }
         let (_, failed_write) = result?;
-        failed_run.or(failed_write).map_or(Ok(()), Err)
+        failed_write.map_or(Ok(()), Err)
     }
 
     /// A format-1 repository says format 2 before its first pack appears.

@@ -22,7 +22,7 @@
 use super::pack::{self, IndexEntry, PACK_TARGET};
 use super::writer::sync_dir;
 use super::{RepositoryError, hex, io_err};
-use crate::unbuffered::{ALIGN, aligned_start, write_piece};
+use crate::unbuffered::{ALIGN, aligned_start, open_direct, write_piece};
 use crate::writeback::WriteBack;
 use arca_transport::ChunkHash;
 use crossbeam_channel::Sender;
@@ -30,7 +30,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,12 +108,7 @@ impl PackFile {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .map_err(|e| tracing::debug!("{}: no O_DIRECT ({e})", path.display()))
-            .ok();
+        let direct = open_direct(&path);
         Ok(Self {
             path,
             direct,
@@ -172,24 +166,18 @@ impl Flush {
         let bytes = run.bytes_mut();
         bytes[len..padded].fill(0);
         let f = &self.file;
-        let result = match &f.direct {
-            Some(direct) => {
-                let mut refused = f.refused.load(Ordering::Relaxed);
-                let r = write_piece(
-                    direct,
-                    &f.buffered,
-                    &bytes[..padded],
-                    self.offset,
-                    &mut refused,
-                );
-                f.refused.store(refused, Ordering::Relaxed);
-                r
-            }
-            None => f
-                .buffered
-                .write_all_at(&bytes[..padded], self.offset)
-                .map(|()| false),
-        };
+        // Without an unbuffered descriptor, the ordinary one serves as both
+        // and `write_piece` goes straight to it.
+        let mut refused = f.direct.is_none() || f.refused.load(Ordering::Relaxed);
+        let direct = f.direct.as_ref().unwrap_or(&f.buffered);
+        let result = write_piece(
+            direct,
+            &f.buffered,
+            &bytes[..padded],
+            self.offset,
+            &mut refused,
+        );
+        f.refused.store(refused, Ordering::Relaxed);
         self.give_back(run);
         match result {
             Ok(true) => Ok(()),
@@ -370,9 +358,11 @@ impl Packer {
     /// last run.
     fn seal(&mut self, lane: usize) -> Option<Flush> {
         let mut pack = self.lanes[lane].take()?;
+        // A failed pack is never published: its last run is not worth a write.
         let last = pack
             .run
             .take()
+            .filter(|_| !pack.writes.has_failed())
             .map(|run| flush(&pack, run, &self.spare, &self.write_back));
         pack.file = None;
         self.sealed.push(pack);
@@ -560,14 +550,28 @@ mod tests {
 
     fn stage(p: &mut Packer, byte: u8) -> ChunkHash {
         let (hash, prefix, payload) = record(byte);
+        append(p, &hash, &prefix, &payload);
+        hash
+    }
+
+    /// Appends a record and writes the runs it filled, as `stage_chunk`
+    /// does (here on the caller's thread).
+    fn append(p: &mut Packer, hash: &ChunkHash, prefix: &[u8], payload: &[u8]) {
         for f in p
-            .append(&hash, &prefix, &payload)
+            .append(hash, prefix, payload)
             .unwrap()
             .expect("not staged yet")
         {
             f.write().unwrap();
         }
-        hash
+    }
+
+    /// A repository folder and a packer that seals packs at `target`.
+    fn packer(target: u64) -> (tempfile::TempDir, Packer) {
+        let dir = tempfile::tempdir().unwrap();
+        repository(dir.path());
+        let p = Packer::with_target(&dir.path().join("staging"), target).unwrap();
+        (dir, p)
     }
 
     /// As a publish does: the packs, with their last runs written.
@@ -587,10 +591,8 @@ mod tests {
 
     #[test]
     fn small_packs_are_sealed_and_each_is_published_with_its_index() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut p) = packer(10_000);
         let root = dir.path();
-        repository(root);
-        let mut p = Packer::with_target(&root.join("staging"), 10_000).unwrap();
         let hashes: Vec<ChunkHash> = (0..10).map(|i| stage(&mut p, i)).collect();
         assert!(
             p.append(&hashes[0], b"", b"x").unwrap().is_none(),
@@ -631,10 +633,8 @@ mod tests {
 
     #[test]
     fn a_pack_with_a_failed_write_is_left_out_and_the_others_are_published() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut p) = packer(u64::MAX);
         let root = dir.path();
-        repository(root);
-        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
         let lost = stage(&mut p, 1);
         let failing = p.lanes[0].as_ref().unwrap();
         let failed_id = failing.id.clone();
@@ -661,10 +661,8 @@ mod tests {
 
     #[test]
     fn records_that_cross_runs_come_back_whole_and_the_pack_ends_at_the_last() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut p) = packer(u64::MAX);
         let root = dir.path();
-        repository(root);
-        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
         // Odd sizes, so that records straddle runs at every offset; about
         // 3.5 runs in all, so that the last one is partial.
         let mut want = Vec::new();
@@ -674,9 +672,7 @@ mod tests {
                 .collect();
             let hash = *blake3::hash(&payload).as_bytes();
             let prefix = format!("record {i}").into_bytes();
-            for f in p.append(&hash, &prefix, &payload).unwrap().unwrap() {
-                f.write().unwrap();
-            }
+            append(&mut p, &hash, &prefix, &payload);
             want.push((hash, [prefix, payload].concat()));
         }
         let packs = take(&mut p);
@@ -704,10 +700,8 @@ mod tests {
 
     #[test]
     fn a_pack_without_unbuffered_writes_goes_through_the_page_cache_the_same() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut p) = packer(u64::MAX);
         let root = dir.path();
-        repository(root);
-        let mut p = Packer::with_target(&root.join("staging"), u64::MAX).unwrap();
         let first = stage(&mut p, 1);
         // As on a filesystem that refuses O_DIRECT at open (FUSE, say).
         let lane = p.lanes[0].as_mut().unwrap();
@@ -720,9 +714,7 @@ mod tests {
         }));
         let big: Vec<u8> = (0..3 * RUN as u32 + 5).map(|j| (j % 251) as u8).collect();
         let hash = *blake3::hash(&big).as_bytes();
-        for f in p.append(&hash, b"big", &big).unwrap().unwrap() {
-            f.write().unwrap();
-        }
+        append(&mut p, &hash, b"big", &big);
         let packs = take(&mut p);
         assert_eq!(packs.len(), 1);
         let (published, failure) = publish(root, p.staging(), &packs).unwrap();

@@ -15,9 +15,8 @@
 //! writes run on a thread of their own: a decoder copies its run into an
 //! aligned buffer from a small pool and goes back to decoding.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -25,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 pub use crate::unbuffered::ALIGN;
-use crate::unbuffered::{aligned_start, write_piece};
+use crate::unbuffered::{aligned_start, open_direct, write_piece};
 /// Largest single write, and the size of each pooled buffer.
 const RUN: usize = 4 << 20;
 /// Buffers per decoding worker: one being filled, one being written.
@@ -60,12 +59,7 @@ impl DirectWriter {
     /// `buffered` is the file's ordinary descriptor, used should the device
     /// refuse a direct write after all.
     pub fn open(path: &Path, buffered: Arc<File>, workers: usize) -> Option<Self> {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| tracing::debug!("{}: no O_DIRECT ({e}); writing buffered", path.display()))
-            .ok()?;
+        let direct = open_direct(path)?;
         let count = workers.max(1) * BUFFERS_PER_WORKER;
         let shared = Arc::new(Shared {
             free: Mutex::new(
@@ -236,11 +230,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
+        let direct = open_direct(&path).expect("O_DIRECT where the tests run");
         // An unaligned buffer and offset: O_DIRECT refuses them (EINVAL).
         let data = pattern(1000, 7);
         let mut fallback = false;
