@@ -439,6 +439,93 @@ fn a_killed_session_leaves_nothing_behind_and_loses_no_change() {
 }
 
 #[test]
+fn a_session_killed_while_making_its_fleece_leaves_nothing_behind() {
+    let (lab, qsd) = qemu_lab(64);
+    // A process that has exited: its pid names the objects a session
+    // killed between `blockdev-create` and `job-dismiss` leaves behind.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let tag = format!("{pid}-9-0");
+    std::fs::create_dir_all(lab.path("exports")).unwrap();
+    let file = lab.path(&format!("exports/arca-fleece-{tag}.qcow2"));
+    let mut q = qsd.qmp();
+    q.run_job(
+        "blockdev-create",
+        json!({ "job-id": "warm-up", "options": { "driver": "file", "filename": file, "size": 0 } }),
+        "warm-up",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    q.execute(
+        "blockdev-add",
+        json!({ "driver": "file", "node-name": format!("arca-fleecefile-{tag}"), "filename": file }),
+    )
+    .unwrap();
+    // Formatting started and concluded, never dismissed.
+    let job = format!("arca-create-{tag}");
+    q.execute(
+        "blockdev-create",
+        json!({ "job-id": job, "options": { "driver": "qcow2", "file": format!("arca-fleecefile-{tag}"), "size": 64 * MIB } }),
+    )
+    .unwrap();
+    q.wait_event(
+        "JOB_STATUS_CHANGE",
+        |d| d["id"] == job.as_str() && d["status"] == "concluded",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    drop(q);
+    let (left, _) = qsd.leftovers();
+    assert_eq!(left.len(), 2, "a file node and a job: {left:?}");
+    assert!(file.exists());
+
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let notices = r["notices"].to_string();
+    assert!(
+        notices.contains(&format!(
+            "removed snapshot arca-*-{tag} left by an interrupted session"
+        )),
+        "{notices}"
+    );
+    let (left, bitmaps) = qsd.leftovers();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(!file.exists(), "the fleece file is removed too");
+}
+
+#[test]
+fn a_missing_disk_node_fails_the_snapshot_and_undoes_the_others() {
+    let (lab, qsd) = qemu_lab(64);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[hypervisor]]\nname = \"kvm01\"\nqmp = \"{}\"\nnbd = \"{}\"\n\n\
+         [[vm]]\nname = \"db01\"\nhypervisor = \"kvm01\"\ndisks = [{{ name = \"root\", node = \"disk0\" }}, {{ name = \"data\", node = \"nope\" }}]\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"db01\"]\nrepository = \"main\"\n",
+        lab.path("repo").display(),
+        lab.path("qmp.sock").display(),
+        lab.path("nbd.sock").display()
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(!ok, "{r:#}");
+    let text = r.to_string();
+    assert!(
+        text.contains("block node 'nope' not found") && text.contains("disk0"),
+        "{r:#}"
+    );
+    // The first disk's fleece node was made before the second failed.
+    let (left, bitmaps) = qsd.leftovers();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(bitmaps, vec!["arca.nightly.1".to_owned()], "untouched");
+    let fleeces = std::fs::read_dir(lab.path("exports"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(fleeces, 0, "no fleece file is left");
+}
+
+#[test]
 fn lost_and_inconsistent_bitmaps_fall_back_to_digests() {
     let (lab, qsd) = qemu_lab(64);
     let (ok, _) = lab.run_job("nightly");

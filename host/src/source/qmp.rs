@@ -129,6 +129,41 @@ impl Qmp {
         }
     }
 
+    /// Runs a command that starts job `job` (e.g. `blockdev-create`), waits
+    /// for the job to conclude, dismisses it, and returns its error if it
+    /// failed: such jobs report failure only in `query-jobs`.
+    pub fn run_job(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        job: &str,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        self.execute(command, arguments)?;
+        self.wait_event(
+            "JOB_STATUS_CHANGE",
+            |d| d["id"] == job && d["status"] == "concluded",
+            timeout,
+        )?;
+        let jobs = self.execute("query-jobs", json!({}))?;
+        let error = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["id"] == job)
+            .and_then(|j| j["error"].as_str().map(str::to_owned));
+        self.execute("job-dismiss", json!({ "id": job }))?;
+        match error {
+            Some(desc) => Err(QmpError::Command {
+                socket: self.socket.clone(),
+                command: command.to_owned(),
+                class: "JobFailed".into(),
+                desc,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for an event named `name` whose `data` satisfies `matches`.
     pub fn wait_event(
         &mut self,
