@@ -766,6 +766,18 @@ impl Repository {
         Ok(None)
     }
 
+    /// When the newest restore point of one disk was made, from the headers
+    /// alone (a commit needs only this, not the block list of the parent).
+    pub fn latest_created_ms(
+        &self,
+        job: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<Option<i64>, RepositoryError> {
+        let headers = self.point_headers(job, vm, disk)?;
+        Ok(headers.last().map(|(_, m)| m.created_unix_ms))
+    }
+
     /// The headers (`manifest::read_header`) of one disk's restore points,
     /// oldest first; unreadable ones are left out with a warning.
     fn point_headers(

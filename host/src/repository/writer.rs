@@ -77,9 +77,9 @@ impl PointWriter {
 
         let now = jiff::Timestamp::now();
         m.created_unix_ms = now.as_millisecond();
-        if let Some(prev) = repo.latest_point(&m.job, &m.vm, &m.disk)? {
+        if let Some(prev) = repo.latest_created_ms(&m.job, &m.vm, &m.disk)? {
             // Keeps "newest" unambiguous for the next incremental.
-            m.created_unix_ms = m.created_unix_ms.max(prev.created_unix_ms + 1);
+            m.created_unix_ms = m.created_unix_ms.max(prev + 1);
         }
         m.point_id = format!(
             "{}-{}",
@@ -449,6 +449,24 @@ mod tests {
             "the header still reads"
         );
         assert_eq!(latest(), ids[1]);
+        // A point committed now counts from the damaged one's header, so it
+        // is newer than every point on disk, readable or not.
+        let w = repo.writer().unwrap();
+        w.store(StoreChunks {
+            chunks: vec![c.clone()],
+        })
+        .unwrap();
+        let newest = commit(&w, &blocks).unwrap().point_id;
+        assert_eq!(latest(), newest);
+        std::fs::remove_file(
+            repo.points()
+                .unwrap()
+                .into_iter()
+                .find(|p| p.manifest.point_id == newest)
+                .unwrap()
+                .path,
+        )
+        .unwrap();
         // Cut short (not even a header): still the one before.
         std::fs::write(&path, &bytes[..20]).unwrap();
         assert_eq!(latest(), ids[1]);

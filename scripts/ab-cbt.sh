@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Alternating A/B of CBT incrementals on the live VM that
+# `cargo bench --bench cbt` leaves in target/tmp/bench-cbt (run that first).
+#
+#   bash scripts/ab-cbt.sh OLD_ARCA NEW_ARCA [ROUNDS]
+#
+# Serves the bench's qcow2 again with qemu-storage-daemon, runs one
+# incremental to start a fresh CBT bitmap (the bench's daemon was killed,
+# so its bitmap is gone), then per round: the guest writes 1% of the disk
+# in clustered runs of 64 KiB-1 MiB, and OLD, then NEW (or NEW, then OLD:
+# the order alternates) back up. Prints each binary's session times and
+# times to the task's start, sorted. Measures; asserts nothing.
+set -euo pipefail
+old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-6}
+dir=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-cbt
+[ -f "$dir/disk.qcow2" ] || { echo "no $dir/disk.qcow2: run cargo bench --bench cbt first" >&2; exit 2; }
+out=$(mktemp -d)
+rm -f "$dir/qmp.sock" "$dir/nbd.sock"
+qemu-storage-daemon \
+  --blockdev "driver=file,filename=$dir/disk.qcow2,node-name=file0" \
+  --blockdev driver=qcow2,file=file0,node-name=disk0 \
+  --nbd-server "addr.type=unix,addr.path=$dir/nbd.sock" \
+  --export type=nbd,id=vm,node-name=disk0,name=vm,writable=on \
+  --chardev "socket,path=$dir/qmp.sock,server=on,wait=off,id=qmp0" \
+  --monitor chardev=qmp0 >/dev/null 2>&1 &
+qsd=$!
+trap 'kill $qsd 2>/dev/null; rm -rf "$out"' EXIT
+while [ ! -S "$dir/qmp.sock" ] || [ ! -S "$dir/nbd.sock" ]; do sleep 0.05; done
+size=$(qemu-img info -U --output=json "$dir/disk.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+
+writes() { # seed: 1% of the disk, clustered
+  python3 - "$1" "$size" <<'PY'
+import random, sys
+r = random.Random(int(sys.argv[1])); size = int(sys.argv[2]); done = 0
+while done < size // 100:
+    n = r.choice([64, 128, 256, 512, 1024]) * 1024
+    off = r.randrange(0, size - n) // 65536 * 65536
+    print(f"write -P {r.randrange(1, 255)} {off} {n}"); done += n
+PY
+}
+run() { # binary label
+  ARCA_HOME=$dir/home "$1" job run bench --json > "$out/$2.json"
+}
+guest() { writes "$1" | qemu-io -f raw "nbd+unix:///vm?socket=$dir/nbd.sock" >/dev/null; }
+
+guest 1000; run "$new" warm-up
+for i in $(seq 1 "$rounds"); do
+  if [ $((i % 2)) = 1 ]; then first=old second=new; else first=new second=old; fi
+  for who in $first $second; do
+    if [ $who = old ]; then guest $((i * 2)); run "$old" "old-$i"
+    else guest $((i * 2 + 1)); run "$new" "new-$i"; fi
+  done
+done
+python3 - "$out" "$rounds" <<'PY'
+import json, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+for who in ("old", "new"):
+    s, q = [], []
+    for i in range(1, rounds + 1):
+        j = json.load(open(f"{out}/{who}-{i}.json"))
+        t = j["tasks"][0]
+        if t["stats"]["cbt_dirty_bytes"] is None:
+            print(f"{who}-{i}: no CBT ({j['notices']})")
+        s.append(j["duration_seconds"]); q.append(t["queued_seconds"])
+    print(f"{who}: session " + " ".join(f"{x:.3f}" for x in sorted(s)) +
+          " s; to the task's start " + " ".join(f"{x*1e3:.1f}" for x in sorted(q)) + " ms")
+PY
