@@ -231,6 +231,7 @@ fn run(cli: Cli) -> Result<i32> {
                 identity_dir: home.identity.clone(),
                 workers_per_task: workers,
                 show_progress: !json && std::io::stderr().is_terminal(),
+                lock_dir: home.root.join("locks"),
             };
             let report = run_job(&db, &runtime, &name, &opts)
                 .with_context(|| format!("session of job '{name}'"))?;

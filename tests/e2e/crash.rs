@@ -112,3 +112,47 @@ fn killed_sessions_leave_no_visible_damage() {
         "killed sessions are marked: {sessions}"
     );
 }
+
+#[test]
+fn a_job_runs_one_session_at_a_time_and_a_killed_holder_frees_it() {
+    let lab = Lab::new();
+    let d0 = lab.path("d0.raw");
+    make_disk(&d0, 8 * MIB, 23);
+    lab.apply(&config(
+        &lab,
+        &[("db01", &[d0.as_path()])],
+        "[[job]]\nname = \"nightly\"\nvms = [\"db01\"]\nrepository = \"main\"\n",
+    ));
+    // Another process holds the job's lock, as a running session does.
+    let lock = lab.path("home/locks/nightly.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // `-o`: the lock stays with `flock` itself, not with its `sleep`.
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("flock (util-linux)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let out = lab.arca(&["job", "run", "nightly"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            break err;
+        }
+        // The holder had not taken the lock yet: that session ran.
+        assert!(Instant::now() < deadline, "the lock was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        refused.contains("job 'nightly' is already running"),
+        "{refused}"
+    );
+    let before = lab.points().len();
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "a killed holder leaves the job free: {r:#}");
+    assert_eq!(lab.points().len(), before + 1);
+}

@@ -526,6 +526,51 @@ fn a_missing_disk_node_fails_the_snapshot_and_undoes_the_others() {
 }
 
 #[test]
+fn cbt_is_used_only_against_the_point_it_counts_from() {
+    // Over 2048 blocks: a block list longer than a header read, so that a
+    // damaged block list leaves the header readable.
+    let (lab, qsd) = qemu_lab(640);
+    let (ok, _) = lab.run_job("nightly");
+    assert!(ok);
+    qsd.write(&["write -P 0x31 1M 1M"]);
+    let (ok, second) = lab.run_job("nightly");
+    assert!(ok, "{second:#}");
+    let second_id = second["tasks"][0]["restore_point"].as_str().unwrap();
+    // The newest point's block list is damaged; its header still reads, so
+    // the snapshot freezes its bitmap, but the task's parent is the point
+    // before it: the bitmap's changes are not the changes since the parent.
+    let manifest = lab.path(&format!(
+        "repo/points/nightly/db01/root/{second_id}.manifest"
+    ));
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&manifest, &bytes).unwrap();
+
+    qsd.write(&["write -P 0x32 40M 64k"]);
+    let want = qsd.content_sha(&lab);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let t = &r["tasks"][0];
+    assert_ne!(t["parent_point"].as_str(), Some(second_id), "{t:#}");
+    assert!(
+        t["stats"]["cbt_dirty_bytes"].is_null(),
+        "CBT not used: {t:#}"
+    );
+    assert!(
+        t["notices"]
+            .to_string()
+            .contains(&format!("counts from restore point {second_id}")),
+        "{t:#}"
+    );
+    assert_eq!(
+        restore_sha(&lab, t["restore_point"].as_str().unwrap()),
+        want,
+        "the changes of the damaged point's interval are in"
+    );
+}
+
+#[test]
 fn lost_and_inconsistent_bitmaps_fall_back_to_digests() {
     let (lab, qsd) = qemu_lab(64);
     let (ok, _) = lab.run_job("nightly");

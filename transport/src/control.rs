@@ -107,6 +107,10 @@ pub struct AssignTask {
     pub rate: u64,
     #[prost(uint32, tag = "16")]
     pub workers: u32,
+    /// The restore point `dirty` counts changes since; the task uses
+    /// `dirty` only if that point is its parent.
+    #[prost(string, tag = "17")]
+    pub dirty_since: String,
 }
 
 /// Proxy → session: how the task ended.

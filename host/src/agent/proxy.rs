@@ -116,6 +116,7 @@ impl ProxyRole {
             },
             dirty,
             cbt_bitmap: a.cbt_bitmap,
+            dirty_since: a.dirty_since,
         };
         let stages = loaded.instantiate().map_err(|e| fatal(&e))?;
         let done = AtomicU64::new(0);

@@ -78,9 +78,12 @@ pub struct TaskInput {
     pub session_id: u64,
     pub pipeline: String,
     pub workers: usize,
-    /// Ranges written since the previous restore point, when the source has
-    /// changed block tracking that covers exactly that interval.
+    /// Ranges written since restore point `dirty_since`, when the source
+    /// has changed block tracking.
     pub dirty: Option<Vec<Extent>>,
+    /// The restore point `dirty` counts from: `dirty` is used only if that
+    /// point is this task's parent.
+    pub dirty_since: String,
     /// Recorded in the manifest: the CBT bitmap that counts from this snapshot.
     pub cbt_bitmap: String,
 }
@@ -200,12 +203,20 @@ fn run_inner(
         }
         fits
     });
-    // CBT counts only against the restore point it started at.
-    let dirty = input
-        .dirty
-        .as_ref()
-        .filter(|_| previous.is_some())
-        .map(|d| normalize(d.clone(), size));
+    // CBT counts only against the restore point it started at: a parent
+    // that is another point (the newest one's block list unreadable, say)
+    // would take blocks changed in between for unchanged.
+    let dirty = match (&input.dirty, previous) {
+        (Some(d), Some(p)) if p.point_id == input.dirty_since => Some(normalize(d.clone(), size)),
+        (Some(_), Some(p)) => {
+            notices.push(format!(
+                "{label}: changed block tracking counts from restore point {} but the parent is {}; this backup compares digests instead",
+                input.dirty_since, p.point_id
+            ));
+            None
+        }
+        _ => None,
+    };
     if let Some(d) = &dirty {
         stats.cbt_dirty_bytes = Some(d.iter().map(|e| e.length).sum());
     }

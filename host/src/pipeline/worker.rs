@@ -99,14 +99,16 @@ impl Buffers {
     }
 
     /// A buffer of `len` bytes; its contents are whatever the last batch
-    /// left (the read overwrites all of them).
+    /// left (the read overwrites all of them). A pooled buffer too small
+    /// for `len` (the gathered blocks of a partly changed batch) is dropped:
+    /// growing it would copy its stale bytes to a new allocation first.
     fn take(&self, len: usize) -> Vec<u8> {
         match self.rx.try_recv() {
-            Ok(mut b) => {
+            Ok(mut b) if b.capacity() >= len => {
                 b.resize(len, 0);
                 b
             }
-            Err(_) => vec![0u8; len],
+            _ => vec![0u8; len],
         }
     }
 

@@ -46,27 +46,32 @@ pub fn read(path: &Path) -> Result<Manifest, RepositoryError> {
     decode(&bytes, path)
 }
 
-/// How much of a manifest `read_header` reads: names and ids are short.
+/// How much of a manifest `read_header` reads from its start, and at most
+/// from its end: names and ids are short.
 const HEADER_READ: usize = 64 << 10;
-/// The block list's field: everything before it is the header.
+/// The block list's field: every other field is the header.
 const BLOCK_HASHES_TAG: u32 = 10;
 
-/// A manifest's fields before its block list (tags 1–9: names, point id,
-/// creation time, geometry, parent), with `block_hashes` empty, read from
-/// the first bytes of the file only. A disk's restore points are ordered by
-/// these, and a point's block list is 32 bytes per block (128 MiB for a
+/// A manifest's fields but its block list (names, point id, creation time,
+/// geometry, parent before it; consistency, session, pipeline and CBT bitmap
+/// after it), with `block_hashes` empty, read from the first bytes of the
+/// file and the few before its trailer. A disk's restore points are ordered
+/// by these, and a point's block list is 32 bytes per block (128 MiB for a
 /// 1 TiB disk), so finding the newest of many points must not read them
 /// all. Not checked against the trailer: whoever keeps a point reads it
-/// whole with `read`. A file shorter than the read is decoded whole.
+/// whole with `read`. A file shorter than the first read is decoded whole.
 pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
     use std::io::Read;
+    use std::os::unix::fs::FileExt;
     let bad = |reason: String| RepositoryError::Manifest {
         path: path.to_owned(),
         reason,
     };
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut buf = Vec::with_capacity(HEADER_READ);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(HEADER_READ as u64).read_to_end(&mut buf))
+    (&file)
+        .take(HEADER_READ as u64)
+        .read_to_end(&mut buf)
         .map_err(io_err(path))?;
     if buf.len() < HEADER_READ {
         return decode(&buf, path);
@@ -83,7 +88,25 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
             break;
         };
         if tag == BLOCK_HASHES_TAG {
-            return Manifest::decode(&body[..at]).map_err(|e| bad(e.to_string()));
+            let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
+                break;
+            };
+            // The fields after the block list lie between it and the trailer.
+            let file_len = file.metadata().map_err(io_err(path))?.len();
+            let tail_from = (MAGIC.len() + body.len() - rest.len()) as u64 + len;
+            let Some(tail_len) = file_len
+                .checked_sub(32)
+                .and_then(|end| end.checked_sub(tail_from))
+                .filter(|&n| n <= HEADER_READ as u64)
+            else {
+                break;
+            };
+            let mut fields = body[..at].to_vec();
+            let start = fields.len();
+            fields.resize(start + tail_len as usize, 0);
+            file.read_exact_at(&mut fields[start..], tail_from)
+                .map_err(io_err(path))?;
+            return Manifest::decode(fields.as_slice()).map_err(|e| bad(e.to_string()));
         }
         let ctx = prost::encoding::DecodeContext::default();
         if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
@@ -91,7 +114,8 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
         }
     }
     // The header did not end within the read (never so for arca's own
-    // manifests): read it whole.
+    // manifests), or the block list runs past the end: read it whole, which
+    // says what is wrong.
     read(path)
 }
 
@@ -117,19 +141,32 @@ mod tests {
                 parent_point: "p".repeat(parent),
                 block_hashes: vec![7; blocks as usize * 32],
                 consistency: "crash-consistent".into(),
-                ..Default::default()
+                session_id: 42,
+                pipeline: "default".into(),
+                cbt_bitmap: "arca.nightly.7".into(),
             };
             let path = dir.path().join(format!("{blocks}-{parent}.manifest"));
             std::fs::write(&path, encode(&m)).unwrap();
             let h = read_header(&path).unwrap();
+            // Every field but the block list, before it and after it.
             assert_eq!(
-                (&h.point_id, h.created_unix_ms, h.disk_size, &h.parent_point),
-                (&m.point_id, m.created_unix_ms, m.disk_size, &m.parent_point)
+                Manifest {
+                    block_hashes: m.block_hashes.clone(),
+                    ..h
+                },
+                m
             );
             assert_eq!(read(&path).unwrap(), m);
         }
         let path = dir.path().join("junk.manifest");
         std::fs::write(&path, vec![1u8; HEADER_READ + 10]).unwrap();
         assert!(read_header(&path).is_err());
+        // A large manifest cut inside its block list: no header from past
+        // the end, but the whole read's error.
+        let whole = std::fs::read(dir.path().join("100000-1.manifest")).unwrap();
+        let path = dir.path().join("cut.manifest");
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        let e = read_header(&path).unwrap_err().to_string();
+        assert!(e.contains("damaged") || e.contains("truncated"), "{e}");
     }
 }

@@ -766,16 +766,19 @@ impl Repository {
         Ok(None)
     }
 
-    /// When the newest restore point of one disk was made, from the headers
-    /// alone (a commit needs only this, not the block list of the parent).
-    pub fn latest_created_ms(
+    /// The header of the newest restore point of one disk whose header
+    /// reads (`manifest::read_header`: no block list, not checked against
+    /// the trailer). For what needs no block list: when the newest point was
+    /// made (a commit), which CBT bitmap it names (a snapshot). Whoever then
+    /// uses a block list takes `latest_point`, which may be an older point if
+    /// this one's block list is damaged, and must check which it got.
+    pub fn latest_header(
         &self,
         job: &str,
         vm: &str,
         disk: &str,
-    ) -> Result<Option<i64>, RepositoryError> {
-        let headers = self.point_headers(job, vm, disk)?;
-        Ok(headers.last().map(|(_, m)| m.created_unix_ms))
+    ) -> Result<Option<Manifest>, RepositoryError> {
+        Ok(self.point_headers(job, vm, disk)?.pop().map(|(_, m)| m))
     }
 
     /// The headers (`manifest::read_header`) of one disk's restore points,

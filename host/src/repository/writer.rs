@@ -77,9 +77,9 @@ impl PointWriter {
 
         let now = jiff::Timestamp::now();
         m.created_unix_ms = now.as_millisecond();
-        if let Some(prev) = repo.latest_created_ms(&m.job, &m.vm, &m.disk)? {
+        if let Some(prev) = repo.latest_header(&m.job, &m.vm, &m.disk)? {
             // Keeps "newest" unambiguous for the next incremental.
-            m.created_unix_ms = m.created_unix_ms.max(prev + 1);
+            m.created_unix_ms = m.created_unix_ms.max(prev.created_unix_ms + 1);
         }
         m.point_id = format!(
             "{}-{}",

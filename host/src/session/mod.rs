@@ -10,6 +10,7 @@
 //! whose link is lost is queued again, for another proxy when there is one.
 
 pub mod guest;
+pub mod lock;
 mod remote;
 pub mod report;
 pub mod scheduler;
@@ -54,6 +55,8 @@ pub enum SessionError {
     Target(String),
     #[error("proxies: {0}")]
     Proxy(String),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 pub struct SessionOptions {
@@ -62,6 +65,8 @@ pub struct SessionOptions {
     /// Worker threads per task (codec instances); 0 means one per core.
     pub workers_per_task: usize,
     pub show_progress: bool,
+    /// Where the job locks live (`lock::JobLock`): one session per job.
+    pub lock_dir: std::path::PathBuf,
 }
 
 /// A VM's snapshot as its tasks see it.
@@ -100,6 +105,7 @@ pub fn run_job(
     opts: &SessionOptions,
 ) -> Result<SessionReport, SessionError> {
     let job = db.load_job(job_name)?;
+    let _lock = lock::JobLock::acquire(&opts.lock_dir, &job.name)?;
     let session_id = db.begin_session(&job.name)?;
     let started = Instant::now();
     let mut report = SessionReport {
@@ -600,6 +606,7 @@ fn run_one(
         pipeline: job.pipeline.name.clone(),
         workers,
         dirty: state.snap.dirty(disk_index),
+        dirty_since: state.snap.dirty_since(disk_index),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
     };
     tr.consistency = Some(state.consistency.as_str().into());
@@ -661,7 +668,7 @@ fn take_snapshot(
         Some(h) => {
             let mut requests = Vec::new();
             for d in &vm.disks {
-                let previous = repo.latest(&OpenTask {
+                let previous = repo.latest_header(&OpenTask {
                     job: job.name.clone(),
                     vm: vm.name.clone(),
                     disk: d.name.clone(),
@@ -669,6 +676,10 @@ fn take_snapshot(
                 })?;
                 requests.push(DiskRequest {
                     node: d.node.clone().unwrap_or_default(),
+                    previous_point: previous
+                        .as_ref()
+                        .map(|p| p.point_id.clone())
+                        .unwrap_or_default(),
                     previous_bitmap: previous.map(|p| p.cbt_bitmap).filter(|b| !b.is_empty()),
                 });
             }

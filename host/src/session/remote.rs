@@ -62,6 +62,7 @@ pub(super) fn run(
             .flat_map(|e| [e.offset, e.length])
             .collect(),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
+        dirty_since: state.snap.dirty_since(disk_index),
         repository_addr: repo_addr.to_string(),
         repository_fingerprint: repo_fingerprint.to_owned(),
         rate: *rate.borrow_and_update(),

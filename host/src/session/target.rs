@@ -109,11 +109,12 @@ impl RepoAccess {
         }
     }
 
-    /// The newest restore point of a disk.
-    pub fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
+    /// The newest restore point of a disk, for its header fields (an agent
+    /// sends the whole point; a local repository reads only the header).
+    pub fn latest_header(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
         match self {
             RepoAccess::Local(r) => r
-                .latest_point(&task.job, &task.vm, &task.disk)
+                .latest_header(&task.job, &task.vm, &task.disk)
                 .map_err(|e| e.to_string()),
             // A query-only connection: no target mover is opened for it.
             RepoAccess::Remote {

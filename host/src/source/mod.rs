@@ -126,6 +126,14 @@ impl VmSnapshot {
         }
     }
 
+    /// The restore point `dirty` counts changes since (empty without CBT).
+    pub fn dirty_since(&self, i: usize) -> String {
+        match self {
+            VmSnapshot::Image(_) => String::new(),
+            VmSnapshot::Qemu(s) => s.dirty_since(i),
+        }
+    }
+
     /// The CBT bitmap that counts from this snapshot (empty without CBT).
     pub fn cbt_bitmap(&self, i: usize) -> String {
         match self {

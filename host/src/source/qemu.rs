@@ -62,6 +62,8 @@ pub struct DiskRequest {
     pub node: String,
     /// `cbt_bitmap` of the newest restore point of this disk, if any.
     pub previous_bitmap: Option<String>,
+    /// That restore point's id: what the bitmap's changes count from.
+    pub previous_point: String,
 }
 
 /// The names of one disk's snapshot objects in QEMU. All derive from one
@@ -99,6 +101,8 @@ struct Planned {
     names: Names,
     fleece_file: PathBuf,
     frozen: Option<String>,
+    /// The restore point whose bitmap is `frozen`.
+    dirty_since: String,
     started: String,
 }
 
@@ -109,6 +113,8 @@ struct SnapDisk {
     /// The bitmap frozen by this snapshot (counts changes since the previous
     /// point), when CBT is used.
     frozen: Option<String>,
+    /// The restore point `frozen` counts from; empty without CBT.
+    dirty_since: String,
     /// The bitmap this snapshot started.
     started: String,
     reader: Arc<NbdDisk>,
@@ -187,6 +193,7 @@ impl QemuSnapshot {
             names,
             fleece_file,
             frozen,
+            dirty_since,
             started,
         } in planned
         {
@@ -207,6 +214,7 @@ impl QemuSnapshot {
                 names: names.clone(),
                 fleece_file: fleece_file.clone(),
                 frozen: frozen.clone(),
+                dirty_since: dirty_since.clone(),
                 started: started.clone(),
                 reader,
                 dirty: None,
@@ -243,6 +251,11 @@ impl QemuSnapshot {
 
     pub fn dirty(&self, i: usize) -> Option<Vec<Extent>> {
         self.disks[i].dirty.clone()
+    }
+
+    /// The restore point disk `i`'s `dirty` counts changes since.
+    pub fn dirty_since(&self, i: usize) -> String {
+        self.disks[i].dirty_since.clone()
     }
 
     /// The NBD server socket and export that serve disk `i`'s snapshot.
@@ -433,6 +446,10 @@ fn plan_disk(
         node: d.node.clone(),
         names,
         fleece_file,
+        dirty_since: match frozen {
+            Some(_) => d.previous_point.clone(),
+            None => String::new(),
+        },
         frozen,
         started,
     };
