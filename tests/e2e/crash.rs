@@ -150,8 +150,19 @@ fn a_job_runs_one_session_at_a_time_and_a_killed_holder_frees_it() {
     );
     let before = lab.points().len();
 
+    // Its `sleep` holds no lock, but would outlive the test: found now,
+    // killed after the holder.
+    let sleeper = std::process::Command::new("pgrep")
+        .args(["-P", &holder.id().to_string()])
+        .output()
+        .unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
+    for pid in String::from_utf8_lossy(&sleeper.stdout).split_whitespace() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status();
+    }
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "a killed holder leaves the job free: {r:#}");
     assert_eq!(lab.points().len(), before + 1);

@@ -475,10 +475,28 @@ fn a_session_killed_while_making_its_fleece_leaves_nothing_behind() {
         Duration::from_secs(10),
     )
     .unwrap();
+    // Killed earlier: the file made, its create job never dismissed, no node.
+    let tag2 = format!("{pid}-9-1");
+    let file2 = lab.path(&format!("exports/arca-fleece-{tag2}.qcow2"));
+    let job2 = format!("arca-create-{tag2}");
+    q.execute(
+        "blockdev-create",
+        json!({ "job-id": job2, "options": { "driver": "file", "filename": file2, "size": 0 } }),
+    )
+    .unwrap();
+    q.wait_event(
+        "JOB_STATUS_CHANGE",
+        |d| d["id"] == job2.as_str() && d["status"] == "concluded",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    // Killed after dismissing that job, before adding the node: only a file.
+    let file3 = lab.path(&format!("exports/arca-fleece-{pid}-9-2.qcow2"));
+    std::fs::write(&file3, b"").unwrap();
     drop(q);
     let (left, _) = qsd.leftovers();
-    assert_eq!(left.len(), 2, "a file node and a job: {left:?}");
-    assert!(file.exists());
+    assert_eq!(left.len(), 3, "a file node and two jobs: {left:?}");
+    assert!(file.exists() && file2.exists());
 
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
@@ -489,10 +507,18 @@ fn a_session_killed_while_making_its_fleece_leaves_nothing_behind() {
         )),
         "{notices}"
     );
+    assert!(
+        notices.contains(&format!(
+            "removed snapshot arca-*-{tag2} left by an interrupted session"
+        )) && notices.contains("removed fleece file"),
+        "{notices}"
+    );
     let (left, bitmaps) = qsd.leftovers();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
-    assert!(!file.exists(), "the fleece file is removed too");
+    for f in [&file, &file2, &file3] {
+        assert!(!f.exists(), "{} is removed too", f.display());
+    }
 }
 
 #[test]
@@ -519,9 +545,7 @@ fn a_missing_disk_node_fails_the_snapshot_and_undoes_the_others() {
     let (left, bitmaps) = qsd.leftovers();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(bitmaps, vec!["arca.nightly.1".to_owned()], "untouched");
-    let fleeces = std::fs::read_dir(lab.path("exports"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let fleeces = std::fs::read_dir(lab.path("exports")).unwrap().count();
     assert_eq!(fleeces, 0, "no fleece file is left");
 }
 

@@ -88,19 +88,23 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
             break;
         };
         if tag == BLOCK_HASHES_TAG {
+            let length_delimited = wire_type == prost::encoding::WireType::LengthDelimited;
             let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
                 break;
             };
             // The fields after the block list lie between it and the trailer.
+            // A length from a damaged or crafted file may point anywhere:
+            // anything odd is left to the whole read, which names the damage.
             let file_len = file.metadata().map_err(io_err(path))?.len();
-            let tail_from = (MAGIC.len() + body.len() - rest.len()) as u64 + len;
-            let Some(tail_len) = file_len
-                .checked_sub(32)
-                .and_then(|end| end.checked_sub(tail_from))
-                .filter(|&n| n <= HEADER_READ as u64)
+            let Some(tail_len) = ((MAGIC.len() + body.len() - rest.len()) as u64)
+                .checked_add(len)
+                .zip(file_len.checked_sub(32))
+                .and_then(|(tail_from, end)| end.checked_sub(tail_from))
+                .filter(|&n| length_delimited && n <= HEADER_READ as u64)
             else {
                 break;
             };
+            let tail_from = file_len - 32 - tail_len;
             let mut fields = body[..at].to_vec();
             let start = fields.len();
             fields.resize(start + tail_len as usize, 0);
@@ -168,5 +172,21 @@ mod tests {
         std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
         let e = read_header(&path).unwrap_err().to_string();
         assert!(e.contains("damaged") || e.contains("truncated"), "{e}");
+        // A block list whose length says 2^64 - 1 bytes, or that is not a
+        // length-delimited field: the whole read's error, no panic.
+        for key in [
+            0x52u8, /* tag 10, bytes */
+            0x50,   /* tag 10, varint */
+        ] {
+            let mut crafted = MAGIC.to_vec();
+            crafted.extend_from_slice(&[0x0a, 0x01, b'j', key]);
+            crafted.extend_from_slice(&[0xff; 9]);
+            crafted.push(0x01);
+            crafted.resize(HEADER_READ + 100, 0);
+            let path = dir.path().join("crafted.manifest");
+            std::fs::write(&path, &crafted).unwrap();
+            let e = read_header(&path).unwrap_err().to_string();
+            assert!(e.contains("damaged"), "{e}");
+        }
     }
 }

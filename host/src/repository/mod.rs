@@ -778,7 +778,24 @@ impl Repository {
         vm: &str,
         disk: &str,
     ) -> Result<Option<Manifest>, RepositoryError> {
-        Ok(self.point_headers(job, vm, disk)?.pop().map(|(_, m)| m))
+        const DAY_MS: i64 = 86_400_000;
+        let now = jiff::Timestamp::now().as_millisecond();
+        let mut headers = self.point_headers(job, vm, disk)?;
+        while let Some((path, m)) = headers.pop() {
+            // A header is not checked against the trailer. One that claims
+            // a time over a day ahead of the clock (a flipped bit, say) is
+            // believed only if its whole point checks out: it would stay
+            // "newest" and push every later point's time after its own. (A
+            // clock set back is the case where it does check out.)
+            if m.created_unix_ms <= now.saturating_add(DAY_MS) {
+                return Ok(Some(m));
+            }
+            match manifest::read(&path) {
+                Ok(_) => return Ok(Some(m)),
+                Err(e) => tracing::warn!("ignoring restore point: {e}"),
+            }
+        }
+        Ok(None)
     }
 
     /// The headers (`manifest::read_header`) of one disk's restore points,

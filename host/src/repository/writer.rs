@@ -79,7 +79,9 @@ impl PointWriter {
         m.created_unix_ms = now.as_millisecond();
         if let Some(prev) = repo.latest_header(&m.job, &m.vm, &m.disk)? {
             // Keeps "newest" unambiguous for the next incremental.
-            m.created_unix_ms = m.created_unix_ms.max(prev.created_unix_ms + 1);
+            m.created_unix_ms = m
+                .created_unix_ms
+                .max(prev.created_unix_ms.saturating_add(1));
         }
         m.point_id = format!(
             "{}-{}",
@@ -410,6 +412,45 @@ mod tests {
             .to_string();
         assert!(e.contains("which is not in the repository"), "{e}");
         assert!(repo.points().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_header_from_the_future_is_not_the_newest_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, c) = chunk(5);
+        let blocks = vec![h; 4096];
+        let w = repo.writer().unwrap();
+        w.store(StoreChunks {
+            chunks: vec![c.clone()],
+        })
+        .unwrap();
+        let first = commit(&w, &blocks).unwrap().point_id;
+        // A point whose header says the end of time and whose checksum
+        // fails (a header is read without the checksum).
+        let mut m = repo.latest_point("j", "v", "d").unwrap().unwrap();
+        m.point_id = "29991231T000000Z-ffffffff".into();
+        m.created_unix_ms = i64::MAX;
+        let mut bytes = manifest::encode(&m);
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        let bogus = repo
+            .manifest_dir(&m)
+            .join(format!("{}.manifest", m.point_id));
+        std::fs::write(&bogus, &bytes).unwrap();
+        assert_eq!(
+            manifest::read_header(&bogus).unwrap().created_unix_ms,
+            i64::MAX
+        );
+        let header = |repo: &Repository| repo.latest_header("j", "v", "d").unwrap().unwrap();
+        assert_eq!(header(&repo).point_id, first);
+
+        let w = repo.writer().unwrap();
+        w.store(StoreChunks { chunks: vec![c] }).unwrap();
+        let second = commit(&w, &blocks).unwrap().point_id;
+        let newest = header(&repo);
+        assert_eq!(newest.point_id, second);
+        assert!(newest.created_unix_ms < i64::MAX / 2, "{newest:?}");
     }
 
     #[test]

@@ -317,7 +317,10 @@ pub fn sweep_orphans(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 pub(crate) fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0
+    pid == std::process::id() as i32
+        || unsafe { libc::kill(pid, 0) } == 0
+        // It exists but is another user's (an arca running as someone else).
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[cfg(test)]

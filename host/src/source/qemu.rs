@@ -121,6 +121,47 @@ struct SnapDisk {
     dirty: Option<Vec<Extent>>,
 }
 
+impl SnapDisk {
+    fn new(p: Planned, reader: Arc<NbdDisk>, dirty: Option<Vec<Extent>>) -> SnapDisk {
+        SnapDisk {
+            node: p.node,
+            names: p.names,
+            fleece_file: p.fleece_file,
+            frozen: p.frozen,
+            dirty_since: p.dirty_since,
+            started: p.started,
+            reader,
+            dirty,
+        }
+    }
+}
+
+/// Exports a disk's frozen view over NBD, connects to it, and reads the
+/// changed ranges of its frozen bitmap, if any.
+fn attach(
+    qmp: &mut Qmp,
+    hypervisor: &Hypervisor,
+    p: &Planned,
+) -> Result<(Arc<NbdDisk>, Option<Vec<Extent>>), QemuError> {
+    let export = &p.names.export;
+    let mut args = json!({
+        "type": "nbd", "id": export, "node-name": p.names.fleece, "name": export, "writable": false
+    });
+    let mut contexts = vec!["base:allocation".to_owned()];
+    if let Some(f) = &p.frozen {
+        args["bitmaps"] = json!([f]);
+        contexts.push(format!("qemu:dirty-bitmap:{f}"));
+    }
+    qmp.execute("block-export-add", args)?;
+    let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+    let client = NbdClient::connect(&hypervisor.nbd, export, &refs)?;
+    let dirty = match &p.frozen {
+        Some(f) => Some(client.ranges(&format!("qemu:dirty-bitmap:{f}"), STATE_DIRTY, true)?),
+        None => None,
+    };
+    Ok((Arc::new(NbdDisk::new(client)), dirty))
+}
+
 /// A live snapshot of a QEMU VM; cleaned up when dropped, with each disk's
 /// bitmaps rotated forward (success) or back (failure or never reported).
 pub struct QemuSnapshot {
@@ -152,7 +193,7 @@ impl QemuSnapshot {
         work_dir: &Path,
     ) -> Result<Self, QemuError> {
         let mut qmp = Qmp::connect(&hypervisor.qmp)?;
-        let (mut notices, nodes) = sweep(&mut qmp, hypervisor, job)?;
+        let (mut notices, nodes) = sweep(&mut qmp, hypervisor, job, work_dir)?;
         std::fs::create_dir_all(work_dir).map_err(|e| QemuError::Fleece {
             path: work_dir.to_owned(),
             message: e.to_string(),
@@ -187,60 +228,22 @@ impl QemuSnapshot {
             succeeded: Mutex::new(vec![false; planned.len()]),
             notices,
         };
-        // From here on, dropping `snap` cleans up what exists.
-        for Planned {
-            node,
-            names,
-            fleece_file,
-            frozen,
-            dirty_since,
-            started,
-        } in planned
-        {
-            let export = names.export.clone();
-            let mut args = json!({
-                "type": "nbd", "id": export, "node-name": names.fleece, "name": export, "writable": false
-            });
-            if let Some(f) = &frozen {
-                args["bitmaps"] = json!([f]);
-            }
-            let added = qmp.execute("block-export-add", args);
-            let mut contexts = vec!["base:allocation".to_owned()];
-            if let Some(f) = &frozen {
-                contexts.push(format!("qemu:dirty-bitmap:{f}"));
-            }
-            let placeholder = |reader| SnapDisk {
-                node: node.clone(),
-                names: names.clone(),
-                fleece_file: fleece_file.clone(),
-                frozen: frozen.clone(),
-                dirty_since: dirty_since.clone(),
-                started: started.clone(),
-                reader,
-                dirty: None,
-            };
-            if let Err(e) = added {
-                // Record the disk without an export so cleanup still runs.
-                snap.disks.push(placeholder(Arc::new(NbdDisk::detached())));
-                return Err(e.into());
-            }
-            let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
-            let client = match NbdClient::connect(&hypervisor.nbd, &export, &refs) {
-                Ok(c) => c,
+        // From here on, dropping `snap` cleans up what exists: every disk of
+        // the transaction has a backup job and a fleece node, so each is
+        // recorded, attached or not, before any error returns.
+        let mut planned = planned.into_iter();
+        while let Some(p) = planned.next() {
+            match attach(&mut qmp, hypervisor, &p) {
+                Ok((reader, dirty)) => snap.disks.push(SnapDisk::new(p, reader, dirty)),
                 Err(e) => {
-                    snap.disks.push(placeholder(Arc::new(NbdDisk::detached())));
-                    return Err(e.into());
+                    let detached = || Arc::new(NbdDisk::detached());
+                    snap.disks.push(SnapDisk::new(p, detached(), None));
+                    for rest in planned {
+                        snap.disks.push(SnapDisk::new(rest, detached(), None));
+                    }
+                    return Err(e);
                 }
-            };
-            let dirty = match &frozen {
-                Some(f) => {
-                    Some(client.ranges(&format!("qemu:dirty-bitmap:{f}"), STATE_DIRTY, true)?)
-                }
-                None => None,
-            };
-            let mut d = placeholder(Arc::new(NbdDisk::new(client)));
-            d.dirty = dirty;
-            snap.disks.push(d);
+            }
         }
         Ok(snap)
     }
@@ -283,20 +286,30 @@ impl QemuSnapshot {
             d.reader = Arc::new(NbdDisk::detached());
         }
         let mut qmp = Qmp::connect(&self.hypervisor.qmp)?;
+        // One disk's error does not stop the others' cleanup; the first is
+        // reported.
+        let mut first_error = None;
         for (d, ok) in self.disks.iter().zip(succeeded) {
             remove_snapshot_objects(&mut qmp, &d.names, &d.fleece_file);
-            if ok {
-                if let Some(f) = &d.frozen {
-                    qmp.execute(
-                        "block-dirty-bitmap-remove",
-                        json!({ "node": d.node, "name": f }),
-                    )?;
+            let bitmaps = if ok {
+                match &d.frozen {
+                    Some(f) => qmp
+                        .execute(
+                            "block-dirty-bitmap-remove",
+                            json!({ "node": d.node, "name": f }),
+                        )
+                        .map(drop)
+                        .map_err(QemuError::from),
+                    None => Ok(()),
                 }
             } else {
-                roll_back_bitmaps(&mut qmp, &d.node, d.frozen.as_deref(), &d.started)?;
+                roll_back_bitmaps(&mut qmp, &d.node, d.frozen.as_deref(), &d.started)
+            };
+            if let Err(e) = bitmaps {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -340,12 +353,27 @@ fn remove_snapshot_objects(qmp: &mut Qmp, names: &Names, fleece_file: &Path) {
 /// Removes a fleece node, its file node and its file (what `create_fleece`
 /// made), whichever of them exist.
 fn remove_fleece(qmp: &mut Qmp, names: &Names, fleece_file: &Path) {
-    let _ = qmp.execute("job-dismiss", json!({ "id": names.create }));
-    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
-    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.file }));
+    // The file goes first: QEMU may keep it open, but a kill between the
+    // steps below must not leave a file (possibly gigabytes of the guest's
+    // old data) that no QEMU object names any more.
     if !fleece_file.as_os_str().is_empty() {
         let _ = std::fs::remove_file(fleece_file);
     }
+    // A create job that timed out may still run; one that concluded waits
+    // to be dismissed. Errors only say it is not there.
+    if qmp
+        .execute("job-cancel", json!({ "id": names.create }))
+        .is_ok()
+    {
+        let _ = qmp.wait_event(
+            "JOB_STATUS_CHANGE",
+            |d| d["id"] == names.create.as_str() && d["status"] == "concluded",
+            EVENT_TIMEOUT,
+        );
+    }
+    let _ = qmp.execute("job-dismiss", json!({ "id": names.create }));
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.file }));
 }
 
 fn undo_planned(qmp: &mut Qmp, planned: &[Planned]) {
@@ -535,6 +563,7 @@ fn sweep(
     qmp: &mut Qmp,
     hypervisor: &Hypervisor,
     job: &str,
+    work_dir: &Path,
 ) -> Result<(Vec<String>, Vec<Value>), QemuError> {
     let mut notices = Vec::new();
     let dead = |name: &str| owner_pid(name).is_some_and(|p| !process_alive(p));
@@ -568,21 +597,41 @@ fn sweep(
             tags.push(tag.to_owned());
         }
     }
-    for tag in &tags {
-        let names = Names::new(tag);
-        let file = nodes
+    let file_of = |name: &str| {
+        nodes
             .iter()
-            .find(|n| {
-                n["node-name"] == names.file.as_str() || n["node-name"] == names.fleece.as_str()
-            })
+            .find(|n| n["node-name"] == name)
             .and_then(|n| n["file"].as_str())
             .map(PathBuf::from)
-            .unwrap_or_default();
+    };
+    for tag in &tags {
+        let names = Names::new(tag);
+        // The file node names the file; without one (killed before it was
+        // added), the file is where this work folder puts it.
+        let file = file_of(&names.file)
+            .unwrap_or_else(|| work_dir.join(format!("arca-fleece-{tag}.qcow2")));
         remove_snapshot_objects(qmp, &names, &file);
         notices.push(format!(
             "hypervisor '{}': removed snapshot arca-*-{tag} left by an interrupted session",
             hypervisor.name
         ));
+    }
+    // Files whose QEMU objects are all gone (killed between the steps of
+    // making or removing them).
+    for entry in std::fs::read_dir(work_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(tag) = name
+            .strip_prefix("arca-fleece-")
+            .and_then(|n| n.strip_suffix(".qcow2"))
+            && dead(&name)
+            && !tags.iter().any(|t| t == tag)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            notices.push(format!(
+                "removed fleece file {} left by an interrupted session",
+                entry.path().display()
+            ));
+        }
     }
     if !tags.is_empty() {
         nodes = named_nodes(qmp)?;
