@@ -462,34 +462,34 @@ fn a_session_killed_while_making_its_fleece_leaves_nothing_behind() {
         json!({ "driver": "file", "node-name": format!("arca-fleecefile-{tag}"), "filename": file }),
     )
     .unwrap();
-    // Formatting started and concluded, never dismissed.
-    let job = format!("arca-create-{tag}");
-    q.execute(
-        "blockdev-create",
-        json!({ "job-id": job, "options": { "driver": "qcow2", "file": format!("arca-fleecefile-{tag}"), "size": 64 * MIB } }),
-    )
-    .unwrap();
-    q.wait_event(
-        "JOB_STATUS_CHANGE",
-        |d| d["id"] == job.as_str() && d["status"] == "concluded",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    // A `blockdev-create` job run to its end and never dismissed, as a
+    // session killed before `job-dismiss` leaves it.
+    let mut create_and_leave = |tag: &str, options: serde_json::Value| {
+        let job = format!("arca-create-{tag}");
+        q.execute(
+            "blockdev-create",
+            json!({ "job-id": job, "options": options }),
+        )
+        .unwrap();
+        q.wait_event(
+            "JOB_STATUS_CHANGE",
+            |d| d["id"] == job.as_str() && d["status"] == "concluded",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    };
+    // Formatting concluded, never dismissed.
+    create_and_leave(
+        &tag,
+        json!({ "driver": "qcow2", "file": format!("arca-fleecefile-{tag}"), "size": 64 * MIB }),
+    );
     // Killed earlier: the file made, its create job never dismissed, no node.
     let tag2 = format!("{pid}-9-1");
     let file2 = lab.path(&format!("exports/arca-fleece-{tag2}.qcow2"));
-    let job2 = format!("arca-create-{tag2}");
-    q.execute(
-        "blockdev-create",
-        json!({ "job-id": job2, "options": { "driver": "file", "filename": file2, "size": 0 } }),
-    )
-    .unwrap();
-    q.wait_event(
-        "JOB_STATUS_CHANGE",
-        |d| d["id"] == job2.as_str() && d["status"] == "concluded",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    create_and_leave(
+        &tag2,
+        json!({ "driver": "file", "filename": file2, "size": 0 }),
+    );
     // Killed after dismissing that job, before adding the node: only a file.
     let file3 = lab.path(&format!("exports/arca-fleece-{pid}-9-2.qcow2"));
     std::fs::write(&file3, b"").unwrap();

@@ -11,7 +11,7 @@ use crate::plugin::PluginRuntime;
 use crate::session::target::TaskFailure;
 use crate::source::image_file::RawImage;
 use crate::source::nbd::{NbdClient, NbdDisk};
-use crate::source::{Consistency, DiskRead};
+use crate::source::{Changes, Consistency, DiskRead};
 use arca_transport::control::{AssignTask, DiskLocator, TaskResult};
 use arca_transport::quic::{Identity, OpenTask, ProxyService, QuicLink, TaskControl};
 use arca_transport::throttle::ThrottledLink;
@@ -90,14 +90,16 @@ impl ProxyRole {
             None => Box::new(link),
         };
         let link = CancellableLink::new(link, control.cancel_flag());
-        let dirty = a.has_dirty.then(|| {
-            a.dirty
+        let changes = a.has_dirty.then(|| Changes {
+            since: a.dirty_since,
+            extents: a
+                .dirty
                 .chunks_exact(2)
                 .map(|p| Extent {
                     offset: p[0],
                     length: p[1],
                 })
-                .collect()
+                .collect(),
         });
         let size = disk.size();
         let input = TaskInput {
@@ -114,9 +116,8 @@ impl ProxyRole {
                 0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
                 n => n as usize,
             },
-            dirty,
+            changes,
             cbt_bitmap: a.cbt_bitmap,
-            dirty_since: a.dirty_since,
         };
         let stages = loaded.instantiate().map_err(|e| fatal(&e))?;
         let done = AtomicU64::new(0);

@@ -25,7 +25,7 @@ use crate::extent::{Extent, Geometry, normalize};
 use crate::plugin::detect::Detector;
 use crate::plugin::exclude::Excluder;
 use crate::plugin::{Plugin, PluginError};
-use crate::source::{Consistency, DiskRead};
+use crate::source::{Changes, Consistency, DiskRead};
 use arca_transport::{
     CommitPoint, HASH_LEN, LinkError, MANIFEST_FORMAT_VERSION, Manifest, RegisterCodec, TargetLink,
 };
@@ -78,12 +78,9 @@ pub struct TaskInput {
     pub session_id: u64,
     pub pipeline: String,
     pub workers: usize,
-    /// Ranges written since restore point `dirty_since`, when the source
-    /// has changed block tracking.
-    pub dirty: Option<Vec<Extent>>,
-    /// The restore point `dirty` counts from: `dirty` is used only if that
-    /// point is this task's parent.
-    pub dirty_since: String,
+    /// Changed block tracking, when the source has it: used only if the
+    /// point it counts from is this task's parent.
+    pub changes: Option<Changes>,
     /// Recorded in the manifest: the CBT bitmap that counts from this snapshot.
     pub cbt_bitmap: String,
 }
@@ -206,12 +203,12 @@ fn run_inner(
     // CBT counts only against the restore point it started at: a parent
     // that is another point (the newest one's block list unreadable, say)
     // would take blocks changed in between for unchanged.
-    let dirty = match (&input.dirty, previous) {
-        (Some(d), Some(p)) if p.point_id == input.dirty_since => Some(normalize(d.clone(), size)),
-        (Some(_), Some(p)) => {
+    let dirty = match (&input.changes, previous) {
+        (Some(c), Some(p)) if p.point_id == c.since => Some(normalize(c.extents.clone(), size)),
+        (Some(c), Some(p)) => {
             notices.push(format!(
-                "{label}: changed block tracking counts from restore point {} but the parent is {}; this backup compares digests instead",
-                input.dirty_since, p.point_id
+                "{label}: changed block tracking counts from restore point {} but the parent is {} (`arca verify` names a damaged point); this backup compares digests instead",
+                c.since, p.point_id
             ));
             None
         }

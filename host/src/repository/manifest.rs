@@ -88,26 +88,26 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
             break;
         };
         if tag == BLOCK_HASHES_TAG {
-            let length_delimited = wire_type == prost::encoding::WireType::LengthDelimited;
-            let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
-                break;
-            };
             // The fields after the block list lie between it and the trailer.
             // A length from a damaged or crafted file may point anywhere:
             // anything odd is left to the whole read, which names the damage.
-            let file_len = file.metadata().map_err(io_err(path))?.len();
-            let Some(tail_len) = ((MAGIC.len() + body.len() - rest.len()) as u64)
-                .checked_add(len)
-                .zip(file_len.checked_sub(32))
-                .and_then(|(tail_from, end)| end.checked_sub(tail_from))
-                .filter(|&n| length_delimited && n <= HEADER_READ as u64)
-            else {
+            if wire_type != prost::encoding::WireType::LengthDelimited {
+                break;
+            }
+            let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
                 break;
             };
-            let tail_from = file_len - 32 - tail_len;
+            let file_len = file.metadata().map_err(io_err(path))?.len();
+            let tail = ((MAGIC.len() + body.len() - rest.len()) as u64)
+                .checked_add(len)
+                .zip(file_len.checked_sub(32))
+                .filter(|&(from, end)| from <= end && end - from <= HEADER_READ as u64);
+            let Some((tail_from, end)) = tail else {
+                break;
+            };
             let mut fields = body[..at].to_vec();
             let start = fields.len();
-            fields.resize(start + tail_len as usize, 0);
+            fields.resize(start + (end - tail_from) as usize, 0);
             file.read_exact_at(&mut fields[start..], tail_from)
                 .map_err(io_err(path))?;
             return Manifest::decode(fields.as_slice()).map_err(|e| bad(e.to_string()));

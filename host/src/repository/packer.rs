@@ -29,7 +29,6 @@ use crossbeam_channel::Sender;
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -226,11 +225,10 @@ impl Packer {
         std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         let lock_path = staging.join("lock");
         let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock on a descriptor we own. The lock lives as long as
-        // this packer, which is how `sweep` tells a live one from a dead one.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io_err(&lock_path)(io::Error::last_os_error()));
-        }
+        // The lock (`flock`) lives as long as this packer, which is how
+        // `sweep` tells a live one from a dead one.
+        lock.try_lock()
+            .map_err(|e| io_err(&lock_path)(io::Error::from(e)))?;
         let (tx, rx) = crossbeam_channel::bounded::<Flush>(QUEUED_RUNS);
         let thread = std::thread::Builder::new()
             .name("arca-pack-writer".into())

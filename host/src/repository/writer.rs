@@ -16,7 +16,6 @@ use arca_transport::{
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -258,8 +257,8 @@ fn writer_gone(staging: &Path) -> bool {
         return false;
     }
     match File::open(staging.join("lock")) {
-        // SAFETY: flock on a descriptor we own; released when `f` drops.
-        Ok(f) => unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 },
+        // Released when `f` drops.
+        Ok(f) => f.try_lock().is_ok(),
         Err(_) => true,
     }
 }
@@ -345,6 +344,17 @@ mod tests {
         assert_eq!(kept.payload, c1.payload, "whole and readable");
     }
 
+    /// Stores `c` and commits a restore point of `blocks` with a writer of
+    /// its own; returns the point's id.
+    fn store_and_commit(repo: &Repository, c: &Chunk, blocks: &[ChunkHash]) -> String {
+        let w = repo.writer().unwrap();
+        w.store(StoreChunks {
+            chunks: vec![c.clone()],
+        })
+        .unwrap();
+        commit(&w, blocks).unwrap().point_id
+    }
+
     /// Commits a restore point of one 4 KiB block per address.
     fn commit(w: &PointWriter, hashes: &[ChunkHash]) -> Result<CommitReply, LinkError> {
         w.commit(CommitPoint {
@@ -420,12 +430,7 @@ mod tests {
         let repo = Repository::open_or_create(dir.path()).unwrap();
         let (h, c) = chunk(5);
         let blocks = vec![h; 4096];
-        let w = repo.writer().unwrap();
-        w.store(StoreChunks {
-            chunks: vec![c.clone()],
-        })
-        .unwrap();
-        let first = commit(&w, &blocks).unwrap().point_id;
+        let first = store_and_commit(&repo, &c, &blocks);
         // A point whose header says the end of time and whose checksum
         // fails (a header is read without the checksum).
         let mut m = repo.latest_point("j", "v", "d").unwrap().unwrap();
@@ -445,9 +450,7 @@ mod tests {
         let header = |repo: &Repository| repo.latest_header("j", "v", "d").unwrap().unwrap();
         assert_eq!(header(&repo).point_id, first);
 
-        let w = repo.writer().unwrap();
-        w.store(StoreChunks { chunks: vec![c] }).unwrap();
-        let second = commit(&w, &blocks).unwrap().point_id;
+        let second = store_and_commit(&repo, &c, &blocks);
         let newest = header(&repo);
         assert_eq!(newest.point_id, second);
         assert!(newest.created_unix_ms < i64::MAX / 2, "{newest:?}");
@@ -463,24 +466,12 @@ mod tests {
         let blocks = vec![h; 4096];
         let mut ids = Vec::new();
         for _ in 0..3 {
-            let w = repo.writer().unwrap();
-            w.store(StoreChunks {
-                chunks: vec![c.clone()],
-            })
-            .unwrap();
-            let reply = commit(&w, &blocks).unwrap();
-            ids.push(reply.point_id);
+            ids.push(store_and_commit(&repo, &c, &blocks));
         }
         let latest = || repo.latest_point("j", "v", "d").unwrap().unwrap().point_id;
         assert_eq!(latest(), ids[2]);
         // Its block list damaged (its header still reads): the one before.
-        let path = repo
-            .points()
-            .unwrap()
-            .into_iter()
-            .find(|p| p.manifest.point_id == ids[2])
-            .unwrap()
-            .path;
+        let path = repo.find_point(&ids[2]).unwrap().path;
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.len() - 40;
         bytes[at] ^= 1;
@@ -492,22 +483,9 @@ mod tests {
         assert_eq!(latest(), ids[1]);
         // A point committed now counts from the damaged one's header, so it
         // is newer than every point on disk, readable or not.
-        let w = repo.writer().unwrap();
-        w.store(StoreChunks {
-            chunks: vec![c.clone()],
-        })
-        .unwrap();
-        let newest = commit(&w, &blocks).unwrap().point_id;
+        let newest = store_and_commit(&repo, &c, &blocks);
         assert_eq!(latest(), newest);
-        std::fs::remove_file(
-            repo.points()
-                .unwrap()
-                .into_iter()
-                .find(|p| p.manifest.point_id == newest)
-                .unwrap()
-                .path,
-        )
-        .unwrap();
+        std::fs::remove_file(repo.find_point(&newest).unwrap().path).unwrap();
         // Cut short (not even a header): still the one before.
         std::fs::write(&path, &bytes[..20]).unwrap();
         assert_eq!(latest(), ids[1]);

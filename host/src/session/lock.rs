@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("job '{job}' is already running{holder}; one session of a job runs at a time")]
+    #[error(
+        "job '{job}' is already running{holder}: one session of a job runs at a time; run it again once that session has ended (or stop it)"
+    )]
     Busy { job: String, holder: String },
     #[error("job lock {path}: {source}")]
     Io { path: PathBuf, source: io::Error },

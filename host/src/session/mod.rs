@@ -605,8 +605,7 @@ fn run_one(
         session_id,
         pipeline: job.pipeline.name.clone(),
         workers,
-        dirty: state.snap.dirty(disk_index),
-        dirty_since: state.snap.dirty_since(disk_index),
+        changes: state.snap.changes(disk_index),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
     };
     tr.consistency = Some(state.consistency.as_str().into());

@@ -44,7 +44,7 @@ pub(super) fn run(
         ));
     }
     let mut rate = share.rate.clone().expect("a remote share has a rate");
-    let dirty = state.snap.dirty(disk_index);
+    let changes = state.snap.changes(disk_index);
     let assign = AssignTask {
         job: ctx.job.name.clone(),
         vm: vm.name.clone(),
@@ -55,14 +55,14 @@ pub(super) fn run(
         pipeline: ctx.job.pipeline.name.clone(),
         stages: ctx.specs.to_vec(),
         consistency: state.consistency.as_str().into(),
-        has_dirty: dirty.is_some(),
-        dirty: dirty
+        has_dirty: changes.is_some(),
+        dirty: changes
             .iter()
-            .flatten()
+            .flat_map(|c| &c.extents)
             .flat_map(|e| [e.offset, e.length])
             .collect(),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
-        dirty_since: state.snap.dirty_since(disk_index),
+        dirty_since: changes.map(|c| c.since).unwrap_or_default(),
         repository_addr: repo_addr.to_string(),
         repository_fingerprint: repo_fingerprint.to_owned(),
         rate: *rate.borrow_and_update(),

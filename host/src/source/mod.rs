@@ -78,6 +78,15 @@ impl Consistency {
 
 /// The snapshot of one VM, whatever its source: what tasks read, and how
 /// the source learns which restore points were committed.
+/// Changed block tracking: the ranges written since the snapshot of one
+/// restore point. They stand for "what changed" only against that point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The restore point they count from.
+    pub since: String,
+    pub extents: Vec<Extent>,
+}
+
 pub enum VmSnapshot {
     Image(image_file::ImageSnapshot),
     Qemu(qemu::QemuSnapshot),
@@ -118,19 +127,11 @@ impl VmSnapshot {
         }
     }
 
-    /// Changed block tracking since the previous restore point, if any.
-    pub fn dirty(&self, i: usize) -> Option<Vec<Extent>> {
+    /// Changed block tracking of disk `i`, if its source has it.
+    pub fn changes(&self, i: usize) -> Option<Changes> {
         match self {
             VmSnapshot::Image(_) => None,
-            VmSnapshot::Qemu(s) => s.dirty(i),
-        }
-    }
-
-    /// The restore point `dirty` counts changes since (empty without CBT).
-    pub fn dirty_since(&self, i: usize) -> String {
-        match self {
-            VmSnapshot::Image(_) => String::new(),
-            VmSnapshot::Qemu(s) => s.dirty_since(i),
+            VmSnapshot::Qemu(s) => s.changes(i),
         }
     }
 

@@ -19,11 +19,10 @@
 //! Everything arca adds to QEMU is named `arca-*-<pid>-...`; whatever a
 //! killed arca left behind is removed by the next session.
 
-use super::DiskRead;
 use super::image_file::process_alive;
 use super::nbd::{NbdClient, NbdDisk, STATE_DIRTY};
 use super::qmp::{Qmp, QmpError};
-use crate::extent::Extent;
+use super::{Changes, DiskRead};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -94,46 +93,35 @@ impl Names {
     }
 }
 
-/// A disk's snapshot objects before the snapshot instant: the fleece node
-/// exists, the transaction has not run.
+/// A CBT bitmap that the snapshot freezes: it counts the changes since the
+/// snapshot of restore point `since`.
+struct Frozen {
+    bitmap: String,
+    since: String,
+}
+
+/// A disk's snapshot objects, named before they exist: from planning on,
+/// the fleece node exists; after the transaction, the backup job too.
 struct Planned {
     node: String,
     names: Names,
     fleece_file: PathBuf,
-    frozen: Option<String>,
-    /// The restore point whose bitmap is `frozen`.
-    dirty_since: String,
+    /// When CBT is used.
+    frozen: Option<Frozen>,
+    /// The bitmap this snapshot starts.
     started: String,
+}
+
+impl Planned {
+    fn frozen_bitmap(&self) -> Option<&str> {
+        self.frozen.as_ref().map(|f| f.bitmap.as_str())
+    }
 }
 
 struct SnapDisk {
-    node: String,
-    names: Names,
-    fleece_file: PathBuf,
-    /// The bitmap frozen by this snapshot (counts changes since the previous
-    /// point), when CBT is used.
-    frozen: Option<String>,
-    /// The restore point `frozen` counts from; empty without CBT.
-    dirty_since: String,
-    /// The bitmap this snapshot started.
-    started: String,
+    plan: Planned,
     reader: Arc<NbdDisk>,
-    dirty: Option<Vec<Extent>>,
-}
-
-impl SnapDisk {
-    fn new(p: Planned, reader: Arc<NbdDisk>, dirty: Option<Vec<Extent>>) -> SnapDisk {
-        SnapDisk {
-            node: p.node,
-            names: p.names,
-            fleece_file: p.fleece_file,
-            frozen: p.frozen,
-            dirty_since: p.dirty_since,
-            started: p.started,
-            reader,
-            dirty,
-        }
-    }
+    changes: Option<Changes>,
 }
 
 /// Exports a disk's frozen view over NBD, connects to it, and reads the
@@ -142,24 +130,31 @@ fn attach(
     qmp: &mut Qmp,
     hypervisor: &Hypervisor,
     p: &Planned,
-) -> Result<(Arc<NbdDisk>, Option<Vec<Extent>>), QemuError> {
+) -> Result<(Arc<NbdDisk>, Option<Changes>), QemuError> {
     let export = &p.names.export;
     let mut args = json!({
         "type": "nbd", "id": export, "node-name": p.names.fleece, "name": export, "writable": false
     });
     let mut contexts = vec!["base:allocation".to_owned()];
-    if let Some(f) = &p.frozen {
+    if let Some(f) = p.frozen_bitmap() {
         args["bitmaps"] = json!([f]);
         contexts.push(format!("qemu:dirty-bitmap:{f}"));
     }
     qmp.execute("block-export-add", args)?;
     let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
     let client = NbdClient::connect(&hypervisor.nbd, export, &refs)?;
-    let dirty = match &p.frozen {
-        Some(f) => Some(client.ranges(&format!("qemu:dirty-bitmap:{f}"), STATE_DIRTY, true)?),
+    let changes = match &p.frozen {
+        Some(f) => Some(Changes {
+            since: f.since.clone(),
+            extents: client.ranges(
+                &format!("qemu:dirty-bitmap:{}", f.bitmap),
+                STATE_DIRTY,
+                true,
+            )?,
+        }),
         None => None,
     };
-    Ok((Arc::new(NbdDisk::new(client)), dirty))
+    Ok((Arc::new(NbdDisk::new(client)), changes))
 }
 
 /// A live snapshot of a QEMU VM; cleaned up when dropped, with each disk's
@@ -231,16 +226,22 @@ impl QemuSnapshot {
         // From here on, dropping `snap` cleans up what exists: every disk of
         // the transaction has a backup job and a fleece node, so each is
         // recorded, attached or not, before any error returns.
+        let detached = |plan| SnapDisk {
+            plan,
+            reader: Arc::new(NbdDisk::detached()),
+            changes: None,
+        };
         let mut planned = planned.into_iter();
         while let Some(p) = planned.next() {
             match attach(&mut qmp, hypervisor, &p) {
-                Ok((reader, dirty)) => snap.disks.push(SnapDisk::new(p, reader, dirty)),
+                Ok((reader, changes)) => snap.disks.push(SnapDisk {
+                    plan: p,
+                    reader,
+                    changes,
+                }),
                 Err(e) => {
-                    let detached = || Arc::new(NbdDisk::detached());
-                    snap.disks.push(SnapDisk::new(p, detached(), None));
-                    for rest in planned {
-                        snap.disks.push(SnapDisk::new(rest, detached(), None));
-                    }
+                    snap.disks.push(detached(p));
+                    snap.disks.extend(planned.map(detached));
                     return Err(e);
                 }
             }
@@ -252,26 +253,21 @@ impl QemuSnapshot {
         self.disks[i].reader.clone()
     }
 
-    pub fn dirty(&self, i: usize) -> Option<Vec<Extent>> {
-        self.disks[i].dirty.clone()
-    }
-
-    /// The restore point disk `i`'s `dirty` counts changes since.
-    pub fn dirty_since(&self, i: usize) -> String {
-        self.disks[i].dirty_since.clone()
+    pub fn changes(&self, i: usize) -> Option<Changes> {
+        self.disks[i].changes.clone()
     }
 
     /// The NBD server socket and export that serve disk `i`'s snapshot.
     pub fn export(&self, i: usize) -> (PathBuf, String) {
         (
             self.hypervisor.nbd.clone(),
-            self.disks[i].names.export.clone(),
+            self.disks[i].plan.names.export.clone(),
         )
     }
 
     /// The bitmap to record in disk `i`'s restore point.
     pub fn started_bitmap(&self, i: usize) -> String {
-        self.disks[i].started.clone()
+        self.disks[i].plan.started.clone()
     }
 
     /// Marks disk `i`'s restore point as committed.
@@ -289,10 +285,10 @@ impl QemuSnapshot {
         // One disk's error does not stop the others' cleanup; the first is
         // reported.
         let mut first_error = None;
-        for (d, ok) in self.disks.iter().zip(succeeded) {
+        for (d, ok) in self.disks.iter().map(|d| &d.plan).zip(succeeded) {
             remove_snapshot_objects(&mut qmp, &d.names, &d.fleece_file);
             let bitmaps = if ok {
-                match &d.frozen {
+                match d.frozen_bitmap() {
                     Some(f) => qmp
                         .execute(
                             "block-dirty-bitmap-remove",
@@ -303,7 +299,7 @@ impl QemuSnapshot {
                     None => Ok(()),
                 }
             } else {
-                roll_back_bitmaps(&mut qmp, &d.node, d.frozen.as_deref(), &d.started)
+                roll_back_bitmaps(&mut qmp, &d.node, d.frozen_bitmap(), &d.started)
             };
             if let Err(e) = bitmaps {
                 first_error.get_or_insert(e);
@@ -356,11 +352,16 @@ fn remove_fleece(qmp: &mut Qmp, names: &Names, fleece_file: &Path) {
     // The file goes first: QEMU may keep it open, but a kill between the
     // steps below must not leave a file (possibly gigabytes of the guest's
     // old data) that no QEMU object names any more.
-    if !fleece_file.as_os_str().is_empty() {
-        let _ = std::fs::remove_file(fleece_file);
-    }
-    // A create job that timed out may still run; one that concluded waits
-    // to be dismissed. Errors only say it is not there.
+    let _ = std::fs::remove_file(fleece_file);
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.file }));
+}
+
+/// Ends a create job left behind (`create_fleece` failed, or its session
+/// was killed): one that still runs (timed out) is cancelled, one that
+/// concluded is dismissed, so that its file node can go. Errors only say
+/// it is not there. A snapshot that was made has none: `run_job` dismissed it.
+fn end_create_job(qmp: &mut Qmp, names: &Names) {
     if qmp
         .execute("job-cancel", json!({ "id": names.create }))
         .is_ok()
@@ -372,8 +373,11 @@ fn remove_fleece(qmp: &mut Qmp, names: &Names, fleece_file: &Path) {
         );
     }
     let _ = qmp.execute("job-dismiss", json!({ "id": names.create }));
-    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
-    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.file }));
+}
+
+/// Where a snapshot's fleece file lives; the sweep finds leftovers by it.
+fn fleece_path(work_dir: &Path, tag: &str) -> PathBuf {
+    work_dir.join(format!("arca-fleece-{tag}.qcow2"))
 }
 
 fn undo_planned(qmp: &mut Qmp, planned: &[Planned]) {
@@ -448,8 +452,9 @@ fn plan_disk(
     }
     let started = bitmap_name(job, next_seq);
     let names = Names::new(tag);
-    let fleece_file = work_dir.join(format!("arca-fleece-{tag}.qcow2"));
+    let fleece_file = fleece_path(work_dir, tag);
     create_fleece(qmp, &names, &fleece_file, &d.node, size).map_err(|e| {
+        end_create_job(qmp, &names);
         remove_fleece(qmp, &names, &fleece_file);
         QemuError::Fleece {
             path: fleece_file.clone(),
@@ -474,11 +479,10 @@ fn plan_disk(
         node: d.node.clone(),
         names,
         fleece_file,
-        dirty_since: match frozen {
-            Some(_) => d.previous_point.clone(),
-            None => String::new(),
-        },
-        frozen,
+        frozen: frozen.map(|bitmap| Frozen {
+            bitmap,
+            since: d.previous_point.clone(),
+        }),
         started,
     };
     Ok((planned, actions, notices))
@@ -608,8 +612,8 @@ fn sweep(
         let names = Names::new(tag);
         // The file node names the file; without one (killed before it was
         // added), the file is where this work folder puts it.
-        let file = file_of(&names.file)
-            .unwrap_or_else(|| work_dir.join(format!("arca-fleece-{tag}.qcow2")));
+        let file = file_of(&names.file).unwrap_or_else(|| fleece_path(work_dir, tag));
+        end_create_job(qmp, &names);
         remove_snapshot_objects(qmp, &names, &file);
         notices.push(format!(
             "hypervisor '{}': removed snapshot arca-*-{tag} left by an interrupted session",
