@@ -1,8 +1,8 @@
 //! WASM zstd codec against native zstd (run with `cargo bench --bench codec`).
 //!
 //! Same data (a tar stream of this machine's system files, `ARCA_BENCH_MIB`,
-//! default 256), same level (`ARCA_BENCH_LEVEL`, default 3), same 1 MiB
-//! blocks in 8 MiB batches, one core. Compress and decompress are timed
+//! default 256), same level (`ARCA_BENCH_LEVEL`, default 3), same blocks
+//! (`ARCA_BENCH_BLOCK_KIB`, default 1024) in 8 MiB batches, one core. Compress and decompress are timed
 //! separately. Every round runs native zstd and each WASM codec once, and
 //! each keeps its best over the rounds (`ARCA_BENCH_ROUNDS`, default 5):
 //! this machine is a VM whose speed drifts over seconds, which would
@@ -82,7 +82,7 @@ fn main() {
     let mut cx = zstd::bulk::Compressor::new(level).unwrap();
     let mut dx = zstd::bulk::Decompressor::new().unwrap();
     let native_coded: Vec<Vec<u8>> = sample
-        .chunks(MIB)
+        .chunks(block_size())
         .map(|b| cx.compress(b).unwrap())
         .collect();
     sides[0].coded = native_coded.iter().map(Vec::len).sum();
@@ -94,7 +94,10 @@ fn main() {
         for chunk in sample.chunks(BATCH) {
             let (coded, _) = codec.compress(blocks_of(chunk)).unwrap();
             side.coded += coded.data.len();
-            batches.push((coded, chunk.chunks(MIB).map(|c| c.len() as u32).collect()));
+            batches.push((
+                coded,
+                chunk.chunks(block_size()).map(|c| c.len() as u32).collect(),
+            ));
         }
         coded_batches.push(batches);
     }
@@ -105,13 +108,13 @@ fn main() {
             let (c, d) = match &mut side.codec {
                 None => (
                     timed(|| {
-                        for block in sample.chunks(MIB) {
+                        for block in sample.chunks(block_size()) {
                             std::hint::black_box(cx.compress(block).unwrap());
                         }
                     }),
                     timed(|| {
                         for block in &native_coded {
-                            std::hint::black_box(dx.decompress(block, MIB).unwrap());
+                            std::hint::black_box(dx.decompress(block, block_size()).unwrap());
                         }
                     }),
                 ),
@@ -149,8 +152,9 @@ fn main() {
 
     let mb = sample.len() as f64 / 1e6;
     println!(
-        "zstd level {level}, {} MiB of system files, 1 MiB blocks, one core, best of {rounds}:",
-        sample.len() / MIB
+        "zstd level {level}, {} MiB of system files, {} KiB blocks, one core, best of {rounds}:",
+        sample.len() / MIB,
+        block_size() / 1024
     );
     let native = (sides[0].compress, sides[0].decompress);
     for side in &sides {
@@ -186,14 +190,21 @@ fn check_round_trips(
             let (plain, _) = codec.decompress(copy, raw).unwrap();
             assert!(plain.data == original, "{}: round trip differs", side.name);
             let mut at = 0;
-            for (len, block) in coded.lengths.iter().zip(original.chunks(MIB)) {
+            for (len, block) in coded.lengths.iter().zip(original.chunks(block_size())) {
                 let frame = &coded.data[at..at + *len as usize];
                 at += *len as usize;
-                let native = dx.decompress(frame, MIB).unwrap();
+                let native = dx.decompress(frame, block_size()).unwrap();
                 assert!(native == block, "{}: native zstd reads it wrong", side.name);
             }
         }
     }
+}
+
+/// Block size: `ARCA_BENCH_BLOCK_KIB`, default 1024 (sessions default to
+/// 256, for which zstd picks other parameters).
+fn block_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| env_or("ARCA_BENCH_BLOCK_KIB", 1024) * 1024)
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -228,7 +239,7 @@ fn system_files(len: usize) -> Vec<u8> {
 fn blocks_of(chunk: &[u8]) -> Blocks {
     Blocks {
         data: chunk.to_vec(),
-        lengths: chunk.chunks(MIB).map(|c| c.len() as u32).collect(),
+        lengths: chunk.chunks(block_size()).map(|c| c.len() as u32).collect(),
     }
 }
 

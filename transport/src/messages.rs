@@ -41,8 +41,11 @@ pub struct Chunk {
     pub codec_hash: Vec<u8>,
     #[prost(uint32, tag = "4")]
     pub raw_len: u32,
-    #[prost(bytes = "vec", tag = "5")]
-    pub payload: Vec<u8>,
+    /// A slice of the coded batch it came from (or of the raw batch, for
+    /// `none`): building a store message copies no payload. Same encoding
+    /// as `bytes`.
+    #[prost(bytes = "bytes", tag = "5")]
+    pub payload: bytes::Bytes,
 }
 
 /// Source → target: chunks to store. Fire and forget: the commit is the

@@ -17,6 +17,7 @@ use crate::plugin::codec::{Blocks, Codec};
 use crate::plugin::detect::Detector;
 use crate::source::mapped::MappedFile;
 use arca_transport::{Chunk, ChunkHash, ChunkQuery, HASH_LEN, Manifest, StoreChunks, TargetLink};
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -558,32 +559,42 @@ fn code(
     };
     let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
     let plugin = codec.plugin();
+    // Payloads are slices of the two batches, not copies. The raw batch
+    // becomes shared only if some block is stored as it is.
+    let stored_raw = |i: usize| coded.lengths[i] >= raw.lengths[i];
+    let any_raw = (0..missing.len()).any(stored_raw);
+    let coded_data = Bytes::from(coded.data);
+    let (raw_data, raw_pooled) = if any_raw {
+        (Bytes::from(raw.data), None)
+    } else {
+        (Bytes::new(), Some(raw.data))
+    };
     let mut chunks = Vec::with_capacity(missing.len());
     let (mut raw_at, mut coded_at) = (0usize, 0usize);
     for (i, &k) in missing.iter().enumerate() {
         let raw_len = raw.lengths[i] as usize;
         let coded_len = coded.lengths[i] as usize;
-        let raw_bytes = &raw.data[raw_at..raw_at + raw_len];
-        let coded_bytes = &coded.data[coded_at..coded_at + coded_len];
+        let raw_span = raw_at..raw_at + raw_len;
+        let coded_span = coded_at..coded_at + coded_len;
         raw_at += raw_len;
         coded_at += coded_len;
         // Incompressible blocks are stored as they are: smaller, and
         // readable without any codec.
-        let chunk = if coded_len < raw_len {
-            Chunk {
-                hash: digests[k].expect("missing blocks have digests").to_vec(),
-                codec: plugin.name.clone(),
-                codec_hash: plugin.hash.to_vec(),
-                raw_len: raw_len as u32,
-                payload: coded_bytes.to_vec(),
-            }
-        } else {
+        let chunk = if stored_raw(i) {
             Chunk {
                 hash: digests[k].expect("missing blocks have digests").to_vec(),
                 codec: "none".into(),
                 codec_hash: Vec::new(),
                 raw_len: raw_len as u32,
-                payload: raw_bytes.to_vec(),
+                payload: raw_data.slice(raw_span),
+            }
+        } else {
+            Chunk {
+                hash: digests[k].expect("missing blocks have digests").to_vec(),
+                codec: plugin.name.clone(),
+                codec_hash: plugin.hash.to_vec(),
+                raw_len: raw_len as u32,
+                payload: coded_data.slice(coded_span),
             }
         };
         totals.codec_in_bytes += raw_len as u64;
@@ -592,7 +603,18 @@ fn code(
     }
     sh.clock
         .time("transfer", || sh.link.store(StoreChunks { chunks }))?;
-    buffers.give(raw.data);
+    // The raw batch's buffer goes back to the analysts unless a link
+    // still holds a slice of it (one that sends later).
+    match raw_pooled {
+        Some(buffer) => buffers.give(buffer),
+        None => {
+            if let Ok(unique) = raw_data.try_into_mut() {
+                // The same allocation back as a Vec (its bytes are moved
+                // onto themselves, which memmove skips).
+                buffers.give(Vec::from(unique));
+            }
+        }
+    }
     Ok(())
 }
 

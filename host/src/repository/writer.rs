@@ -298,7 +298,7 @@ mod tests {
             codec: "none".into(),
             codec_hash: Vec::new(),
             raw_len: raw.len() as u32,
-            payload: raw,
+            payload: raw.into(),
         };
         (hash, c)
     }
