@@ -7,7 +7,7 @@
 
 use super::pack::{self, IndexEntry};
 use arca_transport::ChunkHash;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -19,9 +19,14 @@ pub(super) struct Location {
     pub len: u32,
 }
 
+/// A set of chunk addresses. Keys are BLAKE3 outputs, uniform already, so
+/// a fast hasher (randomly seeded per process) serves where std's SipHash
+/// spent a tenth of an empty session's CPU on loading the index.
+pub(crate) type ChunkSet = foldhash::HashSet<ChunkHash>;
+
 #[derive(Debug, Default)]
 pub(super) struct ChunkIndex {
-    chunks: HashMap<ChunkHash, Location>,
+    chunks: foldhash::HashMap<ChunkHash, Location>,
     /// Pack ids; a `Location::pack` is a position here.
     packs: Vec<String>,
     /// Index files that could not be read, with why (verify reports them).

@@ -46,8 +46,13 @@ pub fn read(path: &Path) -> Result<Manifest, RepositoryError> {
     decode(&bytes, path)
 }
 
-/// How much of a manifest `read_header` reads from its start, and at most
-/// from its end: names and ids are short.
+/// How much of a manifest `read_header` reads from its start at first:
+/// arca's own headers (names, ids, times, geometry) take a few hundred
+/// bytes, and a session reads the header of every point of its disk, so a
+/// larger first read costs each session in proportion to its history.
+const HEADER_PROBE: usize = 4 << 10;
+/// The most `read_header` reads from a manifest's start, and from its end,
+/// before it reads the whole file (a header with very long names).
 const HEADER_READ: usize = 64 << 10;
 /// The block list's field: every other field is the header.
 const BLOCK_HASHES_TAG: u32 = 10;
@@ -61,20 +66,44 @@ const BLOCK_HASHES_TAG: u32 = 10;
 /// all. Not checked against the trailer: whoever keeps a point reads it
 /// whole with `read`. A file shorter than the first read is decoded whole.
 pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
-    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    for first in [HEADER_PROBE, HEADER_READ] {
+        if let Some(header) = header_within(&file, path, first)? {
+            return Ok(header);
+        }
+    }
+    // The header did not end within the reads (never so for arca's own
+    // manifests), or the block list runs past the end: read it whole, which
+    // says what is wrong.
+    read(path)
+}
+
+/// The header, if the block list's key and length lie within the file's
+/// first `first` bytes (or the file is shorter: then decoded whole).
+fn header_within(
+    file: &std::fs::File,
+    path: &Path,
+    first: usize,
+) -> Result<Option<Manifest>, RepositoryError> {
     use std::os::unix::fs::FileExt;
     let bad = |reason: String| RepositoryError::Manifest {
         path: path.to_owned(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut buf = Vec::with_capacity(HEADER_READ);
-    (&file)
-        .take(HEADER_READ as u64)
-        .read_to_end(&mut buf)
-        .map_err(io_err(path))?;
-    if buf.len() < HEADER_READ {
-        return decode(&buf, path);
+    // From the start whatever was read before (positioned reads).
+    let mut buf = vec![0u8; first];
+    let mut got = 0;
+    while got < first {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    buf.truncate(got);
+    if buf.len() < first {
+        return decode(&buf, path).map(Some);
     }
     if &buf[..MAGIC.len()] != MAGIC {
         return Err(bad("not a manifest (bad magic)".into()));
@@ -83,7 +112,8 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
     let mut rest = body;
     while !rest.is_empty() {
         let at = body.len() - rest.len();
-        // A key or field cut by the end of the read: read it whole below.
+        // A key or field cut by the end of the read: a longer read, or
+        // the whole file, takes it.
         let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut rest) else {
             break;
         };
@@ -110,17 +140,16 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
             fields.resize(start + (end - tail_from) as usize, 0);
             file.read_exact_at(&mut fields[start..], tail_from)
                 .map_err(io_err(path))?;
-            return Manifest::decode(fields.as_slice()).map_err(|e| bad(e.to_string()));
+            return Manifest::decode(fields.as_slice())
+                .map(Some)
+                .map_err(|e| bad(e.to_string()));
         }
         let ctx = prost::encoding::DecodeContext::default();
         if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
             break;
         }
     }
-    // The header did not end within the read (never so for arca's own
-    // manifests), or the block list runs past the end: read it whole, which
-    // says what is wrong.
-    read(path)
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -130,9 +159,16 @@ mod tests {
     #[test]
     fn the_header_of_a_large_manifest_matches_the_whole_one() {
         let dir = tempfile::tempdir().unwrap();
-        // The last: a header longer than the first read (a parent id of
-        // 70 000 characters) is read whole.
-        for (blocks, parent) in [(0u64, 1), (3, 1), (100_000, 1), (100_000, 70_000)] {
+        // A header longer than the first probe (a parent id of 10 000
+        // characters) takes the second read; the last, longer than that
+        // (70 000), is read whole.
+        for (blocks, parent) in [
+            (0u64, 1),
+            (3, 1),
+            (100_000, 1),
+            (100_000, 10_000),
+            (100_000, 70_000),
+        ] {
             let m = Manifest {
                 format_version: MANIFEST_FORMAT_VERSION,
                 job: "nightly".into(),

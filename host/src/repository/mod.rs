@@ -138,6 +138,12 @@ struct Shared {
     files: Mutex<HashMap<u32, Arc<File>>>,
     /// `chunks/` exists: a format-1 repository's chunk files are read too.
     loose: bool,
+    /// Restore-point headers read so far, by manifest path. A manifest
+    /// never changes once renamed into place, so a header read once holds
+    /// for the process: a task asks for its disk's points three times (the
+    /// snapshot's CBT bitmap, the parent, the commit's "newest"), and
+    /// each asking read every point's header.
+    headers: Mutex<HashMap<PathBuf, Manifest>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -170,6 +176,7 @@ fn shared_for(root: &Path, id: &str) -> Result<Arc<Shared>, RepositoryError> {
         publish: Mutex::new(()),
         files: Mutex::default(),
         loose: root.join("chunks").is_dir(),
+        headers: Mutex::default(),
     });
     open.insert(key, Arc::downgrade(&shared));
     Ok(shared)
@@ -334,6 +341,15 @@ impl Repository {
 
     pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
         self.indexed(hash).is_some() || (self.shared.loose && self.chunk_path(hash).exists())
+    }
+
+    /// The first of `hashes` the repository lacks, if any: a commit's
+    /// check of every block it references, under one lock.
+    pub fn first_missing(&self, hashes: impl IntoIterator<Item = ChunkHash>) -> Option<ChunkHash> {
+        let index = self.shared.index.read().expect("chunk index lock");
+        hashes
+            .into_iter()
+            .find(|h| index.get(h).is_none() && !(self.shared.loose && self.chunk_path(h).exists()))
     }
 
     fn indexed(&self, hash: &ChunkHash) -> Option<Location> {
@@ -818,8 +834,23 @@ impl Repository {
             if path.extension().is_none_or(|e| e != "manifest") {
                 continue;
             }
+            let known = self
+                .shared
+                .headers
+                .lock()
+                .expect("headers lock")
+                .get(&path)
+                .cloned();
+            if let Some(m) = known {
+                out.push((path, m));
+                continue;
+            }
             match manifest::read_header(&path) {
-                Ok(m) => out.push((path, m)),
+                Ok(m) => {
+                    let mut headers = self.shared.headers.lock().expect("headers lock");
+                    headers.insert(path.clone(), m.clone());
+                    out.push((path, m));
+                }
                 Err(e) => tracing::warn!("ignoring restore point: {e}"),
             }
         }

@@ -19,6 +19,7 @@
 //! index appears leaves a pack nobody reads (space for a future garbage
 //! collection), never an index that points at nothing.
 
+use super::index::ChunkSet;
 use super::pack::{self, IndexEntry, PACK_TARGET};
 use super::writer::sync_dir;
 use super::{RepositoryError, hex, io_err};
@@ -26,7 +27,7 @@ use crate::unbuffered::{ALIGN, aligned_start, open_direct, write_piece};
 use crate::writeback::WriteBack;
 use arca_transport::ChunkHash;
 use crossbeam_channel::Sender;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ pub(super) struct Packer {
     lanes: [Option<StagedPack>; LANES],
     sealed: Vec<StagedPack>,
     /// Chunks in staged packs, written or being written, not yet indexed.
-    in_flight: HashSet<ChunkHash>,
+    in_flight: ChunkSet,
     spare: Arc<Mutex<Vec<Vec<u8>>>>,
     write_back: Arc<WriteBack>,
     /// Full runs go to a thread of their own: an unbuffered write returns
@@ -246,7 +247,7 @@ impl Packer {
             target,
             lanes: Default::default(),
             sealed: Vec::new(),
-            in_flight: HashSet::new(),
+            in_flight: ChunkSet::default(),
             spare: Arc::default(),
             write_back: Arc::new(WriteBack::start()),
             writer: Some((tx, thread)),
