@@ -480,14 +480,32 @@ impl Repository {
         Ok(Some(len))
     }
 
-    /// Whether a chunk is staged in this process and not yet published.
-    pub(crate) fn is_staged(&self, hash: &ChunkHash) -> bool {
-        self.shared
-            .packer
-            .lock()
-            .expect("packer lock")
-            .as_ref()
-            .is_some_and(|p| p.holds(hash))
+    /// For each address, whether the repository lacks it: neither indexed
+    /// nor staged by a writer of this process. One lock of each kind per
+    /// batch rather than per block: the packer's lock is also where the
+    /// coders copy their records.
+    pub(crate) fn missing(&self, hashes: &[ChunkHash]) -> Vec<bool> {
+        let mut missing: Vec<bool> = {
+            let index = self.shared.index.read().expect("chunk index lock");
+            hashes
+                .iter()
+                .map(|h| {
+                    index.get(h).is_none() && !(self.shared.loose && self.chunk_path(h).exists())
+                })
+                .collect()
+        };
+        // Checked after the index: a chunk published in between is then
+        // neither, and reads as missing, which costs a store that finds it
+        // indexed (`stage_chunk`), never a lost chunk.
+        if missing.contains(&true) {
+            let packer = self.shared.packer.lock().expect("packer lock");
+            if let Some(p) = packer.as_ref() {
+                for (m, h) in missing.iter_mut().zip(hashes) {
+                    *m = *m && !p.holds(h);
+                }
+            }
+        }
+        missing
     }
 
     /// Publishes every staged pack (see `packer`): when this returns, every

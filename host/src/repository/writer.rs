@@ -110,15 +110,14 @@ impl TargetMover for PointWriter {
         if !query.hashes.len().is_multiple_of(HASH_LEN) {
             return Err(target_err("chunk query is not a list of 32-byte addresses"));
         }
-        let missing = query
+        let hashes: Vec<ChunkHash> = query
             .hashes
             .chunks_exact(HASH_LEN)
-            .map(|h| {
-                let h: ChunkHash = h.try_into().expect("32 bytes");
-                !self.repo.has_chunk(&h) && !self.repo.is_staged(&h)
-            })
+            .map(|h| h.try_into().expect("32 bytes"))
             .collect();
-        Ok(ChunkQueryReply { missing })
+        Ok(ChunkQueryReply {
+            missing: self.repo.missing(&hashes),
+        })
     }
 
     fn store(&self, chunks: StoreChunks) -> Result<(), LinkError> {
@@ -391,6 +390,8 @@ mod tests {
             chunks: vec![c.clone()],
         })
         .unwrap();
+        // Staged by `a`, not yet published: no longer missing for `b`.
+        assert_eq!(ask(&b, &[shared, own]), vec![false, true]);
         b.store(StoreChunks {
             chunks: vec![c, c_own],
         })
