@@ -11,9 +11,12 @@
 # Prints each binary's wall and CPU seconds, peak RSS and compression busy
 # time, sorted. Measures; asserts nothing.
 set -euo pipefail
-old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-5} stages=${4:-}
+old=$(realpath "$1")
+new=$(realpath "$2")
+rounds=${3:-5} stages=${4:-}
 dir=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers
 [ -f "$dir/disk.raw" ] || { echo "no $dir/disk.raw: run cargo bench --bench peers first" >&2; exit 2; }
+[ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cat > "$out/config.toml" <<EOF
@@ -42,7 +45,8 @@ run() { # binary label
     env ARCA_HOME="$out/home" "$1" job run bench --json > "$out/$2.json"
 }
 cat "$dir/disk.raw" > /dev/null # in the page cache, as in the peers run
-run "$new" warm-up
+run "$old" warm-up-old
+run "$new" warm-up-new
 for i in $(seq 1 "$rounds"); do
   if [ $((i % 2)) = 1 ]; then order="old new"; else order="new old"; fi
   for who in $order; do

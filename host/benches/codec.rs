@@ -2,8 +2,8 @@
 //!
 //! Same data (a tar stream of this machine's system files, `ARCA_BENCH_MIB`,
 //! default 256), same level (`ARCA_BENCH_LEVEL`, default 3), same blocks
-//! (`ARCA_BENCH_BLOCK_KIB`, default 1024) in 8 MiB batches, one core. Compress and decompress are timed
-//! separately. Every round runs native zstd and each WASM codec once, and
+//! (`ARCA_BENCH_BLOCK_KIB`, default 1024) in 8 MiB batches, one core.
+//! Compress and decompress are timed separately. Every round runs native zstd and each WASM codec once, and
 //! each keeps its best over the rounds (`ARCA_BENCH_ROUNDS`, default 5):
 //! this machine is a VM whose speed drifts over seconds, which would
 //! otherwise land on one side only. The WASM side includes the copies into
@@ -201,10 +201,19 @@ fn check_round_trips(
 }
 
 /// Block size: `ARCA_BENCH_BLOCK_KIB`, default 1024 (sessions default to
-/// 256, for which zstd picks other parameters).
+/// 256, for which zstd picks other parameters); a divisor of the batch, so
+/// that both sides code the same blocks.
 fn block_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| env_or("ARCA_BENCH_BLOCK_KIB", 1024) * 1024)
+    *SIZE.get_or_init(|| {
+        let kib: usize = env_or("ARCA_BENCH_BLOCK_KIB", 1024);
+        assert!(
+            kib > 0 && BATCH.is_multiple_of(kib * 1024),
+            "ARCA_BENCH_BLOCK_KIB must divide {} KiB",
+            BATCH / 1024
+        );
+        kib * 1024
+    })
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {

@@ -41,9 +41,9 @@ pub struct Chunk {
     pub codec_hash: Vec<u8>,
     #[prost(uint32, tag = "4")]
     pub raw_len: u32,
-    /// A slice of the coded batch it came from (or of the raw batch, for
-    /// `none`): building a store message copies no payload. Same encoding
-    /// as `bytes`.
+    /// On the source side, a slice of the coded batch it came from (or of
+    /// the raw batch, for `none`): building a store message copies no
+    /// payload. Same encoding as `bytes`.
     #[prost(bytes = "bytes", tag = "5")]
     pub payload: bytes::Bytes,
 }

@@ -610,7 +610,7 @@ fn code(
         None => {
             if let Ok(unique) = raw_data.try_into_mut() {
                 // The same allocation back as a Vec (its bytes are moved
-                // onto themselves, which memmove skips).
+                // onto themselves, which glibc's memmove skips).
                 buffers.give(Vec::from(unique));
             }
         }

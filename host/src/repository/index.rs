@@ -19,9 +19,11 @@ pub(super) struct Location {
     pub len: u32,
 }
 
-/// A set of chunk addresses. Keys are BLAKE3 outputs, uniform already, so
-/// a fast hasher (randomly seeded per process) serves where std's SipHash
-/// spent a tenth of an empty session's CPU on loading the index.
+/// A set of chunk addresses. Keys are BLAKE3 outputs, so a fast hasher
+/// serves where std's SipHash spent a tenth of an empty session's CPU on
+/// loading the index. An agent takes the addresses its clients claim, so
+/// keys are not always honest: the hasher's seed is random per process,
+/// which keeps crafted addresses from colliding on purpose.
 pub(crate) type ChunkSet = foldhash::HashSet<ChunkHash>;
 
 #[derive(Debug, Default)]

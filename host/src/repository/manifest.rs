@@ -64,7 +64,8 @@ const BLOCK_HASHES_TAG: u32 = 10;
 /// by these, and a point's block list is 32 bytes per block (128 MiB for a
 /// 1 TiB disk), so finding the newest of many points must not read them
 /// all. Not checked against the trailer: whoever keeps a point reads it
-/// whole with `read`. A file shorter than the first read is decoded whole.
+/// whole with `read`. A file shorter than the first read (4 KiB, a disk
+/// of fewer than ~120 blocks) is decoded whole, and so checked.
 pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     for first in [HEADER_PROBE, HEADER_READ] {
@@ -90,7 +91,7 @@ fn header_within(
         path: path.to_owned(),
         reason,
     };
-    // From the start whatever was read before (positioned reads).
+    // Positioned reads from offset 0, whatever earlier reads did.
     let mut buf = vec![0u8; first];
     let mut got = 0;
     while got < first {
@@ -165,6 +166,7 @@ mod tests {
         for (blocks, parent) in [
             (0u64, 1),
             (3, 1),
+            (1_000, 1),
             (100_000, 1),
             (100_000, 10_000),
             (100_000, 70_000),

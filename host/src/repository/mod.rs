@@ -138,12 +138,14 @@ struct Shared {
     files: Mutex<HashMap<u32, Arc<File>>>,
     /// `chunks/` exists: a format-1 repository's chunk files are read too.
     loose: bool,
-    /// Restore-point headers read so far, by manifest path. A manifest
-    /// never changes once renamed into place, so a header read once holds
-    /// for the process: a task asks for its disk's points three times (the
-    /// snapshot's CBT bitmap, the parent, the commit's "newest"), and
-    /// each asking read every point's header.
-    headers: Mutex<HashMap<PathBuf, Manifest>>,
+    /// Restore-point headers read so far, per disk folder, by file name
+    /// and identity. A task asks for its disk's points three times (the
+    /// snapshot's CBT bitmap, the parent, the commit's "newest"), and each
+    /// asking read every point's header. arca never changes a manifest in
+    /// place; a file changed or replaced by anyone else has another
+    /// identity (inode, length, modification time) and is read again.
+    /// Each listing replaces its folder's entries, so removed files leave.
+    headers: Mutex<HashMap<PathBuf, HashMap<HeaderKey, Manifest>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -155,6 +157,14 @@ impl std::fmt::Debug for Shared {
 }
 
 type OpenKey = (PathBuf, String);
+
+/// Addresses looked up per hold of the index lock in a commit's check: a
+/// publish or refresh waiting for the write lock (which holds up new
+/// readers too) then waits for one slice, not for a 1 TiB disk's 4 M.
+const LOOKUPS_PER_LOCK: usize = 1 << 16;
+
+/// A manifest file's name and identity: inode, length, modification time.
+type HeaderKey = (std::ffi::OsString, u64, u64, i128);
 static OPEN: LazyLock<Mutex<HashMap<OpenKey, Weak<Shared>>>> = LazyLock::new(Default::default);
 
 /// The shared state of the repository at `root` whose format file says
@@ -340,16 +350,37 @@ impl Repository {
     }
 
     pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
-        self.indexed(hash).is_some() || (self.shared.loose && self.chunk_path(hash).exists())
+        self.indexed(hash).is_some() || self.is_loose(hash)
     }
 
-    /// The first of `hashes` the repository lacks, if any: a commit's
-    /// check of every block it references, under one lock.
-    pub fn first_missing(&self, hashes: impl IntoIterator<Item = ChunkHash>) -> Option<ChunkHash> {
-        let index = self.shared.index.read().expect("chunk index lock");
-        hashes
-            .into_iter()
-            .find(|h| index.get(h).is_none() && !(self.shared.loose && self.chunk_path(h).exists()))
+    /// The first of a manifest's block addresses (`addresses`, 32 bytes
+    /// each, holes skipped) that the repository lacks, if any: a commit's
+    /// check of every block it references. The index is read a slice at a
+    /// time under its lock; format-1 chunk files are looked for after.
+    pub(crate) fn first_missing(&self, addresses: &[u8]) -> Option<ChunkHash> {
+        let mut loose_found = index::ChunkSet::default();
+        for slice in addresses.chunks(LOOKUPS_PER_LOCK * HASH_LEN) {
+            let not_indexed: Vec<ChunkHash> = {
+                let index = self.shared.index.read().expect("chunk index lock");
+                slice
+                    .chunks_exact(HASH_LEN)
+                    .map(|b| -> ChunkHash { b.try_into().expect("32 bytes") })
+                    .filter(|h| *h != HOLE && index.get(h).is_none())
+                    .collect()
+            };
+            for h in not_indexed {
+                if !loose_found.contains(&h) && !self.is_loose(&h) {
+                    return Some(h);
+                }
+                loose_found.insert(h);
+            }
+        }
+        None
+    }
+
+    /// A format-1 chunk file (no index entry).
+    fn is_loose(&self, hash: &ChunkHash) -> bool {
+        self.shared.loose && self.chunk_path(hash).exists()
     }
 
     fn indexed(&self, hash: &ChunkHash) -> Option<Location> {
@@ -487,13 +518,11 @@ impl Repository {
     pub(crate) fn missing(&self, hashes: &[ChunkHash]) -> Vec<bool> {
         let mut missing: Vec<bool> = {
             let index = self.shared.index.read().expect("chunk index lock");
-            hashes
-                .iter()
-                .map(|h| {
-                    index.get(h).is_none() && !(self.shared.loose && self.chunk_path(h).exists())
-                })
-                .collect()
+            hashes.iter().map(|h| index.get(h).is_none()).collect()
         };
+        for (m, h) in missing.iter_mut().zip(hashes) {
+            *m = *m && !self.is_loose(h);
+        }
         // Checked after the index: a chunk published in between is then
         // neither, and reads as missing, which costs a store that finds it
         // indexed (`stage_chunk`), never a lost chunk.
@@ -825,7 +854,13 @@ impl Repository {
                 return Ok(Some(m));
             }
             match manifest::read(&path) {
-                Ok(_) => return Ok(Some(m)),
+                // What was just read and checked, not the header before.
+                Ok(whole) => {
+                    return Ok(Some(Manifest {
+                        block_hashes: Vec::new(),
+                        ..whole
+                    }));
+                }
                 Err(e) => tracing::warn!("ignoring restore point: {e}"),
             }
         }
@@ -846,32 +881,50 @@ impl Repository {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io_err(&dir)(e)),
         };
+        let mut known = self
+            .shared
+            .headers
+            .lock()
+            .expect("headers lock")
+            .remove(&dir)
+            .unwrap_or_default();
+        let mut seen = HashMap::new();
         let mut out = Vec::new();
         for entry in entries {
-            let path = entry.map_err(io_err(&dir))?.path();
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
             if path.extension().is_none_or(|e| e != "manifest") {
                 continue;
             }
-            let known = self
-                .shared
-                .headers
-                .lock()
-                .expect("headers lock")
-                .get(&path)
-                .cloned();
-            if let Some(m) = known {
-                out.push((path, m));
+            // A file that vanished since the listing is simply not a point.
+            let Ok(meta) = entry.metadata() else {
                 continue;
-            }
-            match manifest::read_header(&path) {
-                Ok(m) => {
-                    let mut headers = self.shared.headers.lock().expect("headers lock");
-                    headers.insert(path.clone(), m.clone());
-                    out.push((path, m));
-                }
-                Err(e) => tracing::warn!("ignoring restore point: {e}"),
-            }
+            };
+            use std::os::unix::fs::MetadataExt;
+            let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+            let key: HeaderKey = (entry.file_name(), meta.ino(), meta.len(), mtime);
+            let header = match known.remove(&key) {
+                Some(m) => m,
+                None => match manifest::read_header(&path) {
+                    // A file decoded whole brings its block list: not kept.
+                    Ok(m) => Manifest {
+                        block_hashes: Vec::new(),
+                        ..m
+                    },
+                    Err(e) => {
+                        tracing::warn!("ignoring restore point: {e}");
+                        continue;
+                    }
+                },
+            };
+            seen.insert(key, header.clone());
+            out.push((path, header));
         }
+        self.shared
+            .headers
+            .lock()
+            .expect("headers lock")
+            .insert(dir, seen);
         out.sort_by(|(_, a), (_, b)| {
             (a.created_unix_ms, &a.point_id).cmp(&(b.created_unix_ms, &b.point_id))
         });
