@@ -71,6 +71,7 @@ impl ProxyRole {
             vm: a.vm.clone(),
             disk: a.disk.clone(),
             session_id: a.session_id,
+            header_only: false,
         };
         let link = QuicLink::connect(
             &self.rt,

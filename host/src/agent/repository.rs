@@ -25,8 +25,76 @@ impl TargetService for RepositoryService {
     }
 
     fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
-        self.repo
-            .latest_point(&task.job, &task.vm, &task.disk)
-            .map_err(|e| e.to_string())
+        let (job, vm, disk) = (&task.job, &task.vm, &task.disk);
+        if task.header_only {
+            self.repo.latest_header(job, vm, disk)
+        } else {
+            self.repo.latest_point(job, vm, disk)
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arca_transport::{Chunk, CommitPoint, MANIFEST_FORMAT_VERSION, StoreChunks};
+
+    #[test]
+    fn a_header_only_query_leaves_the_block_list_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = RepositoryService::new(Repository::open_or_create(dir.path()).unwrap());
+        let raw = vec![9u8; 4096];
+        let hash = *blake3::hash(&raw).as_bytes();
+        let task = OpenTask {
+            job: "j".into(),
+            vm: "v".into(),
+            disk: "d".into(),
+            ..Default::default()
+        };
+        let mover = service.open(&task).unwrap();
+        mover
+            .store(StoreChunks {
+                chunks: vec![Chunk {
+                    hash: hash.to_vec(),
+                    codec: "none".into(),
+                    codec_hash: Vec::new(),
+                    raw_len: raw.len() as u32,
+                    payload: raw.into(),
+                }],
+            })
+            .unwrap();
+        mover
+            .commit(CommitPoint {
+                manifest: Some(Manifest {
+                    format_version: MANIFEST_FORMAT_VERSION,
+                    job: "j".into(),
+                    vm: "v".into(),
+                    disk: "d".into(),
+                    disk_size: 3 * 4096,
+                    block_size: 4096,
+                    block_hashes: [hash; 3].concat(),
+                    cbt_bitmap: "arca.j.1".into(),
+                    ..Default::default()
+                }),
+            })
+            .unwrap();
+        let whole = service.latest(&task).unwrap().unwrap();
+        assert_eq!(whole.block_hashes.len(), 3 * 32);
+        let header = service
+            .latest(&OpenTask {
+                header_only: true,
+                ..task
+            })
+            .unwrap()
+            .unwrap();
+        assert!(header.block_hashes.is_empty());
+        assert_eq!(
+            Manifest {
+                block_hashes: whole.block_hashes.clone(),
+                ..header
+            },
+            whole
+        );
     }
 }

@@ -559,16 +559,9 @@ fn code(
     };
     let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
     let plugin = codec.plugin();
-    // Payloads are slices of the two batches, not copies. The raw batch
-    // becomes shared only if some block is stored as it is.
-    let stored_raw = |i: usize| coded.lengths[i] >= raw.lengths[i];
-    let any_raw = (0..missing.len()).any(stored_raw);
+    // Payloads are slices of the two batches, not copies.
     let coded_data = Bytes::from(coded.data);
-    let (raw_data, raw_pooled) = if any_raw {
-        (Bytes::from(raw.data), None)
-    } else {
-        (Bytes::new(), Some(raw.data))
-    };
+    let raw_data = Bytes::from(raw.data);
     let mut chunks = Vec::with_capacity(missing.len());
     let (mut raw_at, mut coded_at) = (0usize, 0usize);
     for (i, &k) in missing.iter().enumerate() {
@@ -580,7 +573,7 @@ fn code(
         coded_at += coded_len;
         // Incompressible blocks are stored as they are: smaller, and
         // readable without any codec.
-        let chunk = if stored_raw(i) {
+        let chunk = if coded_len >= raw_len {
             Chunk {
                 hash: digests[k].expect("missing blocks have digests").to_vec(),
                 codec: "none".into(),
@@ -604,16 +597,11 @@ fn code(
     sh.clock
         .time("transfer", || sh.link.store(StoreChunks { chunks }))?;
     // The raw batch's buffer goes back to the analysts unless a link
-    // still holds a slice of it (one that sends later).
-    match raw_pooled {
-        Some(buffer) => buffers.give(buffer),
-        None => {
-            if let Ok(unique) = raw_data.try_into_mut() {
-                // The same allocation back as a Vec (its bytes are moved
-                // onto themselves, which glibc's memmove skips).
-                buffers.give(Vec::from(unique));
-            }
-        }
+    // still holds a slice of it (one that sends later). It comes back as
+    // the same allocation (its bytes moved onto themselves, which glibc's
+    // memmove skips).
+    if let Ok(unique) = raw_data.try_into_mut() {
+        buffers.give(Vec::from(unique));
     }
     Ok(())
 }

@@ -67,9 +67,19 @@ const BLOCK_HASHES_TAG: u32 = 10;
 /// whole with `read`. A file shorter than the first read (4 KiB, a disk
 /// of fewer than ~120 blocks) is decoded whole, and so checked.
 pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
+    use std::io::Read;
     let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut buf = Vec::with_capacity(HEADER_PROBE);
     for first in [HEADER_PROBE, HEADER_READ] {
-        if let Some(header) = header_within(&file, path, first)? {
+        // On from where the last read ended, up to `first` bytes in all.
+        (&file)
+            .take((first - buf.len()) as u64)
+            .read_to_end(&mut buf)
+            .map_err(io_err(path))?;
+        if buf.len() < first {
+            return decode(&buf, path);
+        }
+        if let Some(header) = header_within(&file, path, &buf)? {
             return Ok(header);
         }
     }
@@ -79,33 +89,18 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
     read(path)
 }
 
-/// The header, if the block list's key and length lie within the file's
-/// first `first` bytes (or the file is shorter: then decoded whole).
+/// The header, if the block list's key and length lie within `buf`, the
+/// file's first bytes.
 fn header_within(
     file: &std::fs::File,
     path: &Path,
-    first: usize,
+    buf: &[u8],
 ) -> Result<Option<Manifest>, RepositoryError> {
     use std::os::unix::fs::FileExt;
     let bad = |reason: String| RepositoryError::Manifest {
         path: path.to_owned(),
         reason,
     };
-    // Positioned reads from offset 0, whatever earlier reads did.
-    let mut buf = vec![0u8; first];
-    let mut got = 0;
-    while got < first {
-        match file.read_at(&mut buf[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(path)(e)),
-        }
-    }
-    buf.truncate(got);
-    if buf.len() < first {
-        return decode(&buf, path).map(Some);
-    }
     if &buf[..MAGIC.len()] != MAGIC {
         return Err(bad("not a manifest (bad magic)".into()));
     }

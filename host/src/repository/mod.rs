@@ -145,7 +145,7 @@ struct Shared {
     /// place; a file changed or replaced by anyone else has another
     /// identity (inode, length, modification time) and is read again.
     /// Each listing replaces its folder's entries, so removed files leave.
-    headers: Mutex<HashMap<PathBuf, HashMap<HeaderKey, Manifest>>>,
+    headers: Mutex<HashMap<PathBuf, HashMap<HeaderKey, Arc<Manifest>>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -349,7 +349,9 @@ impl Repository {
         self.root.join("codecs").join(format!("{}.wasm", hex(hash)))
     }
 
-    pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
+    /// Sessions ask `missing` (per batch) and commits `first_missing`.
+    #[cfg(test)]
+    fn has_chunk(&self, hash: &ChunkHash) -> bool {
         self.indexed(hash).is_some() || self.is_loose(hash)
     }
 
@@ -851,7 +853,7 @@ impl Repository {
             // "newest" and push every later point's time after its own. (A
             // clock set back is the case where it does check out.)
             if m.created_unix_ms <= now.saturating_add(DAY_MS) {
-                return Ok(Some(m));
+                return Ok(Some(Manifest::clone(&m)));
             }
             match manifest::read(&path) {
                 // What was just read and checked, not the header before.
@@ -874,7 +876,7 @@ impl Repository {
         job: &str,
         vm: &str,
         disk: &str,
-    ) -> Result<Vec<(PathBuf, Manifest)>, RepositoryError> {
+    ) -> Result<Vec<(PathBuf, Arc<Manifest>)>, RepositoryError> {
         let dir = self.points_dir().join(job).join(vm).join(disk);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -907,10 +909,10 @@ impl Repository {
                 Some(m) => m,
                 None => match manifest::read_header(&path) {
                     // A file decoded whole brings its block list: not kept.
-                    Ok(m) => Manifest {
+                    Ok(m) => Arc::new(Manifest {
                         block_hashes: Vec::new(),
                         ..m
-                    },
+                    }),
                     Err(e) => {
                         tracing::warn!("ignoring restore point: {e}");
                         continue;

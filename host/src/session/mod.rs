@@ -578,6 +578,7 @@ fn run_one(
             vm: vm.name.clone(),
             disk: disk_name.clone(),
             session_id,
+            header_only: false,
         },
         throttles,
     )?;
@@ -672,6 +673,7 @@ fn take_snapshot(
                     vm: vm.name.clone(),
                     disk: d.name.clone(),
                     session_id,
+                    header_only: true,
                 })?;
                 requests.push(DiskRequest {
                     node: d.node.clone().unwrap_or_default(),

@@ -109,8 +109,8 @@ impl RepoAccess {
         }
     }
 
-    /// The newest restore point of a disk, for its header fields (an agent
-    /// sends the whole point; a local repository reads only the header).
+    /// The newest restore point of a disk without its block list, for its
+    /// header fields (an older agent sends the whole point).
     pub fn latest_header(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
         match self {
             RepoAccess::Local(r) => r
@@ -122,7 +122,12 @@ impl RepoAccess {
                 fingerprint,
                 net,
             } => QuicLink::connect_only(net.rt.handle(), *addr, fingerprint, &net.identity)
-                .and_then(|link| link.latest(task))
+                .and_then(|link| {
+                    link.latest(&OpenTask {
+                        header_only: true,
+                        ..task.clone()
+                    })
+                })
                 .map_err(|e| e.to_string()),
         }
     }

@@ -76,8 +76,6 @@ impl Consistency {
     }
 }
 
-/// The snapshot of one VM, whatever its source: what tasks read, and how
-/// the source learns which restore points were committed.
 /// Changed block tracking: the ranges written since the snapshot of one
 /// restore point. They stand for "what changed" only against that point.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +85,8 @@ pub struct Changes {
     pub extents: Vec<Extent>,
 }
 
+/// The snapshot of one VM, whatever its source: what tasks read, and how
+/// the source learns which restore points were committed.
 pub enum VmSnapshot {
     Image(image_file::ImageSnapshot),
     Qemu(qemu::QemuSnapshot),

@@ -380,6 +380,13 @@ fn fleece_path(work_dir: &Path, tag: &str) -> PathBuf {
     work_dir.join(format!("arca-fleece-{tag}.qcow2"))
 }
 
+/// The tag of a fleece file's name (`fleece_path`'s inverse).
+fn fleece_tag(file_name: &str) -> Option<&str> {
+    file_name
+        .strip_prefix("arca-fleece-")
+        .and_then(|n| n.strip_suffix(".qcow2"))
+}
+
 fn undo_planned(qmp: &mut Qmp, planned: &[Planned]) {
     for p in planned {
         remove_fleece(qmp, &p.names, &p.fleece_file);
@@ -624,9 +631,7 @@ fn sweep(
     // making or removing them).
     for entry in std::fs::read_dir(work_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(tag) = name
-            .strip_prefix("arca-fleece-")
-            .and_then(|n| n.strip_suffix(".qcow2"))
+        if let Some(tag) = fleece_tag(&name)
             && dead(&name)
             && !tags.iter().any(|t| t == tag)
             && std::fs::remove_file(entry.path()).is_ok()

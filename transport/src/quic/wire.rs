@@ -31,6 +31,12 @@ pub struct OpenTask {
     pub disk: String,
     #[prost(uint64, tag = "4")]
     pub session_id: u64,
+    /// For `LATEST`: the newest point without its block list (32 bytes per
+    /// block, 128 MiB for a 1 TiB disk), for a caller that needs only its
+    /// id or CBT bitmap. An older agent ignores it and sends the whole
+    /// point, which holds the same fields.
+    #[prost(bool, tag = "5")]
+    pub header_only: bool,
 }
 
 /// The newest restore point of the task's disk, if any.
