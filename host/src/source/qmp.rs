@@ -228,13 +228,18 @@ mod tests {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        for _ in 0..500 {
-            if sock.exists() {
-                break;
+        // The socket appears a moment before QEMU listens on it: connect
+        // until it answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut q = loop {
+            match Qmp::connect(&sock) {
+                Ok(q) => break q,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut q = Qmp::connect(&sock).unwrap();
+        };
         let nodes = q
             .execute("query-named-block-nodes", json!({ "flat": true }))
             .unwrap();
