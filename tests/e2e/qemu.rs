@@ -199,15 +199,21 @@ fn qemu_lab(size_mib: u64) -> (Lab, Qsd) {
         .unwrap();
     assert!(out.status.success());
     let qsd = Qsd::start(lab.dir.path());
+    apply_qemu_config(&lab, "");
+    (lab, qsd)
+}
+
+/// The lab's configuration: job `nightly` backs up VM `db01` of hypervisor
+/// `kvm01`; `job_extra` is added to the job's table.
+fn apply_qemu_config(lab: &Lab, job_extra: &str) {
     lab.apply(&format!(
         "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[hypervisor]]\nname = \"kvm01\"\nqmp = \"{}\"\nnbd = \"{}\"\n\n\
          [[vm]]\nname = \"db01\"\nhypervisor = \"kvm01\"\ndisks = [{{ name = \"root\", node = \"disk0\" }}]\n\n\
-         [[job]]\nname = \"nightly\"\nvms = [\"db01\"]\nrepository = \"main\"\n",
+         [[job]]\nname = \"nightly\"\nvms = [\"db01\"]\nrepository = \"main\"\n{job_extra}",
         lab.path("repo").display(),
         lab.path("qmp.sock").display(),
         lab.path("nbd.sock").display()
     ));
-    (lab, qsd)
 }
 
 fn restore_sha(lab: &Lab, point: &str) -> String {
@@ -647,6 +653,110 @@ fn lost_and_inconsistent_bitmaps_fall_back_to_digests() {
     );
     assert_eq!(
         restore_sha(&lab, r["tasks"][0]["restore_point"].as_str().unwrap()),
+        want
+    );
+}
+
+#[test]
+fn clean_zero_blocks_are_carried_not_read_again() {
+    let (lab, qsd) = qemu_lab(64);
+    let (ok, _) = lab.run_job("nightly");
+    assert!(ok);
+    // The guest writes blocks of zeros (data, not a discard: QEMU without
+    // detect-zeroes keeps them allocated) over data and over never-written
+    // space.
+    qsd.write(&["write -P 0 8M 1M", "write -P 0 48M 1M"]);
+    let (ok, second) = lab.run_job("nightly");
+    assert!(ok, "{second:#}");
+    let s = &second["tasks"][0]["stats"];
+    assert_eq!(s["zero_bytes"].as_u64(), Some(2 * MIB), "{s:#}");
+
+    let want = qsd.content_sha(&lab);
+    let (ok, third) = lab.run_job("nightly");
+    assert!(ok, "{third:#}");
+    let t = &third["tasks"][0];
+    assert_eq!(t["stats"]["cbt_dirty_bytes"].as_u64(), Some(0), "{t:#}");
+    assert_eq!(
+        t["stats"]["read_bytes"].as_u64(),
+        Some(0),
+        "clean zero blocks are not read: {t:#}"
+    );
+    assert_eq!(
+        restore_sha(&lab, t["restore_point"].as_str().unwrap()),
+        want
+    );
+}
+
+#[test]
+fn a_lifted_exclusion_is_read_again_though_clean() {
+    let (lab, qsd) = qemu_lab(64);
+    // Part of one block and two whole blocks, all holding data.
+    apply_qemu_config(
+        &lab,
+        "pipeline = \"skip\"\n\n[[pipeline]]\nname = \"skip\"\n\
+         exclusion = [{ plugin = \"exclude-ranges\", ranges = \"1MiB+100KiB, 4MiB+512KiB\" }]\n",
+    );
+    let (ok, first) = lab.run_job("nightly");
+    assert!(ok, "{first:#}");
+    assert_eq!(
+        first["tasks"][0]["stats"]["excluded_bytes"].as_u64(),
+        Some(612 * 1024)
+    );
+
+    // Nothing is written, but nothing is excluded any more: the excluded
+    // bytes were stored as zeros, so their blocks are read, and only they.
+    apply_qemu_config(&lab, "");
+    let want = qsd.content_sha(&lab);
+    let (ok, second) = lab.run_job("nightly");
+    assert!(ok, "{second:#}");
+    let t = &second["tasks"][0];
+    assert_eq!(t["stats"]["cbt_dirty_bytes"].as_u64(), Some(0), "{t:#}");
+    assert_eq!(t["stats"]["read_bytes"].as_u64(), Some(3 * BLOCK), "{t:#}");
+    assert_eq!(
+        restore_sha(&lab, t["restore_point"].as_str().unwrap()),
+        want,
+        "the bytes no longer excluded are in"
+    );
+
+    // Excluded the same way as the parent: nothing to read.
+    let (ok, third) = lab.run_job("nightly");
+    assert!(ok, "{third:#}");
+    assert_eq!(
+        third["tasks"][0]["stats"]["read_bytes"].as_u64(),
+        Some(0),
+        "{third:#}"
+    );
+}
+
+#[test]
+fn a_parent_that_does_not_record_its_exclusions_is_compared_by_digest() {
+    use arca::repository::manifest;
+    let (lab, qsd) = qemu_lab(64);
+    let (ok, first) = lab.run_job("nightly");
+    assert!(ok, "{first:#}");
+    // As an older arca wrote it: no record of the excluded ranges.
+    let id = first["tasks"][0]["restore_point"].as_str().unwrap();
+    let path = lab.path(&format!("repo/points/nightly/db01/root/{id}.manifest"));
+    let mut m = manifest::read(&path).unwrap();
+    assert!(m.excluded.is_some(), "this arca records them");
+    m.excluded = None;
+    std::fs::write(&path, manifest::encode(&m)).unwrap();
+
+    qsd.write(&["write -P 0x31 2M 64k"]);
+    let want = qsd.content_sha(&lab);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let t = &r["tasks"][0];
+    assert!(t["stats"]["cbt_dirty_bytes"].is_null(), "{t:#}");
+    assert!(
+        t["notices"]
+            .to_string()
+            .contains("does not record the ranges it excluded"),
+        "{t:#}"
+    );
+    assert_eq!(t["stats"]["read_bytes"].as_u64(), Some(32 * MIB), "{t:#}");
+    assert_eq!(
+        restore_sha(&lab, t["restore_point"].as_str().unwrap()),
         want
     );
 }

@@ -106,6 +106,56 @@ pub struct Manifest {
     /// point's snapshot on (empty without CBT).
     #[prost(string, tag = "14")]
     pub cbt_bitmap: String,
+    /// The byte ranges the exclusion stages left out of this point (they
+    /// restore as zeros); `None` in points made by an arca that did not
+    /// record them. A block's stored bytes are its disk bytes with these
+    /// ranges zeroed, so a later backup may carry the block unread only where
+    /// it excludes the same bytes of it. The last field: a header read stops
+    /// before it (a fragmented filesystem's free space is many ranges).
+    #[prost(message, optional, tag = "15")]
+    pub excluded: Option<ExcludedRanges>,
+}
+
+/// Sorted, disjoint byte ranges, delta-coded so that the varints stay short:
+/// for each range, its distance from the end of the one before (from 0 for
+/// the first), then its length.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExcludedRanges {
+    #[prost(uint64, repeated, tag = "1")]
+    pub gaps_and_lengths: Vec<u64>,
+}
+
+impl ExcludedRanges {
+    /// From `(offset, length)` ranges, sorted and disjoint.
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut end = 0u64;
+        let mut gaps_and_lengths = Vec::new();
+        for (offset, length) in ranges {
+            debug_assert!(offset >= end, "ranges must be sorted and disjoint");
+            gaps_and_lengths.extend([offset - end, length]);
+            end = offset + length;
+        }
+        Self { gaps_and_lengths }
+    }
+
+    /// The `(offset, length)` ranges, or what is wrong with the list.
+    pub fn ranges(&self) -> Result<Vec<(u64, u64)>, String> {
+        if !self.gaps_and_lengths.len().is_multiple_of(2) {
+            return Err("an odd count of range numbers".into());
+        }
+        let mut end = 0u64;
+        let mut out = Vec::with_capacity(self.gaps_and_lengths.len() / 2);
+        for pair in self.gaps_and_lengths.chunks_exact(2) {
+            let offset = end.checked_add(pair[0]);
+            let next = offset.and_then(|o| o.checked_add(pair[1]));
+            let (Some(offset), Some(next)) = (offset, next) else {
+                return Err("a range runs past 2^64".into());
+            };
+            out.push((offset, pair[1]));
+            end = next;
+        }
+        Ok(out)
+    }
 }
 
 impl Manifest {
@@ -114,6 +164,17 @@ impl Manifest {
             return 0;
         }
         self.disk_size.div_ceil(u64::from(self.block_size))
+    }
+
+    /// This point without its per-block parts (block list and excluded
+    /// ranges): what a scan of a disk's many points keeps of each. Its
+    /// `excluded` says nothing about the point.
+    pub fn into_header(self) -> Manifest {
+        Manifest {
+            block_hashes: Vec::new(),
+            excluded: None,
+            ..self
+        }
     }
 
     /// Address of block `index`, or `None` for a hole.
@@ -171,5 +232,35 @@ mod tests {
         assert_eq!(decoded.block(0), None);
         assert_eq!(decoded.block(1), Some([7u8; HASH_LEN]));
         assert_eq!(decoded.block(3), None);
+        assert_eq!(decoded.excluded, None, "not recorded");
+    }
+
+    #[test]
+    fn excluded_ranges_round_trip_and_refuse_overflow() {
+        let ranges = vec![(0, 10), (4096, 1 << 40), (u64::MAX - 5, 5)];
+        let coded = ExcludedRanges::from_ranges(ranges.iter().copied());
+        let m = Manifest {
+            excluded: Some(coded.clone()),
+            ..Default::default()
+        };
+        let decoded = Manifest::decode(m.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.excluded.as_ref().unwrap().ranges(), Ok(ranges));
+
+        // Recorded but empty is not the same as not recorded.
+        let none = Manifest {
+            excluded: Some(ExcludedRanges::default()),
+            ..Default::default()
+        };
+        let decoded = Manifest::decode(none.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.excluded.unwrap().ranges(), Ok(vec![]));
+
+        let past = ExcludedRanges {
+            gaps_and_lengths: vec![u64::MAX, 1, 1, 1],
+        };
+        assert!(past.ranges().unwrap_err().contains("past 2^64"));
+        let odd = ExcludedRanges {
+            gaps_and_lengths: vec![1, 2, 3],
+        };
+        assert!(odd.ranges().is_err());
     }
 }

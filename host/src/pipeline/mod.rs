@@ -14,6 +14,7 @@
 //! either read or carried from the previous restore point.
 
 mod loaded;
+mod previous;
 mod stats;
 mod worker;
 
@@ -203,17 +204,31 @@ fn run_inner(
     // CBT counts only against the restore point it started at: a parent
     // that is another point (the newest one's block list unreadable, say)
     // would take blocks changed in between for unchanged.
-    let dirty = match (&input.changes, previous) {
-        (Some(c), Some(p)) if p.point_id == c.since => Some(normalize(c.extents.clone(), size)),
-        (Some(c), Some(p)) => {
+    let before = previous.map(previous::recorded_exclusions);
+    let dirty = match (&input.changes, previous, &before) {
+        (Some(c), Some(p), _) if p.point_id != c.since => {
             notices.push(format!(
                 "{label}: changed block tracking counts from restore point {} but the parent is {} (`arca verify` names a damaged point); this backup compares digests instead",
                 c.since, p.point_id
             ));
             None
         }
+        // Which clean blocks may be carried depends on what the parent
+        // excluded (`previous`).
+        (Some(_), Some(p), Some(Err(why))) => {
+            notices.push(format!(
+                "{label}: restore point {} {why}; this backup compares digests instead of using changed block tracking",
+                p.point_id
+            ));
+            None
+        }
+        (Some(c), Some(_), _) => Some(normalize(c.extents.clone(), size)),
         _ => None,
     };
+    let stale = previous.map_or_else(Vec::new, |p| {
+        let before = before.as_ref().and_then(|b| b.as_deref().ok());
+        previous::stale_blocks(&geometry, p, before, &excluded)
+    });
     if let Some(d) = &dirty {
         stats.cbt_dirty_bytes = Some(d.iter().map(|e| e.length).sum());
     }
@@ -224,7 +239,7 @@ fn run_inner(
             input.block_size,
             &allocation,
             dirty.as_deref(),
-            previous.map(|p| p.block_hashes.clone()),
+            previous.map(|p| previous::digests_for_detector(p, &geometry, &stale)),
         )
     })?;
     let block_plan = make_block_plan(
@@ -234,6 +249,7 @@ fn run_inner(
         &plan,
         previous.is_some(),
         dirty.as_deref(),
+        &stale,
     )
     .map_err(|message| TaskError::BadPlan {
         plugin: stages.detector.name().to_owned(),
@@ -316,6 +332,7 @@ fn run_inner(
         session_id: input.session_id,
         pipeline: input.pipeline.clone(),
         cbt_bitmap: input.cbt_bitmap.clone(),
+        excluded: Some(previous::record(&excluded)),
     };
     let reply = clock.time("commit", || {
         link.commit(CommitPoint {
@@ -340,6 +357,7 @@ fn make_block_plan(
     plan: &crate::plugin::detect::Plan,
     has_previous: bool,
     dirty: Option<&[Extent]>,
+    stale: &[bool],
 ) -> Result<Vec<BlockPlan>, String> {
     for e in plan.read.iter().chain(&plan.unchanged) {
         if e.end() > geometry.disk_size || !geometry.is_block_aligned(e) {
@@ -370,7 +388,9 @@ fn make_block_plan(
     for i in 0..covered.len() {
         out.push(if covered[i] {
             BlockPlan::Excluded
-        } else if read[i] {
+        } else if read[i] || (unchanged[i] && stale.get(i).copied().unwrap_or(false)) {
+            // A stale block's stored bytes are not what it holds now
+            // (`previous`): a detector that calls it unchanged is overruled.
             BlockPlan::Read
         } else if unchanged[i] {
             BlockPlan::Unchanged
@@ -413,6 +433,7 @@ mod tests {
             &plan(&[(0, 2048)], &[(2048, 2048)]),
             true,
             None,
+            &[],
         )
         .unwrap();
         assert_eq!(
@@ -424,18 +445,18 @@ mod tests {
                 BlockPlan::Unchanged
             ]
         );
-        let dropped = make_block_plan(&G, &alloc, &[], &plan(&[(0, 2048)], &[]), true, None);
+        let dropped = make_block_plan(&G, &alloc, &[], &plan(&[(0, 2048)], &[]), true, None, &[]);
         assert!(dropped.unwrap_err().contains("block 2 holds data"));
     }
 
     #[test]
     fn unchanged_needs_a_previous_point_and_whole_blocks() {
         let alloc = [Extent::new(0, 4096)];
-        let e =
-            make_block_plan(&G, &alloc, &[], &plan(&[], &[(0, 4096)]), false, None).unwrap_err();
+        let e = make_block_plan(&G, &alloc, &[], &plan(&[], &[(0, 4096)]), false, None, &[])
+            .unwrap_err();
         assert!(e.contains("no previous restore point"), "{e}");
-        let e =
-            make_block_plan(&G, &alloc, &[], &plan(&[(100, 4000)], &[]), true, None).unwrap_err();
+        let e = make_block_plan(&G, &alloc, &[], &plan(&[(100, 4000)], &[]), true, None, &[])
+            .unwrap_err();
         assert!(e.contains("not whole blocks"), "{e}");
     }
 
@@ -450,6 +471,7 @@ mod tests {
             &plan(&[(0, 1024)], &[(1024, 3072)]),
             true,
             Some(&dirty),
+            &[],
         )
         .unwrap_err();
         assert!(e.contains("block 2 was written"), "{e}");
@@ -460,6 +482,7 @@ mod tests {
             &plan(&[(2048, 1024)], &[(0, 2048), (3072, 1024)]),
             true,
             Some(&dirty),
+            &[],
         );
         assert!(ok.is_ok());
     }
@@ -468,8 +491,40 @@ mod tests {
     fn excluded_blocks_win_over_everything() {
         let alloc = [Extent::new(0, 4096)];
         let excluded = [Extent::new(1024, 1024)];
-        let p =
-            make_block_plan(&G, &alloc, &excluded, &plan(&[(0, 4096)], &[]), false, None).unwrap();
+        let p = make_block_plan(
+            &G,
+            &alloc,
+            &excluded,
+            &plan(&[(0, 4096)], &[]),
+            false,
+            None,
+            &[],
+        )
+        .unwrap();
         assert_eq!(p[1], BlockPlan::Excluded);
+    }
+
+    #[test]
+    fn stale_blocks_are_read_though_called_unchanged() {
+        let alloc = [Extent::new(0, 4096)];
+        let p = make_block_plan(
+            &G,
+            &alloc,
+            &[],
+            &plan(&[], &[(0, 4096)]),
+            true,
+            Some(&[]),
+            &[false, true, false, false],
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            [
+                BlockPlan::Unchanged,
+                BlockPlan::Read,
+                BlockPlan::Unchanged,
+                BlockPlan::Unchanged
+            ]
+        );
     }
 }

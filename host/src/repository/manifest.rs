@@ -2,6 +2,8 @@
 //! damaged manifest is detected rather than restored.
 
 use super::{RepositoryError, io_err};
+#[cfg(test)]
+use arca_transport::ExcludedRanges;
 use arca_transport::{MANIFEST_FORMAT_VERSION, Manifest};
 use prost::Message;
 use std::path::Path;
@@ -54,13 +56,16 @@ const HEADER_PROBE: usize = 4 << 10;
 /// The most `read_header` reads from a manifest's start, and from its end,
 /// before it reads the whole file (a header with very long names).
 const HEADER_READ: usize = 64 << 10;
-/// The block list's field: every other field is the header.
+/// The block list's field.
 const BLOCK_HASHES_TAG: u32 = 10;
+/// The excluded ranges' field, the last one. Every field but these two is
+/// the header.
+const EXCLUDED_TAG: u32 = 15;
 
-/// A manifest's fields but its block list (names, point id, creation time,
-/// geometry, parent before it; consistency, session, pipeline and CBT bitmap
-/// after it), with `block_hashes` empty, read from the first bytes of the
-/// file and the few before its trailer. A disk's restore points are ordered
+/// A manifest's header (`Manifest::into_header`: names, point id, creation
+/// time, geometry, parent before the block list; consistency, session,
+/// pipeline and CBT bitmap after it), read from the first bytes of the file
+/// and the few after the block list. A disk's restore points are ordered
 /// by these, and a point's block list is 32 bytes per block (128 MiB for a
 /// 1 TiB disk), so finding the newest of many points must not read them
 /// all. Not checked against the trailer: whoever keeps a point reads it
@@ -77,7 +82,7 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
             .read_to_end(&mut buf)
             .map_err(io_err(path))?;
         if buf.len() < first {
-            return decode(&buf, path);
+            return decode(&buf, path).map(Manifest::into_header);
         }
         if let Some(header) = header_within(&file, path, &buf)? {
             return Ok(header);
@@ -86,7 +91,7 @@ pub fn read_header(path: &Path) -> Result<Manifest, RepositoryError> {
     // The header did not end within the reads (never so for arca's own
     // manifests), or the block list runs past the end: read it whole, which
     // says what is wrong.
-    read(path)
+    read(path).map(Manifest::into_header)
 }
 
 /// The header, if the block list's key and length lie within `buf`, the
@@ -96,7 +101,6 @@ fn header_within(
     path: &Path,
     buf: &[u8],
 ) -> Result<Option<Manifest>, RepositoryError> {
-    use std::os::unix::fs::FileExt;
     let bad = |reason: String| RepositoryError::Manifest {
         path: path.to_owned(),
         reason,
@@ -127,22 +131,67 @@ fn header_within(
             let tail = ((MAGIC.len() + body.len() - rest.len()) as u64)
                 .checked_add(len)
                 .zip(file_len.checked_sub(32))
-                .filter(|&(from, end)| from <= end && end - from <= HEADER_READ as u64);
+                .filter(|&(from, end)| from <= end);
             let Some((tail_from, end)) = tail else {
                 break;
             };
+            let Some(tail) = tail_fields(file, path, tail_from, end)? else {
+                break;
+            };
             let mut fields = body[..at].to_vec();
-            let start = fields.len();
-            fields.resize(start + (end - tail_from) as usize, 0);
-            file.read_exact_at(&mut fields[start..], tail_from)
-                .map_err(io_err(path))?;
+            fields.extend_from_slice(&tail);
             return Manifest::decode(fields.as_slice())
-                .map(Some)
+                .map(|m| Some(m.into_header()))
                 .map_err(|e| bad(e.to_string()));
         }
         let ctx = prost::encoding::DecodeContext::default();
         if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
             break;
+        }
+    }
+    Ok(None)
+}
+
+/// The header's fields after the block list: the file's bytes from
+/// `from` up to the excluded ranges (the last field, not a header field) or
+/// to `end`, the trailer. `None` when they do not end within `HEADER_READ`
+/// bytes or do not parse, for the whole read to judge.
+fn tail_fields(
+    file: &std::fs::File,
+    path: &Path,
+    from: u64,
+    end: u64,
+) -> Result<Option<Vec<u8>>, RepositoryError> {
+    use std::os::unix::fs::FileExt;
+    for probe in [HEADER_PROBE, HEADER_READ] {
+        let len = (end - from).min(probe as u64) as usize;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, from).map_err(io_err(path))?;
+        let mut rest = &buf[..];
+        let cut = loop {
+            let at = len - rest.len();
+            if rest.is_empty() {
+                // Every field ended in the read: all of them, if it reached
+                // the trailer; else the next may start past the read.
+                break (from + len as u64 == end).then_some(at);
+            }
+            let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut rest) else {
+                break None;
+            };
+            if tag == EXCLUDED_TAG {
+                break Some(at);
+            }
+            let ctx = prost::encoding::DecodeContext::default();
+            if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
+                break None;
+            }
+        };
+        if let Some(cut) = cut {
+            buf.truncate(cut);
+            return Ok(Some(buf));
+        }
+        if from + len as u64 == end {
+            return Ok(None);
         }
     }
     Ok(None)
@@ -181,18 +230,19 @@ mod tests {
                 session_id: 42,
                 pipeline: "default".into(),
                 cbt_bitmap: "arca.nightly.7".into(),
+                // Ranges that take ~100 KiB after the header's last field:
+                // more than any header read, and not read.
+                excluded: Some(ExcludedRanges::from_ranges(
+                    (0..25_000u64).map(|i| (i * 8192, 4096)),
+                )),
             };
             let path = dir.path().join(format!("{blocks}-{parent}.manifest"));
             std::fs::write(&path, encode(&m)).unwrap();
             let h = read_header(&path).unwrap();
-            // Every field but the block list, before it and after it.
-            assert_eq!(
-                Manifest {
-                    block_hashes: m.block_hashes.clone(),
-                    ..h
-                },
-                m
-            );
+            // Every field but the block list and the excluded ranges, before
+            // the block list and after it.
+            assert_eq!(h, m.clone().into_header());
+            assert_eq!(h.cbt_bitmap, "arca.nightly.7");
             assert_eq!(read(&path).unwrap(), m);
         }
         let path = dir.path().join("junk.manifest");

@@ -857,12 +857,7 @@ impl Repository {
             }
             match manifest::read(&path) {
                 // What was just read and checked, not the header before.
-                Ok(whole) => {
-                    return Ok(Some(Manifest {
-                        block_hashes: Vec::new(),
-                        ..whole
-                    }));
-                }
+                Ok(whole) => return Ok(Some(whole.into_header())),
                 Err(e) => tracing::warn!("ignoring restore point: {e}"),
             }
         }
@@ -908,11 +903,7 @@ impl Repository {
             let header = match known.remove(&key) {
                 Some(m) => m,
                 None => match manifest::read_header(&path) {
-                    // A file decoded whole brings its block list: not kept.
-                    Ok(m) => Arc::new(Manifest {
-                        block_hashes: Vec::new(),
-                        ..m
-                    }),
+                    Ok(m) => Arc::new(m),
                     Err(e) => {
                         tracing::warn!("ignoring restore point: {e}");
                         continue;
