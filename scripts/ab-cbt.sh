@@ -12,20 +12,7 @@
 # times to the task's start, sorted. Measures; asserts nothing.
 set -euo pipefail
 old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-6}
-dir=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-cbt
-[ -f "$dir/disk.qcow2" ] || { echo "no $dir/disk.qcow2: run cargo bench --bench cbt first" >&2; exit 2; }
-out=$(mktemp -d)
-rm -f "$dir/qmp.sock" "$dir/nbd.sock"
-qemu-storage-daemon \
-  --blockdev "driver=file,filename=$dir/disk.qcow2,node-name=file0" \
-  --blockdev driver=qcow2,file=file0,node-name=disk0 \
-  --nbd-server "addr.type=unix,addr.path=$dir/nbd.sock" \
-  --export type=nbd,id=vm,node-name=disk0,name=vm,writable=on \
-  --chardev "socket,path=$dir/qmp.sock,server=on,wait=off,id=qmp0" \
-  --monitor chardev=qmp0 >/dev/null 2>&1 &
-qsd=$!
-trap 'kill $qsd 2>/dev/null; rm -rf "$out"' EXIT
-while [ ! -S "$dir/qmp.sock" ] || [ ! -S "$dir/nbd.sock" ]; do sleep 0.05; done
+. "$(dirname "$0")/bench-cbt-vm.sh"
 size=$(qemu-img info -U --output=json "$dir/disk.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
 
 writes() { # seed: 1% of the disk, clustered

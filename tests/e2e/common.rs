@@ -452,3 +452,17 @@ pub fn restore_matches(lab: &Lab, point: &str, source: &Path) {
     lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
     assert_eq!(sha256(&out), sha256(source), "restore of {point}");
 }
+
+/// Waits until a program started by a test listens on the Unix socket
+/// `path`: the socket file appears a moment before it does.
+pub fn wait_until_listening(path: &Path, program: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{program} did not start listening on {}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -35,11 +35,7 @@ impl QemuGa {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-ga (scripts/setup.sh installs qemu-guest-agent)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "qemu-ga did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_listening(&sock, "qemu-ga");
         (Self(child), sock)
     }
 }

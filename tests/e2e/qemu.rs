@@ -46,14 +46,8 @@ impl Qsd {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon (qemu-utils)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_listening(&qmp, "qemu-storage-daemon");
+        wait_until_listening(&nbd, "qemu-storage-daemon");
         Self {
             child: Some(child),
             dir: dir.to_owned(),
