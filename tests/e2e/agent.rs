@@ -102,6 +102,45 @@ fn backups_go_to_a_repository_agent_over_quic() {
 }
 
 #[test]
+fn a_point_whose_block_list_is_larger_than_a_batch_travels_whole() {
+    // 2.75 Mi blocks of 64 KiB: a block list of 88 MiB, over the 80 MiB a
+    // store message may take (a 1 TiB disk at 256 KiB blocks has 128 MiB).
+    // Sparse: only a few blocks hold data.
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    let disk = lab.path("big.raw");
+    let size = 176 * 1024 * MIB;
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0x5a; 4096], 0).unwrap();
+    f.write_all_at(&[0xa5; 4096], size - 4096).unwrap();
+    drop(f);
+    let config = remote_config(&lab, &[&disk], &agent, &agent.fingerprint);
+    lab.apply(&format!("{config}block_size = \"64KiB\"\n"));
+
+    let (ok, full) = lab.run_job("nightly");
+    assert!(ok, "{full:#}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&[0x77; 4096], size / 2)
+        .unwrap();
+    // The incremental reads its parent from the agent (`LATEST`, whole).
+    let (ok, incr) = lab.run_job("nightly");
+    assert!(ok, "{incr:#}");
+    let t = &incr["tasks"][0];
+    assert_eq!(
+        t["parent_point"], full["tasks"][0]["restore_point"],
+        "{t:#}"
+    );
+    assert_eq!(t["stats"]["unchanged_bytes"].as_u64(), Some(2 * 64 * 1024));
+    assert_eq!(t["stats"]["new_bytes"].as_u64(), Some(64 * 1024));
+}
+
+#[test]
 fn unenrolled_peers_wrong_certificates_and_garbage_are_refused() {
     let lab = Lab::new();
     let me = lab.ok(&["identity"]).trim().to_owned();

@@ -59,13 +59,28 @@ pub(super) fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> Lin
 }
 
 async fn request(conn: quinn::Connection, framed: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+    let kind = framed.first().copied().unwrap_or_default();
+    let limit = wire::max_message(kind);
+    // The agent would drop it unread: say why instead, for good (a retry
+    // sends the same).
+    if framed.len() > limit {
+        let hint = if kind == wire::COMMIT {
+            "; the disk's block list is too long (a larger block_size shortens it)"
+        } else {
+            ""
+        };
+        return Err(LinkError::Target(format!(
+            "a request of {} bytes is over the {limit} bytes the protocol allows{hint}",
+            framed.len()
+        )));
+    }
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&conn, e))?;
     send.write_all(&framed)
         .await
         .map_err(|e| closed(&conn, e))?;
     send.finish().map_err(|e| closed(&conn, e))?;
     let answer = recv
-        .read_to_end(wire::MAX_MESSAGE)
+        .read_to_end(limit)
         .await
         .map_err(|e| closed(&conn, e))?;
     match answer.split_first() {

@@ -134,7 +134,7 @@ async fn request(
         return super::proxy::serve_task(send, recv, service.roles.proxy.clone(), peer.to_owned())
             .await;
     }
-    let Ok(payload) = recv.read_to_end(wire::MAX_MESSAGE).await else {
+    let Ok(payload) = recv.read_to_end(wire::max_message(kind)).await else {
         return;
     };
     let answer = {
@@ -149,6 +149,14 @@ async fn request(
         .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
     };
     let mut out = Vec::new();
+    let limit = wire::max_message(kind);
+    let answer = answer.and_then(|bytes| match bytes.len() {
+        // The peer would drop it unread.
+        n if n >= limit => Err(format!(
+            "the answer of {n} bytes is over the {limit} bytes the protocol allows; a larger block_size shortens a disk's block list"
+        )),
+        _ => Ok(bytes),
+    });
     match answer {
         Ok(bytes) => {
             out.push(wire::OK);
