@@ -18,4 +18,6 @@ qemu-storage-daemon \
   --monitor chardev=qmp0 >/dev/null 2>&1 &
 qsd=$!
 trap 'kill $qsd 2>/dev/null; rm -rf "$out"' EXIT
-while [ ! -S "$dir/qmp.sock" ] || [ ! -S "$dir/nbd.sock" ]; do sleep 0.05; done
+# A socket file appears a moment before QEMU listens on it.
+listens() { python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1" 2>/dev/null; }
+until listens "$dir/qmp.sock" && listens "$dir/nbd.sock"; do sleep 0.05; done

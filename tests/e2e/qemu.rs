@@ -696,6 +696,13 @@ fn a_lifted_exclusion_is_read_again_though_clean() {
         first["tasks"][0]["stats"]["excluded_bytes"].as_u64(),
         Some(612 * 1024)
     );
+    // Excluded the same way again, through the repository's record: the
+    // partly excluded block is carried, nothing is read.
+    let (ok, again) = lab.run_job("nightly");
+    assert!(ok, "{again:#}");
+    let t = &again["tasks"][0];
+    assert_eq!(t["stats"]["cbt_dirty_bytes"].as_u64(), Some(0), "{t:#}");
+    assert_eq!(t["stats"]["read_bytes"].as_u64(), Some(0), "{t:#}");
 
     // Nothing is written, but nothing is excluded any more: the excluded
     // bytes were stored as zeros, so their blocks are read, and only they.
@@ -712,7 +719,7 @@ fn a_lifted_exclusion_is_read_again_though_clean() {
         "the bytes no longer excluded are in"
     );
 
-    // Excluded the same way as the parent: nothing to read.
+    // Nothing excluded, as in the parent: nothing to read.
     let (ok, third) = lab.run_job("nightly");
     assert!(ok, "{third:#}");
     assert_eq!(
@@ -726,9 +733,15 @@ fn a_lifted_exclusion_is_read_again_though_clean() {
 fn a_parent_that_does_not_record_its_exclusions_is_compared_by_digest() {
     use arca::repository::manifest;
     let (lab, qsd) = qemu_lab(64);
+    // Part of a block excluded: stored with those bytes zeroed.
+    apply_qemu_config(
+        &lab,
+        "pipeline = \"skip\"\n\n[[pipeline]]\nname = \"skip\"\n\
+         exclusion = [{ plugin = \"exclude-ranges\", ranges = \"1MiB+100KiB\" }]\n",
+    );
     let (ok, first) = lab.run_job("nightly");
     assert!(ok, "{first:#}");
-    // As an older arca wrote it: no record of the excluded ranges.
+    // As an older arca (or agent) wrote it: no record of the excluded ranges.
     let id = first["tasks"][0]["restore_point"].as_str().unwrap();
     let path = lab.path(&format!("repo/points/nightly/db01/root/{id}.manifest"));
     let mut m = manifest::read(&path).unwrap();
@@ -736,6 +749,9 @@ fn a_parent_that_does_not_record_its_exclusions_is_compared_by_digest() {
     m.excluded = None;
     std::fs::write(&path, manifest::encode(&m)).unwrap();
 
+    // The exclusion is lifted and the block is not written: only digests
+    // can tell that its stored bytes are not the disk's.
+    apply_qemu_config(&lab, "");
     qsd.write(&["write -P 0x31 2M 64k"]);
     let want = qsd.content_sha(&lab);
     let (ok, r) = lab.run_job("nightly");
@@ -751,6 +767,7 @@ fn a_parent_that_does_not_record_its_exclusions_is_compared_by_digest() {
     assert_eq!(t["stats"]["read_bytes"].as_u64(), Some(32 * MIB), "{t:#}");
     assert_eq!(
         restore_sha(&lab, t["restore_point"].as_str().unwrap()),
-        want
+        want,
+        "the bytes no longer excluded are in"
     );
 }

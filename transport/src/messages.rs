@@ -110,8 +110,8 @@ pub struct Manifest {
     /// restore as zeros); `None` in points made by an arca that did not
     /// record them. A block's stored bytes are its disk bytes with these
     /// ranges zeroed, so a later backup may carry the block unread only where
-    /// it excludes the same bytes of it. The last field: a header read stops
-    /// before it (a fragmented filesystem's free space is many ranges).
+    /// it excludes the same bytes of it. Not a header field: a header read
+    /// skips it unread (a fragmented filesystem's free space is many ranges).
     #[prost(message, optional, tag = "15")]
     pub excluded: Option<ExcludedRanges>,
 }

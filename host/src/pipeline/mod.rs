@@ -229,6 +229,16 @@ fn run_inner(
         let before = before.as_ref().and_then(|b| b.as_deref().ok());
         previous::stale_blocks(&geometry, p, before, &excluded)
     });
+    // Without a record, a block stored with bytes zeroed cannot be told
+    // from one stored whole: a detector may carry none of them.
+    let all_stale;
+    let not_carried = match &before {
+        Some(Err(_)) => {
+            all_stale = vec![true; blocks];
+            &all_stale
+        }
+        _ => &stale,
+    };
     if let Some(d) = &dirty {
         stats.cbt_dirty_bytes = Some(d.iter().map(|e| e.length).sum());
     }
@@ -249,7 +259,7 @@ fn run_inner(
         &plan,
         previous.is_some(),
         dirty.as_deref(),
-        &stale,
+        not_carried,
     )
     .map_err(|message| TaskError::BadPlan {
         plugin: stages.detector.name().to_owned(),
@@ -357,7 +367,7 @@ fn make_block_plan(
     plan: &crate::plugin::detect::Plan,
     has_previous: bool,
     dirty: Option<&[Extent]>,
-    stale: &[bool],
+    not_carried: &[bool],
 ) -> Result<Vec<BlockPlan>, String> {
     for e in plan.read.iter().chain(&plan.unchanged) {
         if e.end() > geometry.disk_size || !geometry.is_block_aligned(e) {
@@ -388,7 +398,7 @@ fn make_block_plan(
     for i in 0..covered.len() {
         out.push(if covered[i] {
             BlockPlan::Excluded
-        } else if read[i] || (unchanged[i] && stale.get(i).copied().unwrap_or(false)) {
+        } else if read[i] || (unchanged[i] && not_carried.get(i).copied().unwrap_or(false)) {
             // A stale block's stored bytes are not what it holds now
             // (`previous`): a detector that calls it unchanged is overruled.
             BlockPlan::Read

@@ -32,7 +32,11 @@ pub fn record(excluded: &[Extent]) -> ExcludedRanges {
 /// known (the sentence's end after the point's name).
 pub fn recorded_exclusions(point: &Manifest) -> Result<Vec<Extent>, String> {
     let Some(record) = &point.excluded else {
-        return Err("does not record the ranges it excluded (an older arca made it)".into());
+        return Err(
+            "does not record the ranges it excluded (an older arca made it, or an older \
+             repository agent stored it: upgrade agents before the hosts that use them)"
+                .into(),
+        );
     };
     let ranges = record
         .ranges()
@@ -42,10 +46,12 @@ pub fn recorded_exclusions(point: &Manifest) -> Result<Vec<Extent>, String> {
 }
 
 /// Per block, whether it is stale: its excluded bytes in `before` (the
-/// previous point's record) differ from those in `now`. Without a record,
+/// previous point's record) differ from those in `now`. Both ways: bytes
+/// excluded only now would otherwise stay in the new point, and operators
+/// exclude what must not be kept (deleted files, swap). Without a record,
 /// every hole of the point is stale, since it may have been excluded (and
-/// a block excluded in part cannot be told at all: such a point must not
-/// be used with changed block tracking).
+/// a block excluded in part cannot be told at all: such a point is not
+/// used with changed block tracking, and nothing of it is carried).
 pub fn stale_blocks(
     geometry: &Geometry,
     point: &Manifest,

@@ -55,7 +55,8 @@ pub struct TaskStats {
     /// Named by exclusion stages (restored as zeros).
     pub excluded_bytes: u64,
     pub excluded_by_stage: BTreeMap<String, u64>,
-    /// Carried from the previous restore point.
+    /// Carried from the previous restore point (blocks of zeros included,
+    /// when changed block tracking says they are clean).
     pub unchanged_bytes: u64,
     /// New compared with the previous restore point.
     pub new_bytes: u64,

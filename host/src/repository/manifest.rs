@@ -58,8 +58,8 @@ const HEADER_PROBE: usize = 4 << 10;
 const HEADER_READ: usize = 64 << 10;
 /// The block list's field.
 const BLOCK_HASHES_TAG: u32 = 10;
-/// The excluded ranges' field, the last one. Every field but these two is
-/// the header.
+/// The excluded ranges' field (the last one today). Every field but these
+/// two is the header; header reads skip both by their lengths.
 const EXCLUDED_TAG: u32 = 15;
 
 /// A manifest's header (`Manifest::into_header`: names, point id, creation
@@ -152,54 +152,130 @@ fn header_within(
     Ok(None)
 }
 
-/// The header's fields after the block list: the file's bytes from
-/// `from` up to the excluded ranges (the last field, not a header field) or
-/// to `end`, the trailer. `None` when they do not end within `HEADER_READ`
-/// bytes or do not parse, for the whole read to judge.
+/// The header's fields after the block list, from `from` to `end` (the
+/// trailer), with the excluded ranges left out unread: they are skipped by
+/// their length, so a header field a later format puts after them is kept.
+/// `None` when a field does not parse, or one field or all of them take
+/// more than `HEADER_READ` bytes, for the whole read to judge.
 fn tail_fields(
     file: &std::fs::File,
     path: &Path,
-    from: u64,
+    mut pos: u64,
     end: u64,
 ) -> Result<Option<Vec<u8>>, RepositoryError> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
     use std::os::unix::fs::FileExt;
-    for probe in [HEADER_PROBE, HEADER_READ] {
-        let len = (end - from).min(probe as u64) as usize;
+    let mut fields = Vec::new();
+    let mut window = HEADER_PROBE;
+    'read: while pos < end {
+        let len = (end - pos).min(window as u64) as usize;
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, from).map_err(io_err(path))?;
+        file.read_exact_at(&mut buf, pos).map_err(io_err(path))?;
+        let to_end = pos + len as u64 == end;
         let mut rest = &buf[..];
-        let cut = loop {
-            let at = len - rest.len();
-            if rest.is_empty() {
-                // Every field ended in the read: all of them, if it reached
-                // the trailer; else the next may start past the read.
-                break (from + len as u64 == end).then_some(at);
+        while !rest.is_empty() {
+            let at = pos + (len - rest.len()) as u64;
+            let mut after = rest;
+            // Some(None): a header field; Some(Some(n)): the excluded
+            // ranges, n bytes long after their key and length.
+            let field = decode_key(&mut after).ok().and_then(|(tag, wire_type)| {
+                if tag != EXCLUDED_TAG {
+                    skip_field(wire_type, tag, &mut after, DecodeContext::default()).ok()?;
+                    return Some(None);
+                }
+                if wire_type != WireType::LengthDelimited {
+                    return None;
+                }
+                decode_varint(&mut after).ok().map(Some)
+            });
+            match field {
+                Some(None) => {
+                    fields.extend_from_slice(&rest[..rest.len() - after.len()]);
+                    if fields.len() > HEADER_READ {
+                        return Ok(None);
+                    }
+                    rest = after;
+                }
+                Some(Some(n)) => {
+                    let body = pos + (len - after.len()) as u64;
+                    let Some(next) = body.checked_add(n).filter(|&next| next <= end) else {
+                        return Ok(None);
+                    };
+                    pos = next;
+                    window = HEADER_PROBE;
+                    continue 'read;
+                }
+                // Cut by the end of the read, perhaps: read again from the
+                // field's start, as much as a field may take.
+                None if !to_end && (at > pos || window < HEADER_READ) => {
+                    pos = at;
+                    window = HEADER_READ;
+                    continue 'read;
+                }
+                None => return Ok(None),
             }
-            let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut rest) else {
-                break None;
-            };
-            if tag == EXCLUDED_TAG {
-                break Some(at);
-            }
-            let ctx = prost::encoding::DecodeContext::default();
-            if prost::encoding::skip_field(wire_type, tag, &mut rest, ctx).is_err() {
-                break None;
-            }
-        };
-        if let Some(cut) = cut {
-            buf.truncate(cut);
-            return Ok(Some(buf));
         }
-        if from + len as u64 == end {
-            return Ok(None);
-        }
+        pos += len as u64;
     }
-    Ok(None)
+    Ok(Some(fields))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(blocks: u64, ranges: u64) -> Manifest {
+        Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            job: "nightly".into(),
+            disk_size: blocks * 4096,
+            block_size: 4096,
+            block_hashes: vec![7; blocks as usize * 32],
+            cbt_bitmap: "arca.nightly.7".into(),
+            excluded: Some(ExcludedRanges::from_ranges(
+                (0..ranges).map(|i| (i * 8192, 4096)),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_header_read_skips_the_excluded_ranges_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.manifest");
+        let m = sample(1_000, 25_000);
+        let mut bytes = encode(&m);
+        // A flipped bit inside the ranges: the whole read sees the damage,
+        // the header read never reads them.
+        let at = bytes.len() - 32 - 1_000;
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_header(&path).unwrap(), m.clone().into_header());
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn a_header_field_after_the_excluded_ranges_is_kept() {
+        // A later format may add header fields, which prost writes after
+        // the ranges: here the CBT bitmap's name, written last by hand.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.manifest");
+        let m = sample(1_000, 25_000);
+        let mut body = MAGIC.to_vec();
+        Manifest {
+            cbt_bitmap: String::new(),
+            ..m.clone()
+        }
+        .encode(&mut body)
+        .unwrap();
+        prost::encoding::string::encode(14, &m.cbt_bitmap, &mut body);
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        std::fs::write(&path, &body).unwrap();
+        assert_eq!(read(&path).unwrap(), m);
+        assert_eq!(read_header(&path).unwrap(), m.clone().into_header());
+    }
 
     #[test]
     fn the_header_of_a_large_manifest_matches_the_whole_one() {

@@ -54,11 +54,12 @@ pub fn plan(input: &PlanInput) -> Result<Plan, String> {
         (Some(dirty), Some(previous)) => {
             let dirty = block_runs("dirty", dirty, size, block)?;
             let clean = subtract(&allocated, &dirty);
-            // A block that was a hole in the previous restore point has no
-            // stored data to reference, so it must be read even if untouched.
-            let (unchanged, were_holes) = split_by_previous_hole(&clean, previous);
+            // A block with an all-zero previous digest has no stored data
+            // to reference (the host says so for a block whose excluded
+            // bytes changed), so it must be read even if untouched.
+            let (unchanged, unreferenced) = split_by_reference(&clean, previous);
             let mut read = intersect(&allocated, &dirty);
-            read.extend(were_holes);
+            read.extend(unreferenced);
             (merge(read), unchanged)
         }
         _ => (allocated, Vec::new()),
@@ -176,23 +177,23 @@ fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Runs {
     out
 }
 
-/// Splits runs into blocks whose previous digest is real data and blocks whose
-/// previous digest is all-zero (a hole).
-fn split_by_previous_hole(runs: &[Range<u64>], previous: &[u8]) -> (Runs, Runs) {
+/// Splits runs into blocks whose previous digest references stored data and
+/// blocks whose previous digest is all-zero (nothing to reference).
+fn split_by_reference(runs: &[Range<u64>], previous: &[u8]) -> (Runs, Runs) {
     let mut data: Runs = Vec::new();
-    let mut holes: Runs = Vec::new();
+    let mut none: Runs = Vec::new();
     for run in runs {
         for index in run.clone() {
-            let was_hole =
+            let unreferenced =
                 previous_digest(previous, index).is_none_or(|d| d.iter().all(|&b| b == 0));
-            let target = if was_hole { &mut holes } else { &mut data };
+            let target = if unreferenced { &mut none } else { &mut data };
             match target.last_mut() {
                 Some(last) if last.end == index => last.end += 1,
                 _ => target.push(index..index + 1),
             }
         }
     }
-    (data, holes)
+    (data, none)
 }
 
 fn byte_extents(runs: &[Range<u64>], block: u64, size: u64) -> Vec<ByteExtent> {
