@@ -104,6 +104,33 @@ fn a_damaged_pack_index_is_named_by_verify_and_fails_restore() {
 }
 
 #[test]
+fn a_point_whose_chunks_are_lost_is_not_a_parent_and_backups_go_on() {
+    let (lab, point) = backed_up_lab();
+    // Every pack index damaged: the point's chunks are gone for the
+    // repository. An incremental to it would carry their addresses, and
+    // the commit would refuse it, in this session and every later one.
+    for index in walk(&lab.path("repo/index")) {
+        let mut bytes = std::fs::read(&index).unwrap();
+        bytes[20] ^= 0x01;
+        std::fs::write(&index, bytes).unwrap();
+    }
+    let disk = lab.path("d.raw");
+    change_disk(&disk, 2, 64 * 1024, 10);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let t = &r["tasks"][0];
+    assert!(
+        t["parent_point"].is_null(),
+        "not incremental to {point}: {t:#}"
+    );
+    restore_matches(&lab, t["restore_point"].as_str().unwrap(), &disk);
+    // And the next one is incremental to it.
+    let (ok, r2) = lab.run_job("nightly");
+    assert!(ok, "{r2:#}");
+    assert_eq!(r2["tasks"][0]["parent_point"], t["restore_point"]);
+}
+
+#[test]
 fn a_missing_chunk_and_a_damaged_manifest_are_reported() {
     let (lab, point) = backed_up_lab();
     let (hash, pack, _, _) = some_chunk(&lab);

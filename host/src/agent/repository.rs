@@ -26,6 +26,12 @@ impl TargetService for RepositoryService {
 
     fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
         let (job, vm, disk) = (&task.job, &task.vm, &task.disk);
+        // A point's folder is made of these: one path component each.
+        for (what, name) in [("job", job), ("vm", vm), ("disk", disk)] {
+            if !crate::config::valid_name(name) {
+                return Err(format!("{what} name '{name}' is not one arca gives"));
+            }
+        }
         if task.header_only {
             self.repo.latest_header(job, vm, disk)
         } else {

@@ -31,16 +31,32 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest, RepositoryError> {
         return Err(bad("checksum mismatch: the manifest is damaged".into()));
     }
     let m = Manifest::decode(&body[MAGIC.len()..]).map_err(|e| bad(e.to_string()))?;
+    check(&m).map_err(bad)?;
+    Ok(m)
+}
+
+/// What every stored manifest satisfies: a format this arca reads, a block
+/// list that matches the disk, and names that are one path component each
+/// (a point's folder is made of them). A commit checks it before writing,
+/// since a remote mover may be of another version, or broken.
+pub fn check(m: &Manifest) -> Result<(), String> {
     if m.format_version > MANIFEST_FORMAT_VERSION {
-        return Err(bad(format!(
+        return Err(format!(
             "manifest format {} is newer than this arca ({MANIFEST_FORMAT_VERSION})",
             m.format_version
-        )));
+        ));
     }
     if m.block_size == 0 || m.block_hashes.len() as u64 != m.block_count() * 32 {
-        return Err(bad("block list does not match the disk size".into()));
+        return Err("block list does not match the disk size".into());
     }
-    Ok(m)
+    for (what, name) in [("job", &m.job), ("vm", &m.vm), ("disk", &m.disk)] {
+        if !crate::config::valid_name(name) {
+            return Err(format!(
+                "{what} name '{name}' is not one arca gives (letters, digits, '.', '_', '-', not first '.')"
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn read(path: &Path) -> Result<Manifest, RepositoryError> {
@@ -228,6 +244,8 @@ mod tests {
         Manifest {
             format_version: MANIFEST_FORMAT_VERSION,
             job: "nightly".into(),
+            vm: "web01".into(),
+            disk: "disk0".into(),
             disk_size: blocks * 4096,
             block_size: 4096,
             block_hashes: vec![7; blocks as usize * 32],

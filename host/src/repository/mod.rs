@@ -811,7 +811,8 @@ impl Repository {
         Ok(out)
     }
 
-    /// The newest restore point of one disk, the parent of the next incremental.
+    /// The newest restore point of one disk that reads whole and whose
+    /// chunks are all there: the parent of the next incremental.
     pub fn latest_point(
         &self,
         job: &str,
@@ -824,11 +825,31 @@ impl Repository {
             // A damaged newest point must not stop backups: the next one is
             // then incremental to the newest readable point.
             match manifest::read(&path) {
-                Ok(m) => return Ok(Some(m)),
+                // Nor must a point whose chunks the repository lacks (an
+                // index file damaged, say): its addresses would be carried
+                // into the new point, and every commit refused.
+                Ok(m) => match self.lacks_a_chunk_of(&m)? {
+                    None => return Ok(Some(m)),
+                    Some(hash) => tracing::warn!(
+                        "restore point {} is not a parent: it references chunk {} that the repository lacks (`arca verify` names the damage)",
+                        m.point_id,
+                        hex(&hash)
+                    ),
+                },
                 Err(e) => tracing::warn!("ignoring restore point: {e}"),
             }
         }
         Ok(None)
+    }
+
+    /// A chunk `m` references that the repository lacks, after a look at
+    /// the packs other processes published since the index was loaded.
+    fn lacks_a_chunk_of(&self, m: &Manifest) -> Result<Option<ChunkHash>, RepositoryError> {
+        if self.first_missing(&m.block_hashes).is_none() {
+            return Ok(None);
+        }
+        self.refresh()?;
+        Ok(self.first_missing(&m.block_hashes))
     }
 
     /// The header of the newest restore point of one disk whose header

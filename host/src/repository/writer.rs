@@ -60,6 +60,10 @@ impl PointWriter {
                 reason: "this writer has already committed or aborted".into(),
             });
         }
+        manifest::check(&m).map_err(|reason| RepositoryError::Manifest {
+            path: staging.clone(),
+            reason: format!("refused commit of {}/{}/{}: {reason}", m.job, m.vm, m.disk),
+        })?;
         repo.publish_staged()?;
         // The manifest must not reference anything that is not there.
         // Every block, repeats too: a lookup costs what a set of the
@@ -420,6 +424,67 @@ mod tests {
             .to_string();
         assert!(e.contains("which is not in the repository"), "{e}");
         assert!(repo.points().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_commit_of_a_malformed_point_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, c) = chunk(4);
+        let good = manifest_of(&[h]);
+        let cases = [
+            (
+                Manifest {
+                    block_hashes: Vec::new(),
+                    ..good.clone()
+                },
+                "block list",
+            ),
+            (
+                Manifest {
+                    format_version: arca_transport::MANIFEST_FORMAT_VERSION + 1,
+                    ..good.clone()
+                },
+                "newer than this arca",
+            ),
+            (
+                Manifest {
+                    job: "../../elsewhere".into(),
+                    ..good.clone()
+                },
+                "job name",
+            ),
+            (
+                Manifest {
+                    disk: String::new(),
+                    ..good.clone()
+                },
+                "disk name",
+            ),
+        ];
+        for (m, why) in cases {
+            let w = repo.writer().unwrap();
+            w.store(StoreChunks {
+                chunks: vec![c.clone()],
+            })
+            .unwrap();
+            let e = w
+                .commit(CommitPoint { manifest: Some(m) })
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("refused commit") && e.contains(why), "{e}");
+        }
+        assert!(repo.points().unwrap().is_empty());
+        assert!(
+            !dir.path()
+                .join("points")
+                .join("..")
+                .join("elsewhere")
+                .exists()
+        );
+        // The same chunks commit under a well-formed point.
+        commit(&repo.writer().unwrap(), &[h]).unwrap();
+        assert_eq!(repo.points().unwrap().len(), 1);
     }
 
     #[test]

@@ -152,6 +152,37 @@ fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
     Ok(normalize(out, size))
 }
 
+/// Whether an image keeps guest data in files other than itself, and which
+/// kind: a qcow2 with an external data file (incompatible feature bit 2 of
+/// a version 3 header), or a VMDK whose file is a text descriptor (its
+/// extents are separate files). Backing files do not count: the guest
+/// writes only the top image. Read from the header, not from `qemu-img`,
+/// so that it costs a session one small read per disk.
+pub fn data_elsewhere(path: &Path, format: DiskFormat) -> io::Result<Option<&'static str>> {
+    use std::io::Read;
+    if !matches!(format, DiskFormat::Qcow2 | DiskFormat::Vmdk) {
+        return Ok(None);
+    }
+    let mut head = Vec::with_capacity(80);
+    File::open(path)?.take(80).read_to_end(&mut head)?;
+    Ok(match format {
+        DiskFormat::Qcow2 => {
+            let v3 = head.len() >= 80
+                && head.starts_with(b"QFI\xfb")
+                && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3;
+            let incompatible =
+                v3.then(|| u64::from_be_bytes(head[72..80].try_into().expect("8 bytes")));
+            incompatible
+                .is_some_and(|f| f & 0b100 != 0)
+                .then_some("a qcow2 external data file")
+        }
+        DiskFormat::Vmdk => head
+            .starts_with(b"# Disk DescriptorFile")
+            .then_some("VMDK extent files"),
+        _ => None,
+    })
+}
+
 /// One disk of an image-file VM: its file and format.
 #[derive(Debug, Clone)]
 pub struct DiskSource {
@@ -167,6 +198,8 @@ pub struct ImageSnapshot {
     /// for a proxy agent that reads it itself.
     pub paths: Vec<PathBuf>,
     pub consistency: Consistency,
+    /// For the session's report: why the disks are read live.
+    pub notices: Vec<String>,
     exports: Vec<QemuExport>,
     clones: Vec<PathBuf>,
 }
@@ -185,16 +218,35 @@ impl ImageSnapshot {
             disks: Vec::new(),
             paths: Vec::new(),
             consistency: Consistency::CrashConsistent,
+            notices: Vec::new(),
             exports: Vec::new(),
             clones: Vec::new(),
         };
         // Opening each source first gives a clear error for a missing disk.
+        let mut elsewhere = None;
         for d in disks {
             RawImage::open(&d.path)?;
+            if elsewhere.is_none()
+                && let Some(what) =
+                    data_elsewhere(&d.path, d.format).map_err(|source| SourceError::Snapshot {
+                        path: d.path.clone(),
+                        source,
+                    })?
+            {
+                elsewhere = Some((d.path.clone(), what));
+            }
         }
         let mut read_from: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
         if powered_off {
             snap.consistency = Consistency::PoweredOff;
+        } else if let Some((path, what)) = elsewhere {
+            // A clone of the configured file would still read the guest's
+            // data from the live files it names: no instant at all.
+            snap.consistency = Consistency::PoweredOffOnly;
+            snap.notices.push(format!(
+                "{} keeps its data in other files ({what}), which a reflink clone of it does not freeze: the VM's disks are read live, consistent only if it is powered off",
+                path.display()
+            ));
         } else {
             for d in disks {
                 let clone_path = clone_name(&d.path, tag);
@@ -346,6 +398,85 @@ mod tests {
                 .iter()
                 .any(|e| e.offset <= 8 << 20 && e.end() >= 9 << 20)
         );
+    }
+
+    #[test]
+    fn images_that_keep_data_in_other_files_are_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str, args: &[&str]| {
+            let path = dir.path().join(name);
+            let ok = std::process::Command::new("qemu-img")
+                .arg("create")
+                .arg("-q")
+                .args(args)
+                .arg(&path)
+                .arg("8M")
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            path
+        };
+        let data_file = dir.path().join("data.raw");
+        let cases = [
+            (
+                make("plain.qcow2", &["-f", "qcow2"]),
+                DiskFormat::Qcow2,
+                None,
+            ),
+            (
+                make(
+                    "external.qcow2",
+                    &[
+                        "-f",
+                        "qcow2",
+                        "-o",
+                        &format!("data_file={}", data_file.display()),
+                    ],
+                ),
+                DiskFormat::Qcow2,
+                Some("a qcow2 external data file"),
+            ),
+            (make("sparse.vmdk", &["-f", "vmdk"]), DiskFormat::Vmdk, None),
+            (
+                make(
+                    "flat.vmdk",
+                    &["-f", "vmdk", "-o", "subformat=monolithicFlat"],
+                ),
+                DiskFormat::Vmdk,
+                Some("VMDK extent files"),
+            ),
+            (
+                make(
+                    "split.vmdk",
+                    &["-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"],
+                ),
+                DiskFormat::Vmdk,
+                Some("VMDK extent files"),
+            ),
+            (make("one.vhdx", &["-f", "vhdx"]), DiskFormat::Vhdx, None),
+        ];
+        for (path, format, want) in cases {
+            assert_eq!(
+                data_elsewhere(&path, format).unwrap(),
+                want,
+                "{}",
+                path.display()
+            );
+        }
+
+        // The snapshot says why it reads live, and makes no clone.
+        let src = DiskSource {
+            path: dir.path().join("external.qcow2"),
+            format: DiskFormat::Qcow2,
+        };
+        let snap = ImageSnapshot::take(&[src], "t2", false, dir.path()).unwrap();
+        assert_eq!(snap.consistency, Consistency::PoweredOffOnly);
+        assert!(
+            snap.notices[0].contains("external data file"),
+            "{:?}",
+            snap.notices
+        );
+        assert!(snap.clones.is_empty());
     }
 
     #[test]

@@ -151,7 +151,7 @@ impl VmSnapshot {
 
     pub fn notices(&self) -> &[String] {
         match self {
-            VmSnapshot::Image(_) => &[],
+            VmSnapshot::Image(s) => &s.notices,
             VmSnapshot::Qemu(s) => &s.notices,
         }
     }

@@ -252,6 +252,9 @@ impl NbdClient {
             let len = (buf.len() - done).min(MAX_READ as usize);
             let at = offset + done as u64;
             let part = &mut buf[done..done + len];
+            // Where the reply's chunks landed: they must cover the request,
+            // or the part left out would keep a pooled buffer's old bytes.
+            let mut covered: Vec<(usize, usize)> = Vec::new();
             self.request(CMD_READ, at, len as u32, |ty, chunk, s, _| {
                 // Data goes from the socket straight into `part`: no
                 // staging buffer, no copy.
@@ -277,8 +280,17 @@ impl NbdClient {
                 } else {
                     dest.fill(0);
                 }
+                let start = (o - at) as usize;
+                covered.push((start, start + n));
                 Ok(Ok(()))
             })?;
+            if let Some(gap) = first_gap(&mut covered, len) {
+                return Err(self.proto(format!(
+                    "the reply to a read of {len} bytes at {at} left out {} bytes at {}",
+                    gap.1 - gap.0,
+                    at + gap.0 as u64
+                )));
+            }
             done += len;
         }
         Ok(())
@@ -650,6 +662,19 @@ impl std::fmt::Debug for NbdClient {
     }
 }
 
+/// The first part of `0..len` that no range covers, if any.
+fn first_gap(ranges: &mut [(usize, usize)], len: usize) -> Option<(usize, usize)> {
+    ranges.sort_unstable();
+    let mut end = 0;
+    for &(from, to) in ranges.iter() {
+        if from > end {
+            return Some((end, from));
+        }
+        end = end.max(to);
+    }
+    (end < len).then_some((end, len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,6 +759,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         (server, sock, img)
+    }
+
+    #[test]
+    fn a_read_reply_must_cover_the_request() {
+        assert_eq!(first_gap(&mut [(0, 10)], 10), None);
+        assert_eq!(first_gap(&mut [(4, 10), (0, 4)], 10), None);
+        assert_eq!(first_gap(&mut [(0, 6), (2, 10)], 10), None, "overlaps");
+        assert_eq!(first_gap(&mut [(0, 4), (6, 10)], 10), Some((4, 6)));
+        assert_eq!(first_gap(&mut [(0, 4)], 10), Some((4, 10)));
+        assert_eq!(first_gap(&mut [], 10), Some((0, 10)));
+        assert_eq!(first_gap(&mut [], 0), None);
     }
 
     #[test]
