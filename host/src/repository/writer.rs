@@ -60,7 +60,8 @@ impl PointWriter {
                 reason: "this writer has already committed or aborted".into(),
             });
         }
-        manifest::check(&m).map_err(|reason| RepositoryError::Manifest {
+        let shape = manifest::check(&m).and_then(|()| manifest::check_names(&m));
+        shape.map_err(|reason| RepositoryError::Manifest {
             path: staging.clone(),
             reason: format!("refused commit of {}/{}/{}: {reason}", m.job, m.vm, m.disk),
         })?;
