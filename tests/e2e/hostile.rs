@@ -66,6 +66,27 @@ fn plugins_cannot_open_host_files() {
 }
 
 #[test]
+fn a_codec_that_loses_bytes_is_caught_before_its_chunks_are_stored() {
+    // The codec drops each block's last byte and decodes a zero there:
+    // shorter, so it looks like compression, and wrong for most blocks.
+    let (lab, report, ok) = hostile_codec_lab("lossy");
+    assert!(ok, "{report:#}");
+    let t = &report["tasks"][0];
+    assert!(
+        t["notices"].to_string().contains("codec 'hostile' decoded"),
+        "{t:#}"
+    );
+    // Nothing it lost was stored coded: verify finds nothing, and the
+    // point restores to the disk.
+    lab.ok(&["verify"]);
+    restore_matches(
+        &lab,
+        t["restore_point"].as_str().unwrap(),
+        &lab.path("d.raw"),
+    );
+}
+
+#[test]
 fn a_bad_exclusion_plugin_fails_only_its_own_task() {
     for behaviour in ["trap", "loop", "out-of-range"] {
         let lab = Lab::new();

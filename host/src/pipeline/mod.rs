@@ -319,6 +319,12 @@ fn run_inner(
             source,
         })?;
     stats.absorb(&totals);
+    if totals.codec_lost_blocks > 0 {
+        notices.push(format!(
+            "{label}: codec '{}' decoded {} of the blocks it coded to other bytes; they were stored as they are (uncompressed). Fix or replace the codec",
+            stages.codec.name, totals.codec_lost_blocks
+        ));
+    }
     if totals.unchanged_claims_rejected > 0 {
         notices.push(format!(
             "{label}: change detection plugin '{}' called {} changed blocks unchanged; they were stored as new",

@@ -53,6 +53,8 @@ pub(super) struct Totals {
     pub codec_in_bytes: u64,
     pub codec_out_bytes: u64,
     pub unchanged_claims_rejected: u64,
+    /// Blocks a codec coded shorter but did not decode back to themselves.
+    pub codec_lost_blocks: u64,
 }
 
 impl Totals {
@@ -66,6 +68,7 @@ impl Totals {
         self.codec_in_bytes += o.codec_in_bytes;
         self.codec_out_bytes += o.codec_out_bytes;
         self.unchanged_claims_rejected += o.unchanged_claims_rejected;
+        self.codec_lost_blocks += o.codec_lost_blocks;
     }
 }
 
@@ -558,6 +561,16 @@ fn code(
         raw
     };
     let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
+    // A codec other than the built-in one is believed only where what it
+    // coded decodes back to the block: a broken one would otherwise be
+    // found at verify or restore, with every later point referencing its
+    // chunks through dedup. It costs such a codec's decoding time.
+    let lost = if crate::plugin::builtin::is_bounded(&codec.plugin().hash) {
+        Vec::new()
+    } else {
+        sh.clock
+            .time("compression", || codec.lost_blocks(&coded, &raw))?
+    };
     let plugin = codec.plugin();
     // Payloads are slices of the two batches, not copies.
     let coded_data = Bytes::from(coded.data);
@@ -572,8 +585,10 @@ fn code(
         raw_at += raw_len;
         coded_at += coded_len;
         // Incompressible blocks are stored as they are: smaller, and
-        // readable without any codec.
-        let chunk = if coded_len >= raw_len {
+        // readable without any codec. So are blocks the codec lost.
+        let is_lost = lost.get(i).copied().unwrap_or(false);
+        totals.codec_lost_blocks += u64::from(is_lost);
+        let chunk = if coded_len >= raw_len || is_lost {
             Chunk {
                 hash: digests[k].expect("missing blocks have digests").to_vec(),
                 codec: "none".into(),

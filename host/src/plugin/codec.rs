@@ -79,6 +79,49 @@ impl Codec {
         Ok((out.into(), batch.into()))
     }
 
+    /// Per block of a batch this codec compressed (`coded` from `raw`):
+    /// whether storing its coded form would lose it, because it is shorter
+    /// than the block (so it would be stored) and decodes to other bytes.
+    /// A codec's `decompress` error, or decoded blocks of the wrong sizes,
+    /// is the task's error, as in any call.
+    pub fn lost_blocks(&mut self, coded: &Blocks, raw: &Blocks) -> Result<Vec<bool>, PluginError> {
+        let n = raw.lengths.len();
+        let mut lost = vec![false; n];
+        let mut picked = Vec::new();
+        let mut input = Blocks {
+            data: Vec::new(),
+            lengths: Vec::new(),
+        };
+        let mut raw_lengths = Vec::new();
+        let (mut coded_at, mut raw_at) = (0usize, 0usize);
+        let mut raw_spans = Vec::with_capacity(n);
+        for i in 0..n {
+            let (c, r) = (coded.lengths[i] as usize, raw.lengths[i] as usize);
+            if c < r {
+                picked.push(i);
+                input
+                    .data
+                    .extend_from_slice(&coded.data[coded_at..coded_at + c]);
+                input.lengths.push(c as u32);
+                raw_lengths.push(r as u32);
+            }
+            raw_spans.push(raw_at..raw_at + r);
+            coded_at += c;
+            raw_at += r;
+        }
+        if picked.is_empty() {
+            return Ok(lost);
+        }
+        let (decoded, _) = self.decompress(input, &raw_lengths)?;
+        let mut at = 0usize;
+        for (&i, &len) in picked.iter().zip(&raw_lengths) {
+            let len = len as usize;
+            lost[i] = decoded.data[at..at + len] != raw.data[raw_spans[i].clone()];
+            at += len;
+        }
+        Ok(lost)
+    }
+
     fn check_shape(
         &self,
         call: &'static str,

@@ -1,6 +1,8 @@
 //! A codec that misbehaves on purpose, so that the host's tests can show the
 //! sandbox holds: CPU and memory limits, traps, malformed results and the
-//! absence of filesystem access. Never configure it in a real pipeline.
+//! absence of filesystem access, and that a codec which loses bytes is
+//! caught before anything it coded is stored. Never configure it in a real
+//! pipeline.
 
 use std::cell::Cell;
 use std::hint::black_box;
@@ -20,6 +22,7 @@ enum Behaviour {
     Trap,
     WrongShape,
     OpenFile,
+    Lossy,
 }
 
 impl Behaviour {
@@ -30,6 +33,7 @@ impl Behaviour {
         ("trap", Behaviour::Trap),
         ("wrong-shape", Behaviour::WrongShape),
         ("open-file", Behaviour::OpenFile),
+        ("lossy", Behaviour::Lossy),
     ];
 
     fn parse(value: &str) -> Result<Self, String> {
@@ -96,6 +100,40 @@ fn wrong_shape(blocks: Batch) -> Batch {
     }
 }
 
+/// Each block without its last byte: shorter, so it looks compressed, and
+/// `decompress` gives it back with a zero there, which is right only for
+/// blocks that ended in zero.
+fn lossy(blocks: Batch) -> Batch {
+    let mut data = Vec::with_capacity(blocks.data.len());
+    let mut lengths = Vec::with_capacity(blocks.lengths.len());
+    let mut at = 0usize;
+    for &len in &blocks.lengths {
+        let len = len as usize;
+        let keep = len.saturating_sub(1);
+        data.extend_from_slice(&blocks.data[at..at + keep]);
+        lengths.push(keep as u32);
+        at += len;
+    }
+    Batch { data, lengths }
+}
+
+/// Every block padded with zeros to its raw length (as it is, for blocks
+/// the other behaviours coded, which are already that long).
+fn pad(blocks: Batch, raw_lengths: &[u32]) -> Batch {
+    let mut data = Vec::with_capacity(raw_lengths.iter().map(|&l| l as usize).sum());
+    let mut at = 0usize;
+    for (&len, &raw) in blocks.lengths.iter().zip(raw_lengths) {
+        let len = len as usize;
+        data.extend_from_slice(&blocks.data[at..at + len]);
+        data.resize(data.len() + (raw as usize).saturating_sub(len), 0);
+        at += len;
+    }
+    Batch {
+        data,
+        lengths: raw_lengths.to_vec(),
+    }
+}
+
 fn open_file() -> Result<Batch, String> {
     let data = std::fs::read("/etc/passwd").map_err(|e| format!("open-file: {e}"))?;
     let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
@@ -132,11 +170,15 @@ impl Guest for Component {
             Behaviour::Trap => panic!("hostile plugin panics on purpose"),
             Behaviour::WrongShape => Ok(wrong_shape(blocks)),
             Behaviour::OpenFile => open_file(),
+            Behaviour::Lossy => Ok(lossy(blocks)),
         }
     }
 
-    fn decompress(blocks: Batch, _raw_lengths: Vec<u32>) -> Result<Batch, String> {
-        Ok(blocks)
+    fn decompress(blocks: Batch, raw_lengths: Vec<u32>) -> Result<Batch, String> {
+        if blocks.lengths.len() != raw_lengths.len() {
+            return Ok(blocks);
+        }
+        Ok(pad(blocks, &raw_lengths))
     }
 }
 
