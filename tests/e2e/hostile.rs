@@ -4,9 +4,18 @@
 use crate::common::*;
 
 fn hostile_codec_lab(behaviour: &str) -> (Lab, serde_json::Value, bool) {
+    hostile_codec_lab_with(behaviour, |_| {})
+}
+
+/// The lab, with `prepare` run on the disk before the session.
+fn hostile_codec_lab_with(
+    behaviour: &str,
+    prepare: impl Fn(&std::path::Path),
+) -> (Lab, serde_json::Value, bool) {
     let lab = Lab::new();
     let disk = lab.path("d.raw");
     make_disk(&disk, 4 * MIB, 5);
+    prepare(&disk);
     let extra = format!(
         "[[plugin]]\nname = \"hostile\"\nkind = \"codec\"\npath = \"{}\"\nmemory_mib = 64\ndeadline_ms = 1500\n\n\
          [[pipeline]]\nname = \"bad\"\ncodec = {{ plugin = \"hostile\", behaviour = \"{behaviour}\" }}\n\n\
@@ -68,13 +77,32 @@ fn plugins_cannot_open_host_files() {
 #[test]
 fn a_codec_that_loses_bytes_is_caught_before_its_chunks_are_stored() {
     // The codec drops each block's last byte and decodes a zero there:
-    // shorter, so it looks like compression, and wrong for most blocks.
-    let (lab, report, ok) = hostile_codec_lab("lossy");
+    // shorter, so it looks like compression, and wrong for a block that
+    // did not end in zero. Half of the 16 blocks do.
+    let (lab, report, ok) = hostile_codec_lab_with("lossy", |disk| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+        for i in 0..4 * MIB / BLOCK {
+            f.write_all_at(&[0x5a], i * BLOCK).unwrap();
+            let last = if i % 2 == 0 { 0 } else { 0xab };
+            f.write_all_at(&[last], (i + 1) * BLOCK - 1).unwrap();
+        }
+    });
     assert!(ok, "{report:#}");
     let t = &report["tasks"][0];
     assert!(
-        t["notices"].to_string().contains("codec 'hostile' decoded"),
+        t["notices"]
+            .to_string()
+            .contains("codec 'hostile' decoded 8 of the blocks"),
         "{t:#}"
+    );
+    // Block by block: the eight that came back were stored coded, one
+    // byte shorter each.
+    let s = &t["stats"];
+    assert_eq!(
+        s["codec_in_bytes"].as_u64().unwrap() - s["codec_out_bytes"].as_u64().unwrap(),
+        8,
+        "{s:#}"
     );
     // Nothing it lost was stored coded: verify finds nothing, and the
     // point restores to the disk.

@@ -113,6 +113,8 @@ impl TargetLink for ThrottledLink {
         self.inner.register_codec(codec)
     }
     fn commit(&self, commit: CommitPoint) -> Result<CommitReply, LinkError> {
+        // The block list: 128 MiB for a 1 TiB disk, under the rule too.
+        self.wait(commit.encoded_len() as u64);
         self.inner.commit(commit)
     }
     fn abort(&self) {
@@ -145,6 +147,49 @@ mod tests {
             (last.as_secs_f64() - expect).abs() < 0.01,
             "{last:?} vs {expect}"
         );
+    }
+
+    /// A target that takes everything and keeps nothing.
+    struct Sink;
+
+    impl crate::link::TargetMover for Sink {
+        fn query(&self, q: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
+            Ok(ChunkQueryReply {
+                missing: vec![true; q.hashes.len() / 32],
+            })
+        }
+        fn store(&self, _: StoreChunks) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn register_codec(&self, _: RegisterCodec) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn commit(&self, _: CommitPoint) -> Result<CommitReply, LinkError> {
+            Ok(CommitReply::default())
+        }
+        fn abort(&self) {}
+    }
+
+    #[test]
+    fn a_commit_counts_against_the_rule_like_a_store() {
+        let t0 = Instant::now();
+        let b = Arc::new(TokenBucket::new(10_000_000, t0));
+        let link = ThrottledLink::new(
+            Box::new(crate::link::InProcessLink::new(Sink)),
+            vec![b.clone()],
+        );
+        let commit = CommitPoint {
+            manifest: Some(crate::messages::Manifest {
+                block_hashes: vec![7; 20_000],
+                ..Default::default()
+            }),
+        };
+        let len = commit.encoded_len() as u64;
+        link.commit(commit).unwrap();
+        // What the commit took is owed at t0: the next byte waits behind it.
+        let owed = b.reserve(1, t0).as_secs_f64();
+        let expect = (len + 1) as f64 / 10e6;
+        assert!((owed - expect).abs() < 1e-4, "{owed} vs {expect}");
     }
 
     #[test]

@@ -97,11 +97,21 @@ mod tests {
         let header = service
             .latest(&OpenTask {
                 header_only: true,
-                ..task
+                ..task.clone()
             })
             .unwrap()
             .unwrap();
         assert!(header.block_hashes.is_empty() && header.excluded.is_none());
+        // A name that is not one path component reads nothing.
+        for bad in ["..", "a/b", ""] {
+            let e = service
+                .latest(&OpenTask {
+                    disk: bad.into(),
+                    ..task.clone()
+                })
+                .unwrap_err();
+            assert!(e.contains("disk name"), "{e}");
+        }
         assert_eq!(header, whole.into_header());
     }
 }

@@ -45,7 +45,9 @@ pub fn check(m: &Manifest) -> Result<(), String> {
             m.format_version
         ));
     }
-    if m.block_size == 0 || m.block_hashes.len() as u64 != m.block_count() * 32 {
+    // Checked: a crafted size over a block size of 1 would overflow.
+    let expected = m.block_count().checked_mul(32);
+    if m.block_size == 0 || expected != Some(m.block_hashes.len() as u64) {
         return Err("block list does not match the disk size".into());
     }
     Ok(())

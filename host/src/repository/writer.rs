@@ -457,10 +457,25 @@ mod tests {
             ),
             (
                 Manifest {
+                    vm: "a/b".into(),
+                    ..good.clone()
+                },
+                "vm name",
+            ),
+            (
+                Manifest {
                     disk: String::new(),
                     ..good.clone()
                 },
                 "disk name",
+            ),
+            (
+                Manifest {
+                    disk_size: u64::MAX,
+                    block_size: 1,
+                    ..good.clone()
+                },
+                "block list",
             ),
         ];
         for (m, why) in cases {
@@ -476,13 +491,9 @@ mod tests {
             assert!(e.contains("refused commit") && e.contains(why), "{e}");
         }
         assert!(repo.points().unwrap().is_empty());
-        assert!(
-            !dir.path()
-                .join("points")
-                .join("..")
-                .join("elsewhere")
-                .exists()
-        );
+        // `points/../../elsewhere` is beside the repository's folder.
+        assert!(!dir.path().parent().unwrap().join("elsewhere").exists());
+        assert!(!dir.path().join("points/j/a").exists());
         // The same chunks commit under a well-formed point.
         commit(&repo.writer().unwrap(), &[h]).unwrap();
         assert_eq!(repo.points().unwrap().len(), 1);

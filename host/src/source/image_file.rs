@@ -154,8 +154,9 @@ fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
 
 /// Whether an image keeps guest data in files other than itself, and which
 /// kind: a qcow2 with an external data file (incompatible feature bit 2 of
-/// a version 3 header), or a VMDK whose file is a text descriptor (its
-/// extents are separate files). Backing files do not count: the guest
+/// a version 3 header), or a VMDK that is not one of the single-file kinds
+/// (magic `KDMV`, sparse and stream-optimized, or `COWD`): a text
+/// descriptor, whose extents are separate files. Backing files do not count: the guest
 /// writes only the top image. Read from the header, not from `qemu-img`,
 /// so that it costs a session one small read per disk.
 pub fn data_elsewhere(path: &Path, format: DiskFormat) -> io::Result<Option<&'static str>> {
@@ -176,8 +177,7 @@ pub fn data_elsewhere(path: &Path, format: DiskFormat) -> io::Result<Option<&'st
                 .is_some_and(|f| f & 0b100 != 0)
                 .then_some("a qcow2 external data file")
         }
-        DiskFormat::Vmdk => head
-            .starts_with(b"# Disk DescriptorFile")
+        DiskFormat::Vmdk => (!head.starts_with(b"KDMV") && !head.starts_with(b"COWD"))
             .then_some("VMDK extent files"),
         _ => None,
     })
@@ -439,6 +439,14 @@ mod tests {
             (make("sparse.vmdk", &["-f", "vmdk"]), DiskFormat::Vmdk, None),
             (
                 make(
+                    "stream.vmdk",
+                    &["-f", "vmdk", "-o", "subformat=streamOptimized"],
+                ),
+                DiskFormat::Vmdk,
+                None,
+            ),
+            (
+                make(
                     "flat.vmdk",
                     &["-f", "vmdk", "-o", "subformat=monolithicFlat"],
                 ),
@@ -463,6 +471,14 @@ mod tests {
                 path.display()
             );
         }
+        // A descriptor that does not start with the usual comment is one too.
+        let odd = dir.path().join("odd.vmdk");
+        let descriptor = std::fs::read(dir.path().join("flat.vmdk")).unwrap();
+        std::fs::write(&odd, [b"\n".as_slice(), &descriptor].concat()).unwrap();
+        assert_eq!(
+            data_elsewhere(&odd, DiskFormat::Vmdk).unwrap(),
+            Some("VMDK extent files")
+        );
 
         // The snapshot says why it reads live, and makes no clone.
         let src = DiskSource {

@@ -58,9 +58,9 @@ pub(super) fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> Lin
     }
 }
 
-async fn request(conn: quinn::Connection, framed: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+async fn request(conn: quinn::Connection, framed: Vec<u8>) -> Result<bytes::Bytes, LinkError> {
     let kind = framed.first().copied().unwrap_or_default();
-    let limit = wire::max_message(kind);
+    let limit = wire::max_request(kind);
     // The agent would drop it unread: say why instead, for good (a retry
     // sends the same).
     if framed.len() > limit {
@@ -80,11 +80,12 @@ async fn request(conn: quinn::Connection, framed: Vec<u8>) -> Result<Vec<u8>, Li
         .map_err(|e| closed(&conn, e))?;
     send.finish().map_err(|e| closed(&conn, e))?;
     let answer = recv
-        .read_to_end(limit)
+        .read_to_end(1 + wire::max_answer(kind))
         .await
         .map_err(|e| closed(&conn, e))?;
     match answer.split_first() {
-        Some((&wire::OK, body)) => Ok(body.to_vec()),
+        // The body without a copy: an answer to LATEST may be 1 GiB.
+        Some((&wire::OK, _)) => Ok(bytes::Bytes::from(answer).slice(1..)),
         Some((_, msg)) => Err(LinkError::Target(String::from_utf8_lossy(msg).into_owned())),
         None => Err(LinkError::Lost("empty answer".into())),
     }
@@ -114,7 +115,7 @@ impl QuicLink {
     ) -> Result<AgentStatus, LinkError> {
         let link = Self::connect_only(rt, addr, agent_fingerprint, identity)?;
         let body = link.call(wire::STATUS, &OpenTask::default())?;
-        AgentStatus::decode(body.as_slice()).map_err(|e| LinkError::Lost(e.to_string()))
+        AgentStatus::decode(body.as_ref()).map_err(|e| LinkError::Lost(e.to_string()))
     }
 
     /// Connects without opening a target mover: for `latest`, `status` and
@@ -165,7 +166,7 @@ impl QuicLink {
         self.conn.clone()
     }
 
-    fn call(&self, kind: u8, body: &impl Message) -> Result<Vec<u8>, LinkError> {
+    fn call(&self, kind: u8, body: &impl Message) -> Result<bytes::Bytes, LinkError> {
         let framed = wire::frame(kind, body);
         self.sent.fetch_add(framed.len() as u64, Ordering::Relaxed);
         let answer = self.rt.block_on(request(self.conn.clone(), framed))?;
@@ -177,7 +178,7 @@ impl QuicLink {
     /// The newest restore point of a disk on this agent's repository.
     pub fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, LinkError> {
         let body = self.call(wire::LATEST, task)?;
-        Ok(LatestReply::decode(body.as_slice())
+        Ok(LatestReply::decode(body.as_ref())
             .map_err(|e| LinkError::Lost(e.to_string()))?
             .manifest)
     }
@@ -186,7 +187,7 @@ impl QuicLink {
 impl TargetLink for QuicLink {
     fn query(&self, query: ChunkQuery) -> Result<ChunkQueryReply, LinkError> {
         let body = self.call(wire::QUERY, &query)?;
-        ChunkQueryReply::decode(body.as_slice()).map_err(|e| LinkError::Lost(e.to_string()))
+        ChunkQueryReply::decode(body.as_ref()).map_err(|e| LinkError::Lost(e.to_string()))
     }
 
     fn store(&self, chunks: StoreChunks) -> Result<(), LinkError> {
@@ -234,7 +235,7 @@ impl TargetLink for QuicLink {
             self.rt.block_on(h).map_err(lost)??;
         }
         let body = self.call(wire::COMMIT, &commit)?;
-        CommitReply::decode(body.as_slice()).map_err(|e| LinkError::Lost(e.to_string()))
+        CommitReply::decode(body.as_ref()).map_err(|e| LinkError::Lost(e.to_string()))
     }
 
     fn abort(&self) {

@@ -134,7 +134,7 @@ async fn request(
         return super::proxy::serve_task(send, recv, service.roles.proxy.clone(), peer.to_owned())
             .await;
     }
-    let Ok(payload) = recv.read_to_end(wire::max_message(kind)).await else {
+    let Ok(payload) = recv.read_to_end(wire::max_request(kind)).await else {
         return;
     };
     let answer = {
@@ -148,20 +148,18 @@ async fn request(
         .await
         .unwrap_or_else(|e| Err(format!("request handler failed: {e}")))
     };
-    let mut out = Vec::new();
-    let limit = wire::max_message(kind);
+    let limit = wire::max_answer(kind);
     let answer = answer.and_then(|bytes| match bytes.len() {
         // The peer would drop it unread.
-        n if n >= limit => Err(format!(
+        n if n > limit => Err(format!(
             "the answer of {n} bytes is over the {limit} bytes the protocol allows; a larger block_size shortens a disk's block list"
         )),
         _ => Ok(bytes),
     });
-    match answer {
-        Ok(bytes) => {
-            out.push(wire::OK);
-            out.extend_from_slice(&bytes);
-        }
+    // Status and body are written one after the other: an answer to
+    // LATEST may be 1 GiB, not to be copied behind a status byte.
+    let (status, body) = match answer {
+        Ok(bytes) => (wire::OK, bytes),
         Err(e) => {
             let t = task.lock().expect("task lock").clone().unwrap_or_default();
             tracing::warn!(
@@ -170,11 +168,12 @@ async fn request(
                 t.vm,
                 t.disk
             );
-            out.push(wire::FAILED);
-            out.extend_from_slice(e.as_bytes());
+            (wire::FAILED, e.into_bytes())
         }
+    };
+    if send.write_all(&[status]).await.is_ok() {
+        let _ = send.write_all(&body).await;
     }
-    let _ = send.write_all(&out).await;
     let _ = send.finish();
 }
 

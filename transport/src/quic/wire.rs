@@ -19,17 +19,25 @@ pub const FAILED: u8 = 1;
 
 /// Largest request or answer: a store of one batch plus headers.
 pub const MAX_MESSAGE: usize = 80 << 20;
-/// Largest message that carries a whole restore point (`COMMIT`, and the
-/// answer to `LATEST`): its block list takes 32 bytes per block, 128 MiB
-/// for a 1 TiB disk at 256 KiB blocks, so `MAX_MESSAGE` would fail every
-/// disk over 640 GiB. This bound holds 8 TiB at 256 KiB blocks (32 TiB at
-/// 1 MiB); only enrolled peers get to send one.
+/// Largest message that carries a whole restore point (a `COMMIT`
+/// request, an answer to `LATEST`): its block list takes 32 bytes per
+/// block, 128 MiB for a 1 TiB disk at 256 KiB blocks, so `MAX_MESSAGE`
+/// would fail every disk over 640 GiB. This bound holds 8 TiB at 256 KiB
+/// blocks (32 TiB at 1 MiB); only enrolled peers get to send one.
 pub const MAX_POINT_MESSAGE: usize = 1 << 30;
 
-/// The largest request of `kind`, or answer to it.
-pub fn max_message(kind: u8) -> usize {
+/// The largest request of `kind`.
+pub fn max_request(kind: u8) -> usize {
     match kind {
-        COMMIT | LATEST => MAX_POINT_MESSAGE,
+        COMMIT => MAX_POINT_MESSAGE,
+        _ => MAX_MESSAGE,
+    }
+}
+
+/// The largest answer to a request of `kind`.
+pub fn max_answer(kind: u8) -> usize {
+    match kind {
+        LATEST => MAX_POINT_MESSAGE,
         _ => MAX_MESSAGE,
     }
 }
