@@ -175,7 +175,15 @@ fn unenrolled_peers_wrong_certificates_and_garbage_are_refused() {
     ));
     let (ok, r) = lab.run_job("nightly");
     assert!(!ok);
-    assert!(r["tasks"].to_string().contains("not enrolled"), "{r:#}");
+    let e = r["tasks"][0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("not enrolled") && e.contains("check its fingerprint"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("gave up after"),
+        "a refusal is not retried: {e}"
+    );
 
     // Garbage on the port: the agent shrugs and goes on serving.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -120,6 +120,38 @@ fn holes_are_not_read_and_zero_blocks_not_stored() {
 }
 
 #[test]
+fn a_database_that_refuses_the_record_does_not_undo_a_backup() {
+    let lab = Lab::new();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 4 * MIB, 8);
+    lab.apply(&config(
+        &lab,
+        &[("web01", &[disk.as_path()])],
+        "[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n",
+    ));
+    // The configuration database refuses every task record, as a full disk
+    // or a lock held too long would.
+    let out = std::process::Command::new("sqlite3")
+        .arg(lab.path("home/arca.db"))
+        .arg("CREATE TRIGGER refuse BEFORE INSERT ON tasks BEGIN SELECT RAISE(FAIL, 'refused on purpose'); END;")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "the backup succeeded: {r:#}");
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap();
+    assert!(
+        r["notices"].to_string().contains("refused on purpose"),
+        "{r:#}"
+    );
+    restore_matches(&lab, point, &disk);
+}
+
+#[test]
 fn identical_disks_are_stored_once() {
     let lab = Lab::new();
     let a = lab.path("a.raw");

@@ -398,6 +398,31 @@ fn a_hook_that_dies_while_frozen_is_thawed_by_the_host() {
 }
 
 #[test]
+fn a_hook_that_freezes_after_the_backup_is_thawed_by_the_host() {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 67);
+    let plugin =
+        std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"bad-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
+         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"try\"\n\
+         hook = {{ plugin = \"bad-hook\", behaviour = \"freeze-after-backup\" }}\n",
+        lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
+    ));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(
+        agent.log(),
+        ["freeze", "thaw"],
+        "the post-backup freeze does not outlive the session"
+    );
+    assert!(r["notices"].to_string().contains("host thawed"), "{r:#}");
+}
+
+#[test]
 fn an_agent_that_hangs_hangs_up_or_talks_garbage_is_a_clear_error() {
     for (peer, expect) in [
         (Peer::Hang, "no answer to guest-ping within"),

@@ -164,7 +164,9 @@ impl GuestRun {
         self.report.application_consistent = application_consistent;
     }
 
-    /// Runs the post-backup hook with the VM's outcome; returns the report.
+    /// Runs the post-backup hook with the VM's outcome and makes sure it
+    /// left nothing frozen (the watchdog dies with this run); returns the
+    /// report.
     pub fn after_backup(mut self, succeeded: bool) -> (GuestReport, Vec<String>) {
         if let Some(h) = &mut self.hook {
             let started = Instant::now();
@@ -176,6 +178,11 @@ impl GuestRun {
                 self.notices
                     .push(format!("vm '{}': post-backup hook failed: {e}", self.vm));
             }
+        }
+        if let Some(channel) = &self.channel
+            && let Some(n) = channel.ensure_thawed()
+        {
+            self.notices.push(format!("vm '{}': {n}", self.vm));
         }
         self.finish_report();
         (self.report, self.notices)

@@ -412,7 +412,7 @@ fn run_tasks(
                         notices: Vec::new(),
                     });
                     tr.proxy = Some(assign.proxy.clone());
-                    let outcome =
+                    let outcome = TaskFailure::guard(|| {
                         snapshot
                             .map_err(TaskFailure::fatal)
                             .and_then(|snap| match place {
@@ -428,7 +428,8 @@ fn run_tasks(
                                     &bar,
                                     &mut tr,
                                 ),
-                            });
+                            })
+                    });
                     let failure = match outcome {
                         Ok(()) => {
                             tr.state = TaskState::Success;
@@ -509,31 +510,46 @@ fn run_tasks(
             .stats
             .as_ref()
             .map(|s| serde_json::to_string(s).unwrap_or_default());
-        db.record_task(
-            session_id,
-            &r.vm,
-            &r.disk,
-            r.proxy.as_deref(),
-            &job.repository.name,
-            if r.state == TaskState::Success {
-                "success"
-            } else {
-                "failed"
-            },
-            r.error.as_deref(),
-            stats.as_deref(),
-        )?;
-        if let (Some(point), Some(st)) = (&r.restore_point, &r.stats) {
-            db.record_point(
-                point,
+        // The task's outcome stands whatever the database says: its restore
+        // point is committed, and the repository lists it (`arca points`).
+        let recorded = db
+            .record_task(
                 session_id,
-                &job.name,
                 &r.vm,
                 &r.disk,
+                r.proxy.as_deref(),
                 &job.repository.name,
-                st.disk_bytes,
-                st.stored_bytes,
-            )?;
+                if r.state == TaskState::Success {
+                    "success"
+                } else {
+                    "failed"
+                },
+                r.error.as_deref(),
+                stats.as_deref(),
+            )
+            .and_then(|()| match (&r.restore_point, &r.stats) {
+                (Some(point), Some(st)) => db.record_point(
+                    point,
+                    session_id,
+                    &job.name,
+                    &r.vm,
+                    &r.disk,
+                    &job.repository.name,
+                    st.disk_bytes,
+                    st.stored_bytes,
+                ),
+                _ => Ok(()),
+            });
+        if let Err(e) = recorded {
+            report.notices.push(format!(
+                "{}/{}: the configuration database did not record this task ({e}); its outcome stands{}",
+                r.vm,
+                r.disk,
+                r.restore_point
+                    .as_deref()
+                    .map(|p| format!(" and restore point {p} is in the repository"))
+                    .unwrap_or_default()
+            ));
         }
         report.tasks.push(r);
     }

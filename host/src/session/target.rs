@@ -28,6 +28,22 @@ impl TaskFailure {
         }
     }
 
+    /// Runs one attempt of a task. A panic in it (a bug) becomes this
+    /// task's failure instead of a thread that never reports, for which the
+    /// session would wait forever, holding the job lock and the snapshots.
+    pub fn guard(attempt: impl FnOnce() -> Result<(), Self>) -> Result<(), Self> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(attempt)).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Self::fatal(format!(
+                "internal error, a bug in arca ({what}); the other tasks went on. Please report it"
+            )))
+        })
+    }
+
     pub fn from_link(e: arca_transport::LinkError) -> Self {
         Self {
             retryable: matches!(e, arca_transport::LinkError::Lost(_)),
@@ -183,5 +199,32 @@ impl RepoAccess {
                 addr, fingerprint, ..
             } => Some((*addr, fingerprint.as_str())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_attempt_is_a_failure_not_a_lost_thread() {
+        let ok = TaskFailure::guard(|| Ok(()));
+        assert!(ok.is_ok());
+        let failed = TaskFailure::guard(|| Err(TaskFailure::fatal("plain")));
+        assert_eq!(failed.unwrap_err().message, "plain");
+        let n: u64 = std::hint::black_box(u64::MAX);
+        let e = TaskFailure::guard(|| {
+            let _ = n.checked_add(1).expect("an overflow, say");
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(!e.retryable);
+        assert!(
+            e.message.contains("internal error") && e.message.contains("an overflow, say"),
+            "{}",
+            e.message
+        );
+        let e = TaskFailure::guard(|| panic!("formatted {}", 7)).unwrap_err();
+        assert!(e.message.contains("formatted 7"), "{}", e.message);
     }
 }

@@ -177,8 +177,9 @@ impl Throttles {
             .collect();
         for (r, rule) in self.rules.iter().enumerate() {
             if m.local[r] > 0 {
-                rule.bucket
-                    .set_rate(rule.rule.rate * m.local[r] as u64 / counts[r]);
+                // At most the rule's rate; the product may not fit u64.
+                let share = u128::from(rule.rule.rate) * m.local[r] as u128 / u128::from(counts[r]);
+                rule.bucket.set_rate(share as u64);
             }
         }
         for t in &m.remote {
@@ -272,5 +273,19 @@ mod tests {
             5_000_000,
             "not counted"
         );
+    }
+
+    #[test]
+    fn a_rate_near_the_top_of_u64_is_shared_without_overflow() {
+        let huge = 1u64 << 63;
+        let t = Throttles::new(&[rule("wan", huge)]);
+        let repo: SocketAddr = "127.0.0.9:7700".parse().unwrap();
+        let one = t.local(repo);
+        let two = t.local(repo);
+        let far = t.remote("127.0.0.2:1".parse().unwrap(), repo);
+        // Two of three tasks here: two thirds of the rule for the bucket.
+        assert_eq!(one.buckets[0].rate(), (huge / 3 * 2) as f64 as u64);
+        assert_eq!(*far.rate.as_ref().unwrap().borrow(), huge / 3);
+        drop(two);
     }
 }

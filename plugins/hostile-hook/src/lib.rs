@@ -2,7 +2,9 @@
 //! tests can show that the host thaws what a broken hook left frozen and
 //! that no freeze outlives the job's freeze timeout. Setting `behaviour`:
 //! `trap` (default) freezes and traps; `stall` freezes and then keeps the
-//! guest frozen for `spins` busy iterations before returning.
+//! guest frozen for `spins` busy iterations before returning;
+//! `freeze-after-backup` does nothing before the snapshot and freezes the
+//! guest in `post-backup`, leaving it so.
 //! Never configure it in a real job.
 
 use std::cell::Cell;
@@ -18,6 +20,7 @@ use exports::arca::pipeline::hooks::{Guest, Settings};
 
 thread_local! {
     static STALL: Cell<Option<u64>> = const { Cell::new(None) };
+    static FREEZE_LATE: Cell<bool> = const { Cell::new(false) };
 }
 
 struct Component;
@@ -30,6 +33,7 @@ impl Guest for Component {
             match (k.as_str(), v.as_str()) {
                 ("behaviour", "trap") => stall = false,
                 ("behaviour", "stall") => stall = true,
+                ("behaviour", "freeze-after-backup") => FREEZE_LATE.set(true),
                 ("spins", n) => {
                     spins = n
                         .parse()
@@ -43,6 +47,9 @@ impl Guest for Component {
     }
 
     fn pre_snapshot(vm: String) -> Result<(), String> {
+        if FREEZE_LATE.get() {
+            return Ok(());
+        }
         guest::fs_freeze()?;
         match STALL.get() {
             Some(spins) => {
@@ -58,10 +65,16 @@ impl Guest for Component {
     }
 
     fn post_snapshot(_vm: String) -> Result<(), String> {
+        if FREEZE_LATE.get() {
+            return Ok(());
+        }
         guest::fs_thaw().map(|_| ())
     }
 
     fn post_backup(_vm: String, _succeeded: bool) -> Result<(), String> {
+        if FREEZE_LATE.get() {
+            guest::fs_freeze()?;
+        }
         Ok(())
     }
 }

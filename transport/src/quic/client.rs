@@ -147,7 +147,18 @@ impl QuicLink {
                         "cannot reach agent {addr}: no answer within {CONNECT_TIMEOUT:?}"
                     ))
                 })?
-                .map_err(|e| LinkError::Lost(format!("cannot reach agent {addr}: {e}")))?;
+                .map_err(|e| {
+                    let text = e.to_string();
+                    // The agent answered with another certificate than the
+                    // pinned one: a decision, which a retry does not change.
+                    if text.contains("not enrolled") || text.contains("certificate") {
+                        LinkError::Target(format!(
+                            "agent {addr} is not the one this configuration pins ({text}); check its fingerprint (`arca identity` on the agent's host)"
+                        ))
+                    } else {
+                        LinkError::Lost(format!("cannot reach agent {addr}: {text}"))
+                    }
+                })?;
             Ok::<_, LinkError>((endpoint, conn))
         })?;
         let link = Self {
