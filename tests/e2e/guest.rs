@@ -54,6 +54,23 @@ fn script(lab: &Lab, name: &str, body: &str) -> PathBuf {
     p
 }
 
+/// A job whose guest processing runs the hostile hook plugin under the
+/// name `bad-hook`; `guest` is the rest of the `[job.guest]` table and
+/// `hook` the hook's settings after its plugin name.
+fn apply_hostile_hook(lab: &Lab, disk: &Path, agent: &Path, guest: &str, hook: &str) {
+    let plugin = Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
+    lab.apply(&format!(
+        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"bad-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
+         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
+         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\n{guest}\n\
+         hook = {{ plugin = \"bad-hook\"{hook} }}\n",
+        lab.path("repo").display(),
+        plugin.display(),
+        disk.display(),
+        agent.display()
+    ));
+}
+
 fn apply_guest(lab: &Lab, disk: &Path, agent: &Path, guest: &str) {
     lab.apply(&format!(
         "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
@@ -374,14 +391,7 @@ fn a_hook_that_dies_while_frozen_is_thawed_by_the_host() {
     let disk = lab.path("vm.raw");
     make_disk(&disk, 4 * MIB, 64);
     // A third-party hook that freezes and then traps.
-    let plugin =
-        std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
-    lab.apply(&format!(
-        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"bad-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
-         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
-         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"try\"\nhook = {{ plugin = \"bad-hook\" }}\n",
-        lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
-    ));
+    apply_hostile_hook(&lab, &disk, &agent.sock, "mode = \"try\"", "");
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "mode try goes on crash-consistent: {r:#}");
     assert_eq!(
@@ -403,15 +413,13 @@ fn a_hook_that_freezes_after_the_backup_is_thawed_by_the_host() {
     let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
     let disk = lab.path("vm.raw");
     make_disk(&disk, 4 * MIB, 67);
-    let plugin =
-        std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
-    lab.apply(&format!(
-        "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"bad-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
-         [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
-         [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"try\"\n\
-         hook = {{ plugin = \"bad-hook\", behaviour = \"freeze-after-backup\" }}\n",
-        lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
-    ));
+    apply_hostile_hook(
+        &lab,
+        &disk,
+        &agent.sock,
+        "mode = \"try\"",
+        ", behaviour = \"freeze-after-backup\"",
+    );
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
     assert_eq!(
@@ -586,15 +594,13 @@ fn a_freeze_never_outlives_the_freeze_timeout() {
         let disk = lab.path("vm.raw");
         make_disk(&disk, 4 * MIB, 69);
         // The hook keeps the guest frozen for about a second; the job allows 100 ms.
-        let plugin =
-            std::path::Path::new(env!("ARCA_PLUGIN_DIR")).join("arca_plugin_hostile_hook.wasm");
-        lab.apply(&format!(
-            "[[repository]]\nname = \"main\"\npath = \"{}\"\n\n[[plugin]]\nname = \"slow-hook\"\nkind = \"guest-hook\"\npath = \"{}\"\n\n\
-             [[vm]]\nname = \"app01\"\ndisks = [\"{}\"]\nguest_agent = \"{}\"\n\n\
-             [[job]]\nname = \"nightly\"\nvms = [\"app01\"]\nrepository = \"main\"\n\n[job.guest]\nmode = \"{mode}\"\nfreeze_timeout_ms = 100\n\
-             hook = {{ plugin = \"slow-hook\", behaviour = \"stall\" }}\n",
-            lab.path("repo").display(), plugin.display(), disk.display(), agent.sock.display()
-        ));
+        apply_hostile_hook(
+            &lab,
+            &disk,
+            &agent.sock,
+            &format!("mode = \"{mode}\"\nfreeze_timeout_ms = 100"),
+            ", behaviour = \"stall\"",
+        );
         let (ok, r) = lab.run_job("nightly");
         assert_eq!(ok, ok_expected, "{mode}: {r:#}");
         let log = agent.log();

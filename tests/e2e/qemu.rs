@@ -210,6 +210,17 @@ fn apply_qemu_config(lab: &Lab, job_extra: &str) {
     ));
 }
 
+/// The lab's configuration with a pipeline that excludes `ranges`.
+fn apply_excluding(lab: &Lab, ranges: &str) {
+    apply_qemu_config(
+        lab,
+        &format!(
+            "pipeline = \"skip\"\n\n[[pipeline]]\nname = \"skip\"\n\
+             exclusion = [{{ plugin = \"exclude-ranges\", ranges = \"{ranges}\" }}]\n"
+        ),
+    );
+}
+
 fn restore_sha(lab: &Lab, point: &str) -> String {
     let out = lab.path("restored.raw");
     lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
@@ -685,11 +696,7 @@ fn clean_zero_blocks_are_carried_not_read_again() {
 fn a_lifted_exclusion_is_read_again_though_clean() {
     let (lab, qsd) = qemu_lab(64);
     // Part of one block and two whole blocks, all holding data.
-    apply_qemu_config(
-        &lab,
-        "pipeline = \"skip\"\n\n[[pipeline]]\nname = \"skip\"\n\
-         exclusion = [{ plugin = \"exclude-ranges\", ranges = \"1MiB+100KiB, 4MiB+512KiB\" }]\n",
-    );
+    apply_excluding(&lab, "1MiB+100KiB, 4MiB+512KiB");
     let (ok, first) = lab.run_job("nightly");
     assert!(ok, "{first:#}");
     assert_eq!(
@@ -734,11 +741,7 @@ fn a_parent_that_does_not_record_its_exclusions_is_compared_by_digest() {
     use arca::repository::manifest;
     let (lab, qsd) = qemu_lab(64);
     // Part of a block excluded: stored with those bytes zeroed.
-    apply_qemu_config(
-        &lab,
-        "pipeline = \"skip\"\n\n[[pipeline]]\nname = \"skip\"\n\
-         exclusion = [{ plugin = \"exclude-ranges\", ranges = \"1MiB+100KiB\" }]\n",
-    );
+    apply_excluding(&lab, "1MiB+100KiB");
     let (ok, first) = lab.run_job("nightly");
     assert!(ok, "{first:#}");
     // As an older arca (or agent) wrote it: no record of the excluded ranges.
