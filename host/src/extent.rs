@@ -36,6 +36,21 @@ pub fn normalize(mut extents: Vec<Extent>, limit: u64) -> Vec<Extent> {
     out
 }
 
+/// Ranges widened to whole blocks of `block` bytes and merged: what block
+/// planning makes of them anyway, in at most one range per two blocks.
+pub fn round_to_blocks(extents: &[Extent], block: u64) -> Vec<Extent> {
+    let widened = extents
+        .iter()
+        .filter(|e| e.length > 0)
+        .map(|e| {
+            let start = e.offset / block * block;
+            let end = e.end().div_ceil(block).saturating_mul(block);
+            Extent::new(start, end - start)
+        })
+        .collect();
+    normalize(widened, u64::MAX)
+}
+
 /// The block geometry of one disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -127,6 +142,22 @@ pub fn runs_to_extents(geometry: &Geometry, flags: &[bool]) -> Vec<Extent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_round_out_to_blocks_and_merge() {
+        let e = |o, l| Extent::new(o, l);
+        assert_eq!(
+            round_to_blocks(&[e(10, 5), e(100, 1), e(1030, 2000), e(4096, 0)], 1024),
+            [e(0, 3072)],
+            "widened, then merged with their neighbours"
+        );
+        assert_eq!(round_to_blocks(&[e(2048, 1024)], 1024), [e(2048, 1024)]);
+        // Every other block dirty in pieces: one range per dirty block.
+        let scattered: Vec<Extent> = (0..100)
+            .flat_map(|b| [e(b * 2048, 10), e(b * 2048 + 500, 10)])
+            .collect();
+        assert_eq!(round_to_blocks(&scattered, 1024).len(), 100);
+    }
 
     const G: Geometry = Geometry {
         disk_size: 10 * 1024 + 100,

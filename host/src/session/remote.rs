@@ -9,6 +9,7 @@ use super::report::TaskReport;
 use super::target::TaskFailure;
 use super::{TaskContext, VmState};
 use crate::config::VmSettings;
+use crate::extent::round_to_blocks;
 use crate::pipeline::TaskStats;
 use arca_transport::control::{AssignTask, SessionEvent};
 use arca_transport::quic::{RemoteControl, run_remote_task};
@@ -58,7 +59,7 @@ pub(super) fn run(
         has_dirty: changes.is_some(),
         dirty: changes
             .iter()
-            .flat_map(|c| &c.extents)
+            .flat_map(|c| dirty_ranges(&c.extents, ctx.job.block_size))
             .flat_map(|e| [e.offset, e.length])
             .collect(),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
@@ -116,4 +117,36 @@ pub(super) fn run(
     tr.restore_point = Some(result.point_id);
     tr.stats = Some(stats);
     Ok(())
+}
+
+/// A bitmap's changed ranges as sent to a proxy: as they are, unless there
+/// are so many that the assignment could outgrow its control frame (16
+/// bytes per range, 64 MiB): then widened to whole blocks and merged, which
+/// is what the task reads of them anyway (its report then counts whole
+/// blocks as changed).
+fn dirty_ranges(extents: &[crate::extent::Extent], block_size: u32) -> Vec<crate::extent::Extent> {
+    const AS_THEY_ARE: usize = 1 << 20;
+    if extents.len() <= AS_THEY_ARE {
+        return extents.to_vec();
+    }
+    round_to_blocks(extents, u64::from(block_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extent::Extent;
+
+    #[test]
+    fn many_changed_ranges_go_to_a_proxy_as_whole_blocks() {
+        let few = [Extent::new(10, 5), Extent::new(4096, 1)];
+        assert_eq!(dirty_ranges(&few, 1024), few, "as they are");
+        // Two small ranges in each of 600 Ki blocks, every other block.
+        let many: Vec<Extent> = (0..600u64 << 10)
+            .flat_map(|b| [Extent::new(b * 2048, 8), Extent::new(b * 2048 + 512, 8)])
+            .collect();
+        let sent = dirty_ranges(&many, 1024);
+        assert_eq!(sent.len(), 600 << 10);
+        assert_eq!(sent[1], Extent::new(2048, 1024));
+    }
 }

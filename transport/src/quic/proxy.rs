@@ -229,6 +229,16 @@ pub fn run_remote_task(
     mut control: RemoteControl,
     on_event: &mut dyn FnMut(SessionEvent),
 ) -> Result<TaskResult, LinkError> {
+    let (mut state, assign) = SessionTask::assign(task);
+    let frame = encode_frame(&assign);
+    // The proxy would refuse it unread, and so every retry.
+    if frame.len() - 4 > crate::control::MAX_FRAME {
+        return Err(LinkError::Target(format!(
+            "the task's assignment takes {} bytes, over the control channel's {} (its stages' components and changed ranges)",
+            frame.len() - 4,
+            crate::control::MAX_FRAME
+        )));
+    }
     let link = QuicLink::connect_only(rt, addr, fingerprint, identity)?;
     let conn = link.connection();
     rt.block_on(async {
@@ -238,9 +248,8 @@ pub fn run_remote_task(
         };
         let protocol = |e: ControlError| LinkError::Target(format!("proxy {addr}: {e}"));
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-        let (mut state, assign) = SessionTask::assign(task);
         let mut first = vec![wire::ASSIGN];
-        first.extend(encode_frame(&assign));
+        first.extend(frame);
         send.write_all(&first).await.map_err(|e| lost(&e))?;
         let mut decoder = FrameDecoder::default();
         let mut buf = vec![0u8; 64 << 10];
@@ -328,6 +337,37 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("arca-ctl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         Identity::load_or_create(&dir).unwrap()
+    }
+
+    #[test]
+    fn an_assignment_over_the_frame_bound_is_refused_before_any_connection() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Ten bytes per range number: 80 MiB.
+        let task = AssignTask {
+            dirty: vec![u64::MAX; crate::control::MAX_FRAME / 8 + 1],
+            ..Default::default()
+        };
+        let (_rate_tx, rate) = watch::channel(1u64);
+        let (_cancel_tx, cancel) = watch::channel(None);
+        // Nobody listens there: the refusal comes before any connection.
+        let e = run_remote_task(
+            rt.handle(),
+            "127.0.0.1:9".parse().unwrap(),
+            "sha256:00",
+            &identity("big"),
+            task,
+            RemoteControl { rate, cancel },
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, LinkError::Target(m) if m.contains("over the control channel's")),
+            "{e}"
+        );
     }
 
     #[test]
