@@ -54,6 +54,16 @@ fn script(lab: &Lab, name: &str, body: &str) -> PathBuf {
     p
 }
 
+/// A lab with a faithful fake guest agent and a 4 MiB disk made from
+/// `seed`.
+fn faithful_lab(seed: u64) -> (Lab, FakeAgent, PathBuf) {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, seed);
+    (lab, agent, disk)
+}
+
 /// A job whose guest processing runs the hostile hook plugin under the
 /// name `bad-hook`; `guest` is the rest of the `[job.guest]` table and
 /// `hook` the hook's settings after its plugin name.
@@ -386,10 +396,7 @@ fn freeze_surrounds_the_snapshot_and_thaw_always_happens() {
 
 #[test]
 fn a_hook_that_dies_while_frozen_is_thawed_by_the_host() {
-    let lab = Lab::new();
-    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
-    let disk = lab.path("vm.raw");
-    make_disk(&disk, 4 * MIB, 64);
+    let (lab, agent, disk) = faithful_lab(64);
     // A third-party hook that freezes and then traps.
     apply_hostile_hook(&lab, &disk, &agent.sock, "mode = \"try\"", "");
     let (ok, r) = lab.run_job("nightly");
@@ -409,10 +416,7 @@ fn a_hook_that_dies_while_frozen_is_thawed_by_the_host() {
 
 #[test]
 fn a_hook_that_freezes_after_the_backup_is_thawed_by_the_host() {
-    let lab = Lab::new();
-    let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
-    let disk = lab.path("vm.raw");
-    make_disk(&disk, 4 * MIB, 67);
+    let (lab, agent, disk) = faithful_lab(67);
     apply_hostile_hook(
         &lab,
         &disk,
@@ -589,10 +593,7 @@ fn the_stamp_is_written_in_the_guest_only_where_the_job_allows() {
 #[test]
 fn a_freeze_never_outlives_the_freeze_timeout() {
     for (mode, ok_expected) in [("require", false), ("try", true)] {
-        let lab = Lab::new();
-        let agent = FakeAgent::start(lab.dir.path(), Peer::Faithful);
-        let disk = lab.path("vm.raw");
-        make_disk(&disk, 4 * MIB, 69);
+        let (lab, agent, disk) = faithful_lab(69);
         // The hook keeps the guest frozen for about a second; the job allows 100 ms.
         apply_hostile_hook(
             &lab,

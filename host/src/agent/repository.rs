@@ -26,12 +26,7 @@ impl TargetService for RepositoryService {
 
     fn latest(&self, task: &OpenTask) -> Result<Option<Manifest>, String> {
         let (job, vm, disk) = (&task.job, &task.vm, &task.disk);
-        // A point's folder is made of these: one path component each.
-        for (what, name) in [("job", job), ("vm", vm), ("disk", disk)] {
-            if !crate::config::valid_name(name) {
-                return Err(format!("{what} name '{name}' is not one arca gives"));
-            }
-        }
+        crate::repository::manifest::check_point_names(job, vm, disk)?;
         if task.header_only {
             self.repo.latest_header(job, vm, disk)
         } else {

@@ -231,13 +231,9 @@ fn run_inner(
     });
     // Without a record, a block stored with bytes zeroed cannot be told
     // from one stored whole: a detector may carry none of them.
-    let all_stale;
-    let not_carried = match &before {
-        Some(Err(_)) => {
-            all_stale = vec![true; blocks];
-            &all_stale
-        }
-        _ => &stale,
+    let not_carried: std::borrow::Cow<[bool]> = match &before {
+        Some(Err(_)) => vec![true; blocks].into(),
+        _ => (&stale[..]).into(),
     };
     if let Some(d) = &dirty {
         stats.cbt_dirty_bytes = Some(d.iter().map(|e| e.length).sum());
@@ -259,7 +255,7 @@ fn run_inner(
         &plan,
         previous.is_some(),
         dirty.as_deref(),
-        not_carried,
+        &not_carried,
     )
     .map_err(|message| TaskError::BadPlan {
         plugin: stages.detector.name().to_owned(),

@@ -17,11 +17,8 @@
 //! data to reference.
 
 use crate::extent::{Extent, Geometry, normalize};
+use crate::repository::HOLE;
 use arca_transport::{ExcludedRanges, HASH_LEN, Manifest};
-
-/// All-zero address: a hole in a manifest, and "nothing to reference" in
-/// the digests given to the detector.
-const HOLE: [u8; HASH_LEN] = [0; HASH_LEN];
 
 /// What this task records of its exclusions (normalized ranges).
 pub fn record(excluded: &[Extent]) -> ExcludedRanges {

@@ -561,16 +561,12 @@ fn code(
         raw
     };
     let (coded, raw) = sh.clock.time("compression", || codec.compress(raw))?;
-    // A codec other than the built-in one is believed only where what it
-    // coded decodes back to the block: a broken one would otherwise be
-    // found at verify or restore, with every later point referencing its
-    // chunks through dedup. It costs such a codec's decoding time.
-    let lost = if crate::plugin::builtin::is_bounded(&codec.plugin().hash) {
-        Vec::new()
-    } else {
-        sh.clock
-            .time("compression", || codec.lost_blocks(&coded, &raw))?
-    };
+    // A codec is believed only where what it coded decodes back to the
+    // block: a broken one would otherwise be found at verify or restore,
+    // with every later point referencing its chunks through dedup.
+    let lost = sh
+        .clock
+        .time("compression", || codec.lost_blocks(&coded, &raw))?;
     let plugin = codec.plugin();
     // Payloads are slices of the two batches, not copies.
     let coded_data = Bytes::from(coded.data);
@@ -586,9 +582,8 @@ fn code(
         coded_at += coded_len;
         // Incompressible blocks are stored as they are: smaller, and
         // readable without any codec. So are blocks the codec lost.
-        let is_lost = lost.get(i).copied().unwrap_or(false);
-        totals.codec_lost_blocks += u64::from(is_lost);
-        let chunk = if coded_len >= raw_len || is_lost {
+        totals.codec_lost_blocks += u64::from(lost[i]);
+        let chunk = if coded_len >= raw_len || lost[i] {
             Chunk {
                 hash: digests[k].expect("missing blocks have digests").to_vec(),
                 codec: "none".into(),

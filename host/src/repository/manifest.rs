@@ -57,7 +57,13 @@ pub fn check(m: &Manifest) -> Result<(), String> {
 /// path component each, since the point's folder is made of them. (Not
 /// asked of what is read: the folder is already there.)
 pub fn check_names(m: &Manifest) -> Result<(), String> {
-    for (what, name) in [("job", &m.job), ("vm", &m.vm), ("disk", &m.disk)] {
+    check_point_names(&m.job, &m.vm, &m.disk)
+}
+
+/// A disk's points folder is `points/<job>/<vm>/<disk>`: each name must be
+/// one arca gives, so that none leads outside it.
+pub fn check_point_names(job: &str, vm: &str, disk: &str) -> Result<(), String> {
+    for (what, name) in [("job", job), ("vm", vm), ("disk", disk)] {
         if !crate::config::valid_name(name) {
             return Err(format!(
                 "{what} name '{name}' is not one arca gives (letters, digits, '.', '_', '-', not first '.')"

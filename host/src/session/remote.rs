@@ -9,7 +9,7 @@ use super::report::TaskReport;
 use super::target::TaskFailure;
 use super::{TaskContext, VmState};
 use crate::config::VmSettings;
-use crate::extent::round_to_blocks;
+use crate::extent::{Extent, round_to_blocks};
 use crate::pipeline::TaskStats;
 use arca_transport::control::{AssignTask, SessionEvent};
 use arca_transport::quic::{RemoteControl, run_remote_task};
@@ -124,7 +124,7 @@ pub(super) fn run(
 /// bytes per range, 64 MiB): then widened to whole blocks and merged, which
 /// is what the task reads of them anyway (its report then counts whole
 /// blocks as changed).
-fn dirty_ranges(extents: &[crate::extent::Extent], block_size: u32) -> Vec<crate::extent::Extent> {
+fn dirty_ranges(extents: &[Extent], block_size: u32) -> Vec<Extent> {
     const AS_THEY_ARE: usize = 1 << 20;
     if extents.len() <= AS_THEY_ARE {
         return extents.to_vec();
@@ -135,7 +135,6 @@ fn dirty_ranges(extents: &[crate::extent::Extent], block_size: u32) -> Vec<crate
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extent::Extent;
 
     #[test]
     fn many_changed_ranges_go_to_a_proxy_as_whole_blocks() {

@@ -39,13 +39,26 @@ fn lost(e: impl std::fmt::Display) -> LinkError {
     LinkError::Lost(e.to_string())
 }
 
+/// Whether a connection error is a certificate refused by either side (a
+/// pin that does not match, a peer not enrolled): a decision, which a retry
+/// does not change, not a lost link.
+fn is_refusal(text: &str) -> bool {
+    [
+        "cryptographic handshake failed",
+        "certificate",
+        "not enrolled",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
 /// Says why a connection ended: with TLS 1.3 a client learns that the agent
 /// refused its certificate only when the connection closes.
 pub(super) fn closed(conn: &quinn::Connection, e: impl std::fmt::Display) -> LinkError {
     match conn.close_reason() {
         Some(reason) => {
             let text = reason.to_string();
-            if text.contains("cryptographic handshake failed") || text.contains("certificate") {
+            if is_refusal(&text) {
                 // A refusal is a decision, not a lost link: retrying changes nothing.
                 LinkError::Target(format!(
                     "the agent refused this server ({text}); enrol it there: `arca identity` here, `arca agent --trust` there"
@@ -149,9 +162,9 @@ impl QuicLink {
                 })?
                 .map_err(|e| {
                     let text = e.to_string();
-                    // The agent answered with another certificate than the
-                    // pinned one: a decision, which a retry does not change.
-                    if text.contains("not enrolled") || text.contains("certificate") {
+                    // While connecting, the agent's certificate is the one
+                    // judged: another than the pinned one.
+                    if is_refusal(&text) {
                         LinkError::Target(format!(
                             "agent {addr} is not the one this configuration pins ({text}); check its fingerprint (`arca identity` on the agent's host)"
                         ))

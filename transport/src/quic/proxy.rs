@@ -14,6 +14,7 @@ use crate::control::{
 };
 use crate::link::LinkError;
 use crate::throttle::TokenBucket;
+use prost::Message;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -230,12 +231,11 @@ pub fn run_remote_task(
     on_event: &mut dyn FnMut(SessionEvent),
 ) -> Result<TaskResult, LinkError> {
     let (mut state, assign) = SessionTask::assign(task);
-    let frame = encode_frame(&assign);
-    // The proxy would refuse it unread, and so every retry.
-    if frame.len() - 4 > crate::control::MAX_FRAME {
+    // The proxy's frame decoder would refuse it unread, and so every retry.
+    let len = assign.encoded_len();
+    if len > crate::control::MAX_FRAME {
         return Err(LinkError::Target(format!(
-            "the task's assignment takes {} bytes, over the control channel's {} (its stages' components and changed ranges)",
-            frame.len() - 4,
+            "the task's assignment takes {len} bytes, over the control channel's {} (its stages' components and changed ranges)",
             crate::control::MAX_FRAME
         )));
     }
@@ -249,7 +249,7 @@ pub fn run_remote_task(
         let protocol = |e: ControlError| LinkError::Target(format!("proxy {addr}: {e}"));
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
         let mut first = vec![wire::ASSIGN];
-        first.extend(frame);
+        first.extend(encode_frame(&assign));
         send.write_all(&first).await.map_err(|e| lost(&e))?;
         let mut decoder = FrameDecoder::default();
         let mut buf = vec![0u8; 64 << 10];
