@@ -108,6 +108,16 @@ enum Command {
         #[arg(long)]
         trust: Vec<String>,
     },
+    /// Thaws a guest whose session dies while it is frozen. Sessions start
+    /// it before they freeze a guest (see `arca::guest::guard`); it is not
+    /// an operator's command.
+    #[command(hide = true)]
+    FreezeGuard {
+        /// The guest agent's socket.
+        socket: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        agent_timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +163,10 @@ fn default_home() -> PathBuf {
 fn main() {
     tune_allocator();
     let cli = Cli::parse();
+    // Sessions start this binary as the freeze guard of a guest they freeze.
+    if let Ok(exe) = std::env::current_exe() {
+        arca::guest::guard::install(exe);
+    }
     // An agent is a service: its log says which session and task each
     // line is about, so it logs task events by default.
     let default_level = match &cli.command {
@@ -197,6 +211,43 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_ARENA_MAX, cores.min(64) as libc::c_int);
+    }
+}
+
+/// `arca freeze-guard`: waits for its session's word or end, then thaws
+/// if the session left the guest frozen.
+fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
+    use arca::guest::guard::{GuardOutcome, PATIENCE, serve};
+    // The signals that stop a session (a Ctrl-C reaches its whole process
+    // group; a service manager signals all its processes) must not stop
+    // the one process that thaws after it.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let timeout = std::time::Duration::from_millis(agent_timeout_ms);
+    match serve(socket, timeout, std::io::stdin().lock(), PATIENCE) {
+        GuardOutcome::NothingFrozen => 0,
+        GuardOutcome::Thawed {
+            filesystems,
+            attempts,
+        } => {
+            eprintln!(
+                "arca freeze-guard: the session ended with the guest at {} frozen; thawed {filesystems} filesystem(s) (attempt {attempts})",
+                socket.display()
+            );
+            0
+        }
+        GuardOutcome::GaveUp {
+            last_error,
+            attempts,
+        } => {
+            eprintln!(
+                "arca freeze-guard: the session ended with the guest at {} frozen and {attempts} thaw attempts over {PATIENCE:?} failed, the last with: {last_error}; thaw it by hand (guest-fsfreeze-thaw)",
+                socket.display()
+            );
+            1
+        }
     }
 }
 
@@ -422,6 +473,10 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&inv)?);
             Ok(0)
         }
+        Command::FreezeGuard {
+            socket,
+            agent_timeout_ms,
+        } => Ok(freeze_guard(&socket, agent_timeout_ms)),
         Command::Identity => {
             let id = arca_transport::quic::Identity::load_or_create(&home.identity)?;
             println!("{}", id.fingerprint);

@@ -270,11 +270,23 @@ enum Peer {
     Hang,
     HangUp,
     Garbage,
+    /// The first two thaws fail (as they do while the agent is still busy
+    /// with a slow freeze).
+    ThawFailsTwice,
+}
+
+/// The fake guest's state, shared by every connection: the guest is frozen,
+/// not the connection that froze it.
+#[derive(Default)]
+struct Guest {
+    log: Vec<String>,
+    frozen: bool,
+    failed_thaws: u32,
 }
 
 /// A guest-agent protocol peer for freeze/thaw (see the module comment).
 struct FakeAgent {
-    log: Arc<Mutex<Vec<String>>>,
+    guest: Arc<Mutex<Guest>>,
     sock: PathBuf,
 }
 
@@ -282,27 +294,33 @@ impl FakeAgent {
     fn start(dir: &Path, behaviour: Peer) -> Self {
         let sock = dir.join("fake-qga.sock");
         let listener = UnixListener::bind(&sock).unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
+        let guest = Arc::new(Mutex::new(Guest {
+            frozen: behaviour == Peer::AlreadyFrozen,
+            ..Guest::default()
+        }));
+        let g = guest.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
-                let l = l.clone();
-                std::thread::spawn(move || serve(conn, behaviour, l));
+                let g = g.clone();
+                std::thread::spawn(move || serve(conn, behaviour, g));
             }
         });
-        Self { log, sock }
+        Self { guest, sock }
     }
 
     fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.guest.lock().unwrap().log.clone()
+    }
+
+    fn frozen(&self) -> bool {
+        self.guest.lock().unwrap().frozen
     }
 }
 
-fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, log: Arc<Mutex<Vec<String>>>) {
+fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, guest: Arc<Mutex<Guest>>) {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
-    let mut frozen = behaviour == Peer::AlreadyFrozen;
     loop {
         let mut line = Vec::new();
         if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
@@ -325,30 +343,37 @@ fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, log: Arc<Mutex<V
                     let _ = w.write_all(b"\x00\x13garbage{{{\n");
                     continue;
                 }
-                Peer::Faithful | Peer::AlreadyFrozen => {}
+                Peer::Faithful | Peer::AlreadyFrozen | Peer::ThawFailsTwice => {}
             }
         }
+        let mut g = guest.lock().unwrap();
         let reply = match cmd.as_str() {
             "guest-sync" => serde_json::json!({ "return": msg["arguments"]["id"] }),
             "guest-ping" => serde_json::json!({ "return": {} }),
             "guest-fsfreeze-freeze" => {
-                frozen = true;
-                log.lock().unwrap().push("freeze".into());
+                g.frozen = true;
+                g.log.push("freeze".into());
                 serde_json::json!({ "return": 2 })
             }
+            "guest-fsfreeze-thaw" if behaviour == Peer::ThawFailsTwice && g.failed_thaws < 2 => {
+                g.failed_thaws += 1;
+                g.log.push("thaw failed".into());
+                serde_json::json!({ "error": { "class": "GenericError", "desc": "busy" } })
+            }
             "guest-fsfreeze-thaw" => {
-                let n = if frozen { 2 } else { 0 };
-                frozen = false;
-                log.lock().unwrap().push("thaw".into());
+                let n = if g.frozen { 2 } else { 0 };
+                g.frozen = false;
+                g.log.push("thaw".into());
                 serde_json::json!({ "return": n })
             }
             "guest-fsfreeze-status" => {
-                serde_json::json!({ "return": if frozen { "frozen" } else { "thawed" } })
+                serde_json::json!({ "return": if g.frozen { "frozen" } else { "thawed" } })
             }
             other => {
                 serde_json::json!({ "error": { "class": "CommandNotFound", "desc": format!("The command {other} has not been found") } })
             }
         };
+        drop(g);
         let mut out = reply.to_string();
         out.push('\n');
         if w.write_all(out.as_bytes()).is_err() {
@@ -622,4 +647,141 @@ fn a_freeze_never_outlives_the_freeze_timeout() {
         );
         assert_eq!(r["guest"][0]["application_consistent"], false);
     }
+}
+
+/// Waits up to `limit` for `done`.
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+#[test]
+fn a_thaw_that_fails_after_the_freeze_timeout_is_retried_until_it_holds() {
+    let lab = Lab::new();
+    let agent = FakeAgent::start(lab.dir.path(), Peer::ThawFailsTwice);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 70);
+    // The hook keeps the guest frozen for seconds; the job allows 100 ms.
+    apply_hostile_hook(
+        &lab,
+        &disk,
+        &agent.sock,
+        "mode = \"try\"\nfreeze_timeout_ms = 100",
+        ", behaviour = \"stall\", spins = \"4000000000\"",
+    );
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "mode try goes on crash-consistent: {r:#}");
+    // The watchdog tried again 0.1 s and 0.2 s after its failures, while the
+    // hook still held the freeze; the hook's own thaw came after. A single
+    // attempt would have left the hook's thaw to fail and the host's last
+    // thaw to end the freeze, seconds late.
+    assert_eq!(
+        agent.log(),
+        ["freeze", "thaw failed", "thaw failed", "thaw", "thaw"]
+    );
+    assert!(!agent.frozen());
+    let events = r["guest"][0]["events"].to_string();
+    assert!(
+        events.contains("the host keeps trying")
+            && events
+                .contains("thawed by the host after the freeze timeout of 100ms, at attempt 3"),
+        "{events}"
+    );
+    assert_eq!(r["guest"][0]["application_consistent"], false);
+}
+
+/// The pids of freeze guards serving `sock`.
+fn guards_of(sock: &Path) -> Vec<u32> {
+    let needle = sock.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.contains(&&b"freeze-guard"[..]) && args.contains(&needle)
+        })
+        .collect()
+}
+
+#[test]
+fn a_session_that_dies_with_the_guest_frozen_is_thawed_by_its_guard() {
+    use std::os::unix::process::CommandExt;
+    for (how, signal, group) in [
+        ("SIGKILL to the session", libc::SIGKILL, false),
+        ("Ctrl-C to its process group", libc::SIGINT, true),
+    ] {
+        let (lab, agent, disk) = faithful_lab(71);
+        // The hook holds the freeze far longer than the test waits, under a
+        // freeze timeout that never fires: only the guard can end it.
+        apply_hostile_hook(
+            &lab,
+            &disk,
+            &agent.sock,
+            "mode = \"require\"\nfreeze_timeout_ms = 600000",
+            ", behaviour = \"stall\", spins = \"400000000000\"",
+        );
+        let log = lab.path("session.stderr");
+        let mut session = lab.command();
+        session
+            .args(["job", "run", "nightly", "--json"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .process_group(0);
+        let mut session = session.spawn().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(60), || agent.frozen()),
+            "{how}: the session never froze the guest: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert_eq!(guards_of(&agent.sock).len(), 1, "{how}: one guard");
+        let target = if group {
+            -(session.id() as i32)
+        } else {
+            session.id() as i32
+        };
+        // SAFETY: signalling our own child (or its process group).
+        assert_eq!(unsafe { libc::kill(target, signal) }, 0);
+        let status = session.wait().unwrap();
+        assert!(!status.success(), "{how}: {status:?}");
+        assert!(
+            wait_for(Duration::from_secs(20), || !agent.frozen()),
+            "{how}: the guest stayed frozen: {:?}",
+            agent.log()
+        );
+        assert_eq!(agent.log(), ["freeze", "thaw"], "{how}");
+        assert!(
+            wait_for(Duration::from_secs(10), || guards_of(&agent.sock)
+                .is_empty()),
+            "{how}: the guard stayed after its thaw"
+        );
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            said.contains("arca freeze-guard: the session ended with the guest at")
+                && said.contains("thawed 2 filesystem(s)"),
+            "{how}: {said}"
+        );
+    }
+}
+
+#[test]
+fn a_session_that_ends_normally_leaves_no_guard() {
+    let (lab, agent, disk) = faithful_lab(72);
+    apply_guest(&lab, &disk, &agent.sock, &freeze_conf("require"));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert_eq!(agent.log(), ["freeze", "thaw"]);
+    // The guard was told of the thaw and left when the session ended.
+    assert!(
+        wait_for(Duration::from_secs(10), || guards_of(&agent.sock)
+            .is_empty()),
+        "a guard outlived its session"
+    );
+    assert!(!r.to_string().contains("freeze guard"), "{r:#}");
 }

@@ -89,6 +89,15 @@ impl Agent {
         Ok(agent)
     }
 
+    /// A command that the agent answered but that did not do its job.
+    pub fn command_failed(&self, command: &str, desc: String) -> AgentError {
+        AgentError::Command {
+            socket: self.socket.clone(),
+            command: command.to_owned(),
+            desc,
+        }
+    }
+
     fn garbage(&self, command: &str, detail: String) -> AgentError {
         AgentError::Garbage {
             socket: self.socket.clone(),

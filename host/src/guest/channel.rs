@@ -4,10 +4,13 @@
 //! The host, not the plugin, guarantees the two promises of guest
 //! processing: every freeze is followed by a thaw (`ensure_thawed`, called by
 //! the session whatever happened), and a freeze never lasts longer than the
-//! job's freeze timeout (a watchdog thaws and marks the snapshot as no longer
-//! application-consistent).
+//! job's freeze timeout (a watchdog thaws, retrying until the agent
+//! answers, and marks the snapshot as no longer application-consistent).
+//! Dropping a channel thaws what it left frozen; a freeze guard process
+//! (`guard`) covers the death of the session itself.
 
 use super::agent::{Agent, AgentError, ExecOutput};
+use super::guard::{self, FreezeGuard};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,8 +50,25 @@ struct State {
     freeze_epoch: u64,
     frozen: bool,
     watchdog_thawed: bool,
+    /// The watchdog's thaw attempts for the current freeze.
+    watchdog_attempts: u32,
     commands: Vec<ExecRecord>,
     events: Vec<String>,
+    /// Started before the first freeze; told of every freeze and thaw.
+    guard: Option<FreezeGuard>,
+}
+
+impl State {
+    /// Records a thaw the agent confirmed, and tells the guard.
+    fn thawed(&mut self) {
+        self.frozen = false;
+        if let Some(g) = &mut self.guard
+            && let Err(e) = g.thawed()
+        {
+            self.events.push(format!("freeze guard: {e}"));
+            self.guard = None;
+        }
+    }
 }
 
 pub struct GuestChannel {
@@ -148,10 +168,12 @@ impl GuestChannel {
         let epoch = {
             let mut st = self.state.lock().expect("state lock");
             st.freeze_epoch += 1;
+            st.watchdog_attempts = 0;
             // Counted as frozen before the call returns: a freeze that timed
             // out may still have happened, and must be thawed.
             st.frozen = true;
             st.events.push("freeze".into());
+            self.tell_guard_frozen(&mut st);
             st.freeze_epoch
         };
         let result = self.with_agent(Agent::fs_freeze);
@@ -159,31 +181,69 @@ impl GuestChannel {
         let limit = self.policy.freeze_timeout;
         std::thread::spawn(move || {
             std::thread::sleep(limit);
-            if let Some(ch) = me.upgrade() {
-                ch.watchdog(epoch);
-            }
+            // Until the agent confirms a thaw, or the channel is gone (its
+            // `Drop` and the guard take over). An agent still busy with a
+            // slow freeze answers nothing until that freeze is done.
+            let patience = Duration::MAX;
+            let _ = guard::until_thawed(patience, || match me.upgrade() {
+                Some(ch) => ch.watchdog(epoch),
+                None => Ok(0),
+            });
         });
         result
     }
 
-    fn watchdog(&self, epoch: u64) {
-        let still = {
-            let st = self.state.lock().expect("state lock");
-            st.frozen && st.freeze_epoch == epoch
-        };
-        if still {
-            let r = self.with_agent(Agent::fs_thaw);
-            let mut st = self.state.lock().expect("state lock");
-            if st.frozen && st.freeze_epoch == epoch {
-                st.watchdog_thawed = true;
-                st.frozen = r.is_err();
-                st.events.push(format!(
-                    "thawed by the host after the freeze timeout of {:?}{}",
-                    self.policy.freeze_timeout,
-                    r.err()
-                        .map(|e| format!(" (thaw failed: {e})"))
-                        .unwrap_or_default()
-                ));
+    /// Starts the guard if need be and tells it a freeze is coming; a guard
+    /// that cannot be started or told costs an event, not the freeze (the
+    /// session's own thaws still hold while it lives).
+    fn tell_guard_frozen(&self, st: &mut State) {
+        if st.guard.is_none() {
+            match FreezeGuard::start(&self.socket, self.policy.agent_timeout) {
+                Ok(g) => st.guard = g,
+                Err(e) => st.events.push(format!("freeze guard: {e}")),
+            }
+        }
+        if let Some(g) = &mut st.guard
+            && let Err(e) = g.frozen()
+        {
+            st.events.push(format!("freeze guard: {e}"));
+            st.guard = None;
+        }
+    }
+
+    /// One thaw attempt after the freeze timeout: `Ok` once nothing of
+    /// freeze `epoch` is left to thaw.
+    fn watchdog(&self, epoch: u64) -> Result<u32, String> {
+        let still = |st: &State| st.frozen && st.freeze_epoch == epoch;
+        if !still(&self.state.lock().expect("state lock")) {
+            return Ok(0);
+        }
+        let r = self.with_agent(guard::thaw_confirmed);
+        let mut st = self.state.lock().expect("state lock");
+        if !still(&st) {
+            return Ok(0);
+        }
+        st.watchdog_thawed = true;
+        st.watchdog_attempts += 1;
+        let attempt = st.watchdog_attempts;
+        let limit = self.policy.freeze_timeout;
+        match r {
+            Ok(n) => {
+                st.thawed();
+                st.events.push(if attempt == 1 {
+                    format!("thawed by the host after the freeze timeout of {limit:?}")
+                } else {
+                    format!("thawed by the host after the freeze timeout of {limit:?}, at attempt {attempt}")
+                });
+                Ok(n)
+            }
+            Err(e) => {
+                if attempt == 1 {
+                    st.events.push(format!(
+                        "the freeze timeout of {limit:?} passed and the thaw failed ({e}); the host keeps trying"
+                    ));
+                }
+                Err(e)
             }
         }
     }
@@ -235,22 +295,31 @@ impl GuestChannel {
         r
     }
 
+    /// A hook's thaw.
     pub fn thaw(&self) -> Result<u32, String> {
-        let r = self.with_agent(Agent::fs_thaw);
+        self.thaw_with(Agent::fs_thaw)
+    }
+
+    fn thaw_with(
+        &self,
+        thaw: impl FnOnce(&mut Agent) -> Result<u32, AgentError>,
+    ) -> Result<u32, String> {
+        let r = self.with_agent(thaw);
         let mut st = self.state.lock().expect("state lock");
         if r.is_ok() {
-            st.frozen = false;
+            st.thawed();
         }
         st.events.push("thaw".into());
         r
     }
 
-    /// Thaws if anything is still frozen; returns a notice when it had to.
+    /// Thaws if anything is still frozen, and checks that the agent says
+    /// so; returns a notice when it had to.
     pub fn ensure_thawed(&self) -> Option<String> {
         if !self.state.lock().expect("state lock").frozen {
             return None;
         }
-        let r = self.thaw();
+        let r = self.thaw_with(guard::thaw_confirmed);
         Some(match r {
             Ok(n) => format!("the host thawed {n} guest filesystem(s) the hook left frozen"),
             Err(e) => format!("guest filesystems may still be frozen: thaw failed: {e}"),
@@ -268,5 +337,83 @@ impl GuestChannel {
 
     pub fn events(&self) -> Vec<String> {
         self.state.lock().expect("state lock").events.clone()
+    }
+}
+
+impl Drop for GuestChannel {
+    /// Every way out ends here, errors that skipped the session's last
+    /// `ensure_thawed` included. A thaw that fails here is left to the
+    /// guard, which the end of this channel wakes (its input closes after
+    /// this).
+    fn drop(&mut self) {
+        let frozen = self.state.get_mut().map(|st| st.frozen).unwrap_or(false);
+        if frozen && let Some(n) = self.ensure_thawed() {
+            tracing::warn!("{n}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// An agent that answers sync, freeze, thaw and status, and records
+    /// freezes and thaws.
+    fn fake_agent(sock: &std::path::Path) -> Arc<Mutex<Vec<String>>> {
+        let listener = UnixListener::bind(sock).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let conn = conn.unwrap();
+                let mut w = conn.try_clone().unwrap();
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(conn).split(b'\n') {
+                        let Ok(line) = line else { return };
+                        let text: Vec<u8> = line.into_iter().filter(|b| *b != 0xff).collect();
+                        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&text) else {
+                            continue;
+                        };
+                        let ret = match msg["execute"].as_str().unwrap_or("") {
+                            "guest-sync" => msg["arguments"]["id"].clone(),
+                            "guest-fsfreeze-status" => "thawed".into(),
+                            cmd => {
+                                l.lock().unwrap().push(cmd.to_owned());
+                                1.into()
+                            }
+                        };
+                        let _ = writeln!(w, "{}", serde_json::json!({ "return": ret }));
+                    }
+                });
+            }
+        });
+        log
+    }
+
+    #[test]
+    fn a_channel_dropped_while_frozen_thaws() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let log = fake_agent(&sock);
+        let channel = GuestChannel::new(
+            sock,
+            GuestPolicy {
+                allow_exec: Vec::new(),
+                allow_freeze: true,
+                allow_files: Vec::new(),
+                freeze_timeout: Duration::from_secs(600),
+                agent_timeout: Duration::from_secs(5),
+            },
+        );
+        assert_eq!(channel.freeze(), Ok(1));
+        // An error path that never reached the session's last thaw.
+        drop(channel);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod channel;
+pub mod guard;
 
 pub use agent::{Agent, AgentError, ExecOutput};
 pub use channel::{ExecRecord, GuestChannel, GuestPolicy};
