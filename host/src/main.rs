@@ -164,7 +164,12 @@ fn main() {
     tune_allocator();
     let cli = Cli::parse();
     // Sessions start this binary as the freeze guard of a guest they freeze.
-    if let Ok(exe) = std::env::current_exe() {
+    // `/proc/self/exe` is this very program even after an upgrade replaced
+    // or removed its file during a long session.
+    let exe = PathBuf::from("/proc/self/exe");
+    if exe.exists() {
+        arca::guest::guard::install(exe);
+    } else if let Ok(exe) = std::env::current_exe() {
         arca::guest::guard::install(exe);
     }
     // An agent is a service: its log says which session and task each
@@ -218,6 +223,7 @@ fn tune_allocator() {
 /// if the session left the guest frozen.
 fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
     use arca::guest::guard::{GuardOutcome, PATIENCE, serve};
+    use std::io::Write;
     // The signals that stop a session (a Ctrl-C reaches its whole process
     // group; a service manager signals all its processes) must not stop
     // the one process that thaws after it.
@@ -232,7 +238,9 @@ fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
             filesystems,
             attempts,
         } => {
-            eprintln!(
+            // A closed stderr must not turn a done thaw into a panic.
+            let _ = writeln!(
+                std::io::stderr(),
                 "arca freeze-guard: the session ended with the guest at {} frozen; thawed {filesystems} filesystem(s) (attempt {attempts})",
                 socket.display()
             );
@@ -242,7 +250,8 @@ fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
             last_error,
             attempts,
         } => {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "arca freeze-guard: the session ended with the guest at {} frozen and {attempts} thaw attempts over {PATIENCE:?} failed, the last with: {last_error}; thaw it by hand (guest-fsfreeze-thaw)",
                 socket.display()
             );

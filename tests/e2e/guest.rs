@@ -350,6 +350,11 @@ fn serve(conn: std::os::unix::net::UnixStream, behaviour: Peer, guest: Arc<Mutex
         let reply = match cmd.as_str() {
             "guest-sync" => serde_json::json!({ "return": msg["arguments"]["id"] }),
             "guest-ping" => serde_json::json!({ "return": {} }),
+            // qemu-ga takes only thaw and status (and sync, ping) while frozen.
+            "guest-fsfreeze-freeze" if g.frozen => {
+                g.log.push("freeze refused".into());
+                serde_json::json!({ "error": { "class": "GenericError", "desc": "Command guest-fsfreeze-freeze has been disabled" } })
+            }
             "guest-fsfreeze-freeze" => {
                 g.frozen = true;
                 g.log.push("freeze".into());
@@ -575,6 +580,29 @@ fn a_guest_frozen_by_someone_else_is_not_frozen_again() {
 }
 
 #[test]
+fn a_freeze_the_agent_refuses_leaves_someone_elses_freeze_alone() {
+    let lab = Lab::new();
+    // Another session (another job backing up the same VM) holds a freeze.
+    let agent = FakeAgent::start(lab.dir.path(), Peer::AlreadyFrozen);
+    let disk = lab.path("vm.raw");
+    make_disk(&disk, 4 * MIB, 73);
+    // A hook that freezes without asking first.
+    apply_hostile_hook(&lab, &disk, &agent.sock, "mode = \"try\"", "");
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "mode try goes on crash-consistent: {r:#}");
+    assert!(
+        wait_for(Duration::from_secs(10), || guards_of(&agent.sock)
+            .is_empty()),
+        "a guard outlived its session"
+    );
+    // Neither the session, nor its Drop, nor its guard thawed the other
+    // session's freeze.
+    assert_eq!(agent.log(), ["freeze refused"]);
+    assert!(agent.frozen());
+    assert_ne!(r["tasks"][0]["consistency"], "application-consistent");
+}
+
+#[test]
 fn the_stamp_is_written_in_the_guest_only_where_the_job_allows() {
     let lab = Lab::new();
     let (_ga, sock) = QemuGa::start(lab.dir.path());
@@ -678,20 +706,24 @@ fn a_thaw_that_fails_after_the_freeze_timeout_is_retried_until_it_holds() {
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "mode try goes on crash-consistent: {r:#}");
     // The watchdog tried again 0.1 s and 0.2 s after its failures, while the
-    // hook still held the freeze; the hook's own thaw came after. A single
-    // attempt would have left the hook's thaw to fail and the host's last
-    // thaw to end the freeze, seconds late.
+    // hook still held the freeze, so the hook's own thaw found nothing to
+    // do. A single attempt would have left the hook's thaw to fail and the
+    // host's last thaw to end the freeze, seconds late.
     assert_eq!(
         agent.log(),
-        ["freeze", "thaw failed", "thaw failed", "thaw", "thaw"]
+        ["freeze", "thaw failed", "thaw failed", "thaw"]
     );
     assert!(!agent.frozen());
-    let events = r["guest"][0]["events"].to_string();
-    assert!(
-        events.contains("the host keeps trying")
-            && events
-                .contains("thawed by the host after the freeze timeout of 100ms, at attempt 3"),
-        "{events}"
+    let events: Vec<String> = serde_json::from_value(r["guest"][0]["events"].clone()).unwrap();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(events[1].contains("the host keeps trying"), "{events:?}");
+    assert_eq!(
+        events[2],
+        "thawed by the host after the freeze timeout of 100ms, at attempt 3"
+    );
+    assert_eq!(
+        events[3],
+        "thaw not sent: nothing of this session is frozen"
     );
     assert_eq!(r["guest"][0]["application_consistent"], false);
 }
@@ -776,12 +808,13 @@ fn a_session_that_ends_normally_leaves_no_guard() {
     apply_guest(&lab, &disk, &agent.sock, &freeze_conf("require"));
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "{r:#}");
-    assert_eq!(agent.log(), ["freeze", "thaw"]);
-    // The guard was told of the thaw and left when the session ended.
+    // The guard was told of the thaw and left when the session ended,
+    // without a thaw of its own.
     assert!(
         wait_for(Duration::from_secs(10), || guards_of(&agent.sock)
             .is_empty()),
         "a guard outlived its session"
     );
+    assert_eq!(agent.log(), ["freeze", "thaw"]);
     assert!(!r.to_string().contains("freeze guard"), "{r:#}");
 }

@@ -59,11 +59,48 @@ pub struct Agent {
     timeout: Duration,
 }
 
+/// Connects within `timeout`. A plain `connect` to a unix socket waits
+/// without bound while the listener's backlog is full, and QEMU's chardev
+/// serves one client at a time with a backlog of one: a guard or a watchdog
+/// behind another client would wait forever. Non-blocking, a full backlog
+/// is `WouldBlock`, tried again until the deadline.
+fn connect_within(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(socket)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr) {
+            Ok(()) => {
+                s.set_nonblocking(false)?;
+                let stream = UnixStream::from(std::os::fd::OwnedFd::from(s));
+                // Writes are bounded too: a peer that stops reading fills
+                // the socket buffer.
+                stream.set_write_timeout(Some(timeout))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the agent accepted no connection within {timeout:?} (another client holds it)"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Agent {
     /// Connects and synchronises (`guest-sync` with a random id, so stale
     /// answers of an earlier client are skipped).
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
-        let stream = UnixStream::connect(socket).map_err(|source| AgentError::Connect {
+        let stream = connect_within(socket, timeout).map_err(|source| AgentError::Connect {
             socket: socket.to_owned(),
             source,
         })?;
@@ -336,6 +373,33 @@ impl Agent {
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
+
+    /// QEMU's chardev serves one client at a time: a listener that accepts
+    /// nobody, with its backlog full, must cost a timeout, not a hang.
+    #[test]
+    fn connecting_to_a_busy_agent_times_out() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("busy.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&sock).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        // Fill the backlog; these connections are never accepted.
+        let mut held = Vec::new();
+        while let Ok(c) = connect_within(&sock, Duration::from_millis(50)) {
+            held.push(c);
+            assert!(held.len() < 1000, "the backlog never filled");
+        }
+        let started = Instant::now();
+        let e = Agent::connect(&sock, Duration::from_millis(300))
+            .err()
+            .expect("no connection to a full backlog");
+        assert!(
+            e.to_string().contains("accepted no connection within"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     /// This machine's own qemu-ga, with freezing blocked (it would freeze the
     /// host): everything else is the real protocol.

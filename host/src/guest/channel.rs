@@ -103,12 +103,22 @@ impl GuestChannel {
         &self,
         f: impl FnOnce(&mut Agent) -> Result<R, AgentError>,
     ) -> Result<R, String> {
-        let mut slot = self.agent.lock().expect("agent lock");
+        self.call(f).map_err(|e| e.to_string())
+    }
+
+    fn call<R>(
+        &self,
+        f: impl FnOnce(&mut Agent) -> Result<R, AgentError>,
+    ) -> Result<R, AgentError> {
+        // A panic during an earlier call (which `Drop` may follow while
+        // unwinding) leaves a connection out of step: start afresh.
+        let mut slot = self.agent.lock().unwrap_or_else(|poisoned| {
+            let mut slot = poisoned.into_inner();
+            *slot = None;
+            slot
+        });
         if slot.is_none() {
-            *slot = Some(
-                Agent::connect(&self.socket, self.policy.agent_timeout)
-                    .map_err(|e| e.to_string())?,
-            );
+            *slot = Some(Agent::connect(&self.socket, self.policy.agent_timeout)?);
         }
         let agent = slot.as_mut().expect("connected above");
         match f(agent) {
@@ -117,7 +127,7 @@ impl GuestChannel {
                 if !matches!(e, AgentError::Command { .. }) {
                     *slot = None;
                 }
-                Err(e.to_string())
+                Err(e)
             }
         }
     }
@@ -176,7 +186,19 @@ impl GuestChannel {
             self.tell_guard_frozen(&mut st);
             st.freeze_epoch
         };
-        let result = self.with_agent(Agent::fs_freeze);
+        let result = self.call(Agent::fs_freeze);
+        if let Err(AgentError::Connect { .. } | AgentError::Command { .. }) = &result {
+            // The request never reached the agent, or the agent refused it
+            // (qemu-ga undoes a partial freeze before it answers): nothing
+            // of this freeze is left, and whatever is frozen is someone
+            // else's (another session's, backing up the same VM), which
+            // this channel, its watchdog and its guard must not thaw.
+            let mut st = self.state.lock().expect("state lock");
+            if st.freeze_epoch == epoch {
+                st.thawed();
+            }
+        }
+        let result = result.map_err(|e| e.to_string());
         let me = Arc::downgrade(self);
         let limit = self.policy.freeze_timeout;
         std::thread::spawn(move || {
@@ -295,8 +317,18 @@ impl GuestChannel {
         r
     }
 
-    /// A hook's thaw.
+    /// A hook's thaw. Sent only while a freeze of this channel may hold:
+    /// otherwise the guest is thawed already (by the watchdog, say), or
+    /// frozen by someone else, whose freeze this session must not end.
     pub fn thaw(&self) -> Result<u32, String> {
+        {
+            let mut st = self.state.lock().expect("state lock");
+            if !st.frozen {
+                st.events
+                    .push("thaw not sent: nothing of this session is frozen".into());
+                return Ok(0);
+            }
+        }
         self.thaw_with(Agent::fs_thaw)
     }
 

@@ -232,8 +232,9 @@ mod tests {
             panic!("{outcome:?}")
         };
         assert!(last_error.contains("cannot connect"), "{last_error}");
-        // 0.1 + 0.2 s of pauses fit in 0.5 s; the next 0.4 s does not.
-        assert_eq!(attempts, 3);
+        // 0.1 + 0.2 s of pauses fit in 0.5 s; the next 0.4 s does not (a
+        // loaded machine may oversleep the first pauses and try once less).
+        assert!((2..=3).contains(&attempts), "{attempts}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
