@@ -72,6 +72,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forget restore points by a retention policy, per disk: the newest
+    /// N, and the newest point of each of the newest N days, ISO weeks and
+    /// months (UTC). Each disk's newest point is always kept. Chunks stay
+    /// until `arca prune` (or `--prune`).
+    Forget {
+        #[arg(long)]
+        repository: Option<String>,
+        /// Only this job's restore points.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        /// Then free what no restore point references any more.
+        #[arg(long)]
+        prune: bool,
+        /// Show what would be forgotten (and pruned), change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free the chunks no restore point references: packs that hold only
+    /// such chunks are deleted, packs that hold many are rewritten. Needs
+    /// the repository idle (no session, restore or verify).
+    Prune {
+        #[arg(long)]
+        repository: Option<String>,
+        /// Show what would be freed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent sessions.
     Sessions {
         #[arg(long, default_value_t = 20)]
@@ -395,6 +438,8 @@ fn run(cli: Cli) -> Result<i32> {
             let Some((repo, entry)) = found else {
                 bail!("restore point '{point}' is in no configured repository (see `arca points`)");
             };
+            // No prune moves a chunk while it is read.
+            let _reading = repo.read_lock()?;
             let bank = CodecBank::new(repo, runtime);
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
             let stats = arca::restore::restore_to_image(
@@ -429,6 +474,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mut reports = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
                 let bank = CodecBank::new(repo.clone(), runtime.clone());
+                let _reading = repo.read_lock()?;
                 let r = arca::verify::verify(&repo, &bank, workers)?;
                 clean &= r.is_clean();
                 if !json {
@@ -459,6 +505,105 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             }
             Ok(if clean { 0 } else { 1 })
+        }
+        Command::Forget {
+            repository,
+            job,
+            vm,
+            disk,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            prune,
+            dry_run,
+            json,
+        } => {
+            let policy = arca::repository::retention::Policy {
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            };
+            policy.check().map_err(anyhow::Error::msg)?;
+            let db = ConfigDb::open(&home.db)?;
+            let mut out = Vec::new();
+            for (name, repo) in repositories(&db, repository.as_deref())? {
+                let wanted = |m: &arca_transport::Manifest| {
+                    job.as_ref().is_none_or(|j| *j == m.job)
+                        && vm.as_ref().is_none_or(|v| *v == m.vm)
+                        && disk.as_ref().is_none_or(|d| *d == m.disk)
+                };
+                let plan =
+                    arca::repository::retention::plan(repo.listed_points()?, &policy, wanted);
+                if !dry_run {
+                    repo.forget(&plan.forget)?;
+                }
+                let pruned = if prune {
+                    Some(repo.prune(arca::repository::prune::PruneOptions {
+                        dry_run,
+                        forgotten: if dry_run {
+                            plan.forget.iter().map(|p| p.path.clone()).collect()
+                        } else {
+                            Default::default()
+                        },
+                        ..Default::default()
+                    })?)
+                } else {
+                    None
+                };
+                let ids = |v: &[arca::repository::retention::Listed]| -> Vec<String> {
+                    v.iter().map(|p| p.header.point_id.clone()).collect()
+                };
+                if !json {
+                    let verb = if dry_run { "would forget" } else { "forgot" };
+                    println!(
+                        "repository '{name}': {verb} {} restore point(s), kept {}",
+                        plan.forget.len(),
+                        plan.keep.len()
+                    );
+                    for p in &plan.forget {
+                        let m = &p.header;
+                        println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
+                    }
+                    if let Some(r) = &pruned {
+                        print_prune(&name, r);
+                    }
+                }
+                out.push(serde_json::json!({
+                    "repository": name,
+                    "dry_run": dry_run,
+                    "forgotten": ids(&plan.forget),
+                    "kept": ids(&plan.keep),
+                    "prune": pruned,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(0)
+        }
+        Command::Prune {
+            repository,
+            dry_run,
+            json,
+        } => {
+            let db = ConfigDb::open(&home.db)?;
+            let mut out = Vec::new();
+            for (name, repo) in repositories(&db, repository.as_deref())? {
+                let r = repo.prune(arca::repository::prune::PruneOptions {
+                    dry_run,
+                    ..Default::default()
+                })?;
+                if !json {
+                    print_prune(&name, &r);
+                }
+                out.push(serde_json::json!({ "repository": name, "report": r }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(0)
         }
         Command::Sessions { limit, json } => {
             let db = ConfigDb::open(&home.db)?;
@@ -611,6 +756,35 @@ fn compile_pipelines(home: &Home, db: &ConfigDb) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_prune(name: &str, r: &arca::repository::prune::PruneReport) {
+    let verb = if r.dry_run { "would free" } else { "freed" };
+    println!(
+        "repository '{name}': {} restore point(s) reference {} chunk(s); packs: {} before, {} deleted, {} rewritten{}, {} kept; {} orphan pack(s) and {} format-1 chunk file(s) deleted; {verb} {}{}",
+        r.restore_points,
+        r.referenced_chunks,
+        r.packs_before,
+        r.packs_deleted,
+        r.packs_repacked,
+        if r.dry_run {
+            String::new()
+        } else {
+            format!(" into {}", r.packs_written)
+        },
+        r.packs_kept,
+        r.orphan_packs_deleted,
+        r.loose_chunks_deleted,
+        bytes(r.bytes_freed),
+        if r.packs_with_damaged_index > 0 {
+            format!(
+                "; {} pack(s) with a damaged index left alone (see arca verify)",
+                r.packs_with_damaged_index
+            )
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn repositories(db: &ConfigDb, only: Option<&str>) -> Result<Vec<(String, Repository)>> {

@@ -15,4 +15,5 @@ mod hostile;
 mod netns;
 mod proxies;
 mod qemu;
+mod retention;
 mod snapshot;

@@ -111,6 +111,9 @@ pub struct AssignTask {
     /// `dirty` only if that point is its parent.
     #[prost(string, tag = "17")]
     pub dirty_since: String,
+    /// The job's retention policy, for the commit (`CommitPoint`).
+    #[prost(message, optional, tag = "18")]
+    pub retention: Option<crate::messages::RetentionPolicy>,
 }
 
 /// Proxy → session: how the task ended.

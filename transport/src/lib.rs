@@ -14,5 +14,5 @@ pub mod throttle;
 pub use link::{CancellableLink, InProcessLink, LinkError, LinkStats, TargetLink, TargetMover};
 pub use messages::{
     Chunk, ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, ExcludedRanges,
-    HASH_LEN, MANIFEST_FORMAT_VERSION, Manifest, RegisterCodec, StoreChunks,
+    HASH_LEN, MANIFEST_FORMAT_VERSION, Manifest, RegisterCodec, RetentionPolicy, StoreChunks,
 };

@@ -194,6 +194,25 @@ impl Manifest {
 pub struct CommitPoint {
     #[prost(message, optional, tag = "1")]
     pub manifest: Option<Manifest>,
+    /// The job's retention policy, applied to the disk's restore points
+    /// once this one is durable (an older target ignores it).
+    #[prost(message, optional, tag = "2")]
+    pub retention: Option<RetentionPolicy>,
+}
+
+/// How many restore points of a disk to keep: the newest `keep_last`, and
+/// the newest of each of the newest `keep_daily` days, `keep_weekly` ISO
+/// weeks and `keep_monthly` months (UTC).
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct RetentionPolicy {
+    #[prost(uint32, tag = "1")]
+    pub keep_last: u32,
+    #[prost(uint32, tag = "2")]
+    pub keep_daily: u32,
+    #[prost(uint32, tag = "3")]
+    pub keep_weekly: u32,
+    #[prost(uint32, tag = "4")]
+    pub keep_monthly: u32,
 }
 
 /// Target → source: the restore point is durable and visible.
@@ -207,6 +226,13 @@ pub struct CommitReply {
     /// Bytes those chunks occupy on the repository.
     #[prost(uint64, tag = "3")]
     pub stored_bytes: u64,
+    /// Restore points the retention policy forgot after the commit.
+    #[prost(string, repeated, tag = "4")]
+    pub forgotten: Vec<String>,
+    /// Why the retention policy could not be applied (the point is
+    /// committed all the same).
+    #[prost(string, tag = "5")]
+    pub retention_error: String,
 }
 
 #[cfg(test)]

@@ -183,6 +183,7 @@ mod tests {
                 block_hashes: vec![7; 20_000],
                 ..Default::default()
             }),
+            retention: None,
         };
         let len = commit.encoded_len() as u64;
         link.commit(commit).unwrap();

@@ -119,6 +119,7 @@ impl ProxyRole {
             },
             changes,
             cbt_bitmap: a.cbt_bitmap,
+            retention: a.retention,
         };
         let stages = loaded.instantiate().map_err(|e| fatal(&e))?;
         let done = AtomicU64::new(0);

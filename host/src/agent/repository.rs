@@ -81,6 +81,7 @@ mod tests {
                     excluded: Some(ExcludedRanges::from_ranges([(100, 200)])),
                     ..Default::default()
                 }),
+                retention: None,
             })
             .unwrap();
         let whole = service.latest(&task).unwrap().unwrap();

@@ -110,7 +110,7 @@ impl ConfigDb {
                      memory_mib INTEGER NOT NULL, deadline_ms INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, stages TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS jobs (name TEXT PRIMARY KEY, repository TEXT NOT NULL,
-                     pipeline TEXT NOT NULL, block_size INTEGER NOT NULL, guest TEXT);
+                     pipeline TEXT NOT NULL, block_size INTEGER NOT NULL, guest TEXT, retention TEXT);
                  CREATE TABLE IF NOT EXISTS job_vms (job TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
                      vm TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (job, vm));
                  CREATE TABLE IF NOT EXISTS job_proxies (job TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
@@ -168,6 +168,20 @@ impl ConfigDb {
                     "ALTER TABLE proxies ADD COLUMN agent TEXT;
                      ALTER TABLE proxies ADD COLUMN fingerprint TEXT;",
                 )
+                .map_err(self.err())?;
+        }
+        // Databases made before jobs had retention lack its column.
+        let has_retention: bool = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'retention'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        if !has_retention {
+            self.conn
+                .execute_batch("ALTER TABLE jobs ADD COLUMN retention TEXT;")
                 .map_err(self.err())?;
         }
         // The embedded defaults exist without any configuration.
@@ -308,15 +322,17 @@ impl ConfigDb {
         }
         for j in &f.jobs {
             tx.execute(
-                "INSERT INTO jobs (name, repository, pipeline, block_size, guest) VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO jobs (name, repository, pipeline, block_size, guest, retention) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET repository = excluded.repository,
-                 pipeline = excluded.pipeline, block_size = excluded.block_size, guest = excluded.guest",
+                 pipeline = excluded.pipeline, block_size = excluded.block_size, guest = excluded.guest,
+                 retention = excluded.retention",
                 params![
                     j.name,
                     j.repository,
                     j.pipeline,
                     j.block_size,
-                    j.guest.as_ref().map(|g| serde_json::to_string(g).expect("guest settings serialize"))
+                    j.guest.as_ref().map(|g| serde_json::to_string(g).expect("guest settings serialize")),
+                    j.retention.as_ref().map(|r| serde_json::to_string(r).expect("retention serializes"))
                 ],
             )
             .map_err(err)?;
@@ -435,16 +451,17 @@ impl ConfigDb {
 
     /// Resolves a job and everything it references.
     pub fn load_job(&self, name: &str) -> Result<JobSettings, DbError> {
-        let row: Option<(String, String, u32, Option<String>)> = self
+        type JobColumns = (String, String, u32, Option<String>, Option<String>);
+        let row: Option<JobColumns> = self
             .conn
             .query_row(
-                "SELECT repository, pipeline, block_size, guest FROM jobs WHERE name = ?1",
+                "SELECT repository, pipeline, block_size, guest, retention FROM jobs WHERE name = ?1",
                 [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(self.err())?;
-        let Some((repo_name, pipeline_name, block_size, guest)) = row else {
+        let Some((repo_name, pipeline_name, block_size, guest, retention)) = row else {
             let known = self.job_names()?;
             return Err(DbError::UnknownJob {
                 name: name.into(),
@@ -593,6 +610,12 @@ impl ConfigDb {
                     .map_err(|e| corrupt(format!("job '{name}' guest settings: {e}")))
             })
             .transpose()?;
+        let retention = retention
+            .map(|r| {
+                serde_json::from_str(&r)
+                    .map_err(|e| corrupt(format!("job '{name}' retention: {e}")))
+            })
+            .transpose()?;
         let used: Vec<&str> = std::iter::once(&pipeline.change_detection)
             .chain(&pipeline.exclusions)
             .chain(std::iter::once(&pipeline.codec))
@@ -630,6 +653,7 @@ impl ConfigDb {
             vms,
             plugins,
             guest,
+            retention,
         })
     }
 

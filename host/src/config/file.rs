@@ -172,6 +172,7 @@ struct RawJob {
     proxies: Option<Vec<Spanned<String>>>,
     block_size: Option<Spanned<toml::Value>>,
     guest: Option<RawGuest>,
+    retention: Option<Spanned<crate::repository::retention::Policy>>,
 }
 
 /// A job as stored: references by name.
@@ -185,6 +186,7 @@ pub struct JobRow {
     pub proxies: Vec<String>,
     pub block_size: u32,
     pub guest: Option<super::GuestSettings>,
+    pub retention: Option<crate::repository::retention::Policy>,
 }
 
 /// A parsed and validated file, ready for the database.
@@ -628,8 +630,16 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                 })
             }
         };
+        let retention = match &j.retention {
+            None => None,
+            Some(r) => match r.get_ref().check() {
+                Ok(()) => Some(*r.get_ref()),
+                Err(why) => return cx.invalid(r.span(), format!("job '{name}': {why}")),
+            },
+        };
         out.jobs.push(JobRow {
             guest,
+            retention,
             vms: j
                 .vms
                 .iter()

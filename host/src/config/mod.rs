@@ -143,6 +143,8 @@ pub struct JobSettings {
     pub guest: Option<GuestSettings>,
     /// Every throttling rule; the session applies those that match a link.
     pub throttles: Vec<ThrottleRule>,
+    /// Applied to each disk's restore points after each commit.
+    pub retention: Option<crate::repository::retention::Policy>,
 }
 
 /// Defaults that exist without any configuration: the embedded proxy and

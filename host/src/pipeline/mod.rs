@@ -84,6 +84,8 @@ pub struct TaskInput {
     pub changes: Option<Changes>,
     /// Recorded in the manifest: the CBT bitmap that counts from this snapshot.
     pub cbt_bitmap: String,
+    /// The job's retention, applied by the target after the commit.
+    pub retention: Option<arca_transport::RetentionPolicy>,
 }
 
 impl TaskInput {
@@ -349,8 +351,27 @@ fn run_inner(
     let reply = clock.time("commit", || {
         link.commit(CommitPoint {
             manifest: Some(manifest),
+            retention: input.retention,
         })
     })?;
+    if let Some(policy) = input.retention {
+        let policy = crate::repository::retention::Policy::from(policy);
+        if !reply.forgotten.is_empty() {
+            notices.push(format!(
+                "{}: retention ({policy}) forgot {} restore point(s): {}",
+                input.label(),
+                reply.forgotten.len(),
+                reply.forgotten.join(", ")
+            ));
+        }
+        if !reply.retention_error.is_empty() {
+            notices.push(format!(
+                "{}: retention ({policy}) not applied: {}",
+                input.label(),
+                reply.retention_error
+            ));
+        }
+    }
     stats.stored_bytes = reply.stored_bytes;
     stats.new_chunks = reply.new_chunks;
     stats.transferred_bytes = link.stats().sent_bytes;

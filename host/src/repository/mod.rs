@@ -10,6 +10,7 @@
 //! codecs/<hex>.wasm           every codec component that coded a chunk
 //! points/<job>/<vm>/<disk>/<point>.manifest
 //! staging/<process>/          a process's packs until a commit publishes them
+//! lock                        the repository lock; its content is the prune generation
 //! ```
 //! Invariants: a chunk's address is the BLAKE3 of its plaintext, computed by
 //! the host; packs, their indexes and codecs are durable before a manifest
@@ -22,14 +23,18 @@
 //!
 //! Room for what comes next: `chunk_address` and `encryption` in the format
 //! file name the addressing (`blake3`, later `blake3-keyed`) and cipher, and
-//! chunk headers carry optional key/nonce fields; retention and GC take the
-//! repository lock exclusively while writers hold it shared.
+//! chunk headers carry optional key/nonce fields. Prune (`prune`) takes the
+//! repository lock (`lock`, the file `lock`) exclusively while writers and
+//! readers hold it shared.
 
 pub mod chunk;
 mod index;
+pub mod lock;
 pub mod manifest;
 pub mod pack;
 mod packer;
+pub mod prune;
+pub mod retention;
 pub mod writer;
 
 use arca_transport::{ChunkHash, HASH_LEN, Manifest};
@@ -72,6 +77,12 @@ pub enum RepositoryError {
     Chunk { hash: String, reason: String },
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
+    #[error(
+        "repository {path} is in use by a session, restore or verify (or another prune): prune it when that has ended"
+    )]
+    Busy { path: PathBuf },
+    #[error("repository {path}: prune refused: {reason}")]
+    PruneRefused { path: PathBuf, reason: String },
     #[error("restore point {0} not found")]
     PointNotFound(String),
     #[error("codec component {hash} is not in the repository")]
@@ -148,9 +159,11 @@ struct Shared {
     headers: Mutex<HashMap<PathBuf, HashMap<HeaderKey, Arc<Manifest>>>>,
     /// Manifests found to reference only chunks the repository has, so
     /// that a long-lived agent looks a parent's block list up once, not at
-    /// every session. The index only grows within a process (nothing
-    /// deletes chunks yet), so the answer holds.
+    /// every session. The answer holds while the prune generation does
+    /// (a reload clears it).
     complete: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The prune generation (`lock`) the index was loaded under.
+    generation: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -193,6 +206,7 @@ fn shared_for(root: &Path, id: &str) -> Result<Arc<Shared>, RepositoryError> {
         loose: root.join("chunks").is_dir(),
         headers: Mutex::default(),
         complete: Mutex::default(),
+        generation: Mutex::default(),
     });
     open.insert(key, Arc::downgrade(&shared));
     Ok(shared)
@@ -330,8 +344,34 @@ impl Repository {
         Ok(repo)
     }
 
-    /// Loads index files published since this process last looked.
+    /// Loads index files published since this process last looked (under
+    /// the shared lock: never in the middle of a prune).
     fn refresh(&self) -> Result<(), RepositoryError> {
+        let lock = lock::RepoLock::shared(&self.root)?;
+        self.refresh_locked(&lock)
+    }
+
+    /// `refresh` for a holder of the shared lock. After a prune (another
+    /// generation) what this process knew may be gone: the index, the open
+    /// pack files (named by index positions) and the complete-point answers
+    /// are dropped and the index is loaded again. The generation's mutex is
+    /// held throughout, so no writer of this process starts on a half-loaded
+    /// index.
+    fn refresh_locked(&self, lock: &lock::RepoLock) -> Result<(), RepositoryError> {
+        let generation = lock.generation()?;
+        let mut known = self.shared.generation.lock().expect("generation lock");
+        if known.as_ref() != Some(&generation) {
+            if known.is_some() {
+                tracing::info!(
+                    "repository {}: pruned since its index was loaded; loading it again",
+                    self.root.display()
+                );
+                self.shared.files.lock().expect("pack files lock").clear();
+                *self.shared.index.write().expect("chunk index lock") = ChunkIndex::default();
+                self.shared.complete.lock().expect("complete lock").clear();
+            }
+            *known = Some(generation);
+        }
         let dir = self.root.join("index");
         self.shared
             .index
@@ -339,6 +379,15 @@ impl Repository {
             .expect("chunk index lock")
             .refresh(&dir)
             .map_err(io_err(&dir))
+    }
+
+    /// Holds the shared lock for a reader (restore, verify) and brings the
+    /// index up to date under it: chunks stay where it says until the
+    /// guard is dropped.
+    pub fn read_lock(&self) -> Result<lock::RepoLock, RepositoryError> {
+        let lock = lock::RepoLock::shared(&self.root)?;
+        self.refresh_locked(&lock)?;
+        Ok(lock)
     }
 
     pub fn root(&self) -> &Path {

@@ -21,6 +21,9 @@ use std::sync::Mutex;
 pub struct PointWriter {
     repo: Repository,
     state: Mutex<State>,
+    /// Shared, for this writer's life: no prune runs between a dedup
+    /// answer and the commit that relies on it.
+    _lock: super::lock::RepoLock,
 }
 
 #[derive(Default)]
@@ -38,11 +41,14 @@ fn target_err(e: impl std::fmt::Display) -> LinkError {
 impl PointWriter {
     pub(super) fn new(repo: &Repository) -> Result<Self, RepositoryError> {
         // Packs other processes published since the repository was opened
-        // answer this writer's dedup queries too.
-        repo.refresh()?;
+        // answer this writer's dedup queries too; after a prune, the index
+        // is loaded again.
+        let lock = super::lock::RepoLock::shared(&repo.root)?;
+        repo.refresh_locked(&lock)?;
         Ok(Self {
             repo: repo.clone(),
             state: Mutex::new(State::default()),
+            _lock: lock,
         })
     }
 
@@ -97,10 +103,22 @@ impl PointWriter {
             &staging,
         )?;
         state.finished = true;
+        // The new point is durable: the job's retention may now forget
+        // older ones (never this one, the newest). A failure here costs
+        // the report a notice, not the point.
+        let (forgotten, retention_error) = match commit.retention {
+            Some(policy) => match repo.apply_retention(&m.job, &m.vm, &m.disk, &policy.into()) {
+                Ok(ids) => (ids, String::new()),
+                Err(e) => (Vec::new(), e.to_string()),
+            },
+            None => (Vec::new(), String::new()),
+        };
         Ok(CommitReply {
             point_id: m.point_id,
             new_chunks: state.new_chunks,
             stored_bytes: state.stored_bytes,
+            forgotten,
+            retention_error,
         })
     }
 }
@@ -360,6 +378,7 @@ mod tests {
     fn commit(w: &PointWriter, hashes: &[ChunkHash]) -> Result<CommitReply, LinkError> {
         w.commit(CommitPoint {
             manifest: Some(manifest_of(hashes)),
+            retention: None,
         })
     }
 
@@ -485,7 +504,10 @@ mod tests {
             })
             .unwrap();
             let e = w
-                .commit(CommitPoint { manifest: Some(m) })
+                .commit(CommitPoint {
+                    manifest: Some(m),
+                    retention: None,
+                })
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("refused commit") && e.contains(why), "{e}");

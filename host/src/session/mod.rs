@@ -624,6 +624,7 @@ fn run_one(
         workers,
         changes: state.snap.changes(disk_index),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
+        retention: job.retention.map(Into::into),
     };
     tr.consistency = Some(state.consistency.as_str().into());
     let stages = pipeline

@@ -68,6 +68,7 @@ pub(super) fn run(
         repository_fingerprint: repo_fingerprint.to_owned(),
         rate: *rate.borrow_and_update(),
         workers: ctx.workers as u32,
+        retention: ctx.job.retention.map(Into::into),
     };
     tr.consistency = Some(state.consistency.as_str().into());
     // Nothing cancels a task yet but the end of this process, which the

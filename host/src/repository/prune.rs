@@ -1,0 +1,342 @@
+//! Prune: frees the chunks no restore point references.
+//!
+//! Under the exclusive repository lock (`lock`), so no session, restore or
+//! verify is running:
+//! 1. every manifest is read whole; one that does not read refuses the
+//!    prune (its chunks cannot be told from garbage);
+//! 2. each pack, by its index file, is kept, repacked or deleted: a pack
+//!    whose records are all unreferenced is deleted; one whose unreferenced
+//!    records are at least `repack_share` of its bytes has its referenced
+//!    records copied into new packs; others are kept as they are (their dead
+//!    records cost less than rewriting the live ones). A chunk stored in two
+//!    packs counts as live in the first only (packs in id order);
+//! 3. packs without an index (left by a writer killed before it published
+//!    the index) and format-1 chunk files nobody references are deleted.
+//!
+//! Order, so that a prune killed at any moment loses nothing: the prune
+//! generation changes first (processes that loaded the index before will
+//! load it again), new packs are published (durable, then indexed) before
+//! any old index file goes, and an old pack file goes only after its index
+//! file is gone and the index folder is synced. A pack left without its
+//! index by a killed prune is an orphan the next prune deletes. Packs whose
+//! index is damaged, and everything in `staging/`, are left alone.
+
+use super::index::ChunkSet;
+use super::lock::RepoLock;
+use super::pack::{self, IndexEntry, PACK_TARGET};
+use super::packer::{self, Packer};
+use super::{HOLE, Repository, RepositoryError, io_err, manifest, parse_hex, writer::sync_dir};
+use arca_transport::{ChunkHash, HASH_LEN};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+/// Unreferenced bytes, as a share of a pack, from which it is rewritten.
+pub const REPACK_SHARE: f64 = 0.2;
+
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Say what would be done, do nothing.
+    pub dry_run: bool,
+    pub repack_share: f64,
+    /// Manifests to count as forgotten: what a dry run of `forget` would
+    /// remove.
+    pub forgotten: std::collections::HashSet<PathBuf>,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            repack_share: REPACK_SHARE,
+            forgotten: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub restore_points: usize,
+    pub referenced_chunks: usize,
+    pub packs_before: usize,
+    pub packs_kept: usize,
+    pub packs_deleted: usize,
+    pub packs_repacked: usize,
+    pub packs_written: usize,
+    /// Packs without an index file, deleted.
+    pub orphan_packs_deleted: usize,
+    /// Packs left alone because their index file is damaged.
+    pub packs_with_damaged_index: usize,
+    pub chunks_deleted: u64,
+    pub loose_chunks_deleted: usize,
+    pub bytes_before: u64,
+    pub bytes_freed: u64,
+}
+
+/// One pack as its index describes it.
+struct PackPlan {
+    id: String,
+    size: u64,
+    live: Vec<IndexEntry>,
+    dead: usize,
+}
+
+enum Action {
+    Keep,
+    Delete,
+    Repack,
+}
+
+impl Repository {
+    /// Frees what no restore point references (see the module doc).
+    pub fn prune(&self, opts: PruneOptions) -> Result<PruneReport, RepositoryError> {
+        let lock = RepoLock::exclusive(&self.root)?;
+        let refused = |reason: String| RepositoryError::PruneRefused {
+            path: self.root.clone(),
+            reason,
+        };
+        let mut report = PruneReport {
+            dry_run: opts.dry_run,
+            ..PruneReport::default()
+        };
+
+        // 1. What the restore points reference.
+        let mut referenced = ChunkSet::default();
+        for path in self.manifest_paths()? {
+            if opts.forgotten.contains(&path) {
+                continue;
+            }
+            let m = manifest::read(&path).map_err(|e| {
+                refused(format!(
+                    "{e}; repair or remove that restore point first (its chunks cannot be told from garbage)"
+                ))
+            })?;
+            report.restore_points += 1;
+            for h in m.block_hashes.chunks_exact(HASH_LEN) {
+                let h: ChunkHash = h.try_into().expect("32 bytes");
+                if h != HOLE {
+                    referenced.insert(h);
+                }
+            }
+        }
+        report.referenced_chunks = referenced.len();
+
+        // 2. Each pack by its index.
+        let index_dir = self.root.join("index");
+        let mut ids: Vec<String> = match std::fs::read_dir(&index_dir) {
+            Ok(entries) => entries
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().into_string().ok()?;
+                    let id = name.strip_suffix(".idx")?;
+                    packer::is_pack_id(id).then(|| id.to_owned())
+                })
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err(&index_dir)(e)),
+        };
+        ids.sort();
+        let mut kept_once = ChunkSet::default();
+        let mut plans = Vec::new();
+        let mut indexed: BTreeSet<String> = BTreeSet::new();
+        for id in ids {
+            indexed.insert(id.clone());
+            let idx = packer::index_path(&self.root, &id);
+            let entries = match std::fs::read(&idx)
+                .map_err(|e| e.to_string())
+                .and_then(|b| pack::decode_index(&b))
+            {
+                Ok(e) => e,
+                Err(why) => {
+                    tracing::warn!(
+                        "prune leaves pack {id} alone: its index {}: {why}",
+                        idx.display()
+                    );
+                    report.packs_with_damaged_index += 1;
+                    continue;
+                }
+            };
+            let path = packer::pack_path(&self.root, &id);
+            let size = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                // An index without its pack: nothing to free, and verify
+                // names the chunks it lost.
+                Err(_) => continue,
+            };
+            let (live, dead): (Vec<IndexEntry>, Vec<IndexEntry>) = entries
+                .into_iter()
+                .partition(|e| referenced.contains(&e.hash) && kept_once.insert(e.hash));
+            plans.push(PackPlan {
+                id,
+                size,
+                live,
+                dead: dead.len(),
+            });
+        }
+        report.packs_before = plans.len();
+        report.bytes_before = plans.iter().map(|p| p.size).sum();
+        let action = |p: &PackPlan| {
+            let live_bytes: u64 = p.live.iter().map(|e| u64::from(e.len)).sum();
+            if p.live.is_empty() {
+                Action::Delete
+            } else if p.dead > 0
+                && (p.size.saturating_sub(live_bytes)) as f64 >= opts.repack_share * p.size as f64
+            {
+                Action::Repack
+            } else {
+                Action::Keep
+            }
+        };
+
+        // 3. Orphan packs and unreferenced format-1 chunk files.
+        let orphans = self.orphan_packs(&indexed)?;
+        let loose = self.unreferenced_loose(&referenced)?;
+
+        let mut delete = Vec::new();
+        let mut repack = Vec::new();
+        for p in &plans {
+            match action(p) {
+                Action::Keep => report.packs_kept += 1,
+                Action::Delete => delete.push(p),
+                Action::Repack => repack.push(p),
+            }
+        }
+        report.packs_deleted = delete.len();
+        report.packs_repacked = repack.len();
+        report.chunks_deleted = delete.iter().chain(&repack).map(|p| p.dead as u64).sum();
+        report.orphan_packs_deleted = orphans.len();
+        report.loose_chunks_deleted = loose.len();
+        let freed_packs: u64 = delete.iter().chain(&repack).map(|p| p.size).sum();
+        let rewritten: u64 = repack
+            .iter()
+            .flat_map(|p| &p.live)
+            .map(|e| u64::from(e.len))
+            .sum();
+        let orphan_bytes: u64 = orphans.iter().map(|(_, len)| len).sum();
+        let loose_bytes: u64 = loose.iter().map(|(_, len)| len).sum();
+        report.bytes_freed =
+            (freed_packs - rewritten.min(freed_packs)) + orphan_bytes + loose_bytes;
+        if opts.dry_run {
+            return Ok(report);
+        }
+
+        lock.bump()?;
+        report.packs_written = self.repack(&repack)?;
+        // Old index files first, durably; then their packs.
+        for p in delete.iter().chain(&repack) {
+            let idx = packer::index_path(&self.root, &p.id);
+            std::fs::remove_file(&idx).map_err(io_err(&idx))?;
+        }
+        sync_dir(&index_dir)?;
+        for p in delete.iter().chain(&repack) {
+            remove_if_there(packer::pack_path(&self.root, &p.id))?;
+        }
+        for (path, _) in orphans.iter().chain(&loose) {
+            remove_if_there(path.clone())?;
+        }
+        // Done: whoever loaded the index in the meantime loads it again.
+        lock.bump()?;
+        self.refresh_locked(&lock)?;
+        Ok(report)
+    }
+
+    /// Copies the live records of `packs` into new packs and publishes
+    /// them; returns how many it wrote.
+    fn repack(&self, packs: &[&PackPlan]) -> Result<usize, RepositoryError> {
+        if packs.is_empty() {
+            return Ok(0);
+        }
+        let mut packer = Packer::with_target(&self.root.join("staging"), PACK_TARGET)?;
+        let mut record = Vec::new();
+        for p in packs {
+            let path = packer::pack_path(&self.root, &p.id);
+            let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+            for e in &p.live {
+                record.resize(e.len as usize, 0);
+                file.read_exact_at(&mut record, e.offset)
+                    .map_err(io_err(&path))?;
+                // A record is copied as it is: a damaged one stays damaged
+                // (verify names it) rather than being dropped unseen.
+                if let Some(flushes) = packer.append(&e.hash, &record, &[])? {
+                    for f in flushes {
+                        f.write()?;
+                    }
+                }
+            }
+        }
+        let (staged, last_runs) = packer.take();
+        for f in last_runs {
+            f.write()?;
+        }
+        let staging = packer.staging().to_owned();
+        let (published, failure) = packer::publish(&self.root, &staging, &staged)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(published.len())
+    }
+
+    /// Pack files that no index file names, with their sizes.
+    fn orphan_packs(
+        &self,
+        indexed: &BTreeSet<String>,
+    ) -> Result<Vec<(PathBuf, u64)>, RepositoryError> {
+        let mut out = Vec::new();
+        let top = self.root.join("packs");
+        let Ok(fans) = std::fs::read_dir(&top) else {
+            return Ok(out);
+        };
+        for fan in fans {
+            let fan = fan.map_err(io_err(&top))?.path();
+            let Ok(files) = std::fs::read_dir(&fan) else {
+                continue;
+            };
+            for f in files {
+                let f = f.map_err(io_err(&fan))?;
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(id) = name.strip_suffix(".pack") else {
+                    continue;
+                };
+                if packer::is_pack_id(id) && !indexed.contains(id) {
+                    let len = f.metadata().map_err(io_err(&f.path()))?.len();
+                    out.push((f.path(), len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Format-1 chunk files no restore point references.
+    fn unreferenced_loose(
+        &self,
+        referenced: &ChunkSet,
+    ) -> Result<Vec<(PathBuf, u64)>, RepositoryError> {
+        let mut out = Vec::new();
+        if !self.shared.loose {
+            return Ok(out);
+        }
+        let top = self.root.join("chunks");
+        for sub in std::fs::read_dir(&top).map_err(io_err(&top))? {
+            let sub = sub.map_err(io_err(&top))?.path();
+            for f in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
+                let f = f.map_err(io_err(&sub))?;
+                if let Some(h) = parse_hex(&f.file_name().to_string_lossy())
+                    && !referenced.contains(&h)
+                {
+                    let len = f.metadata().map_err(io_err(&f.path()))?.len();
+                    out.push((f.path(), len));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn remove_if_there(path: PathBuf) -> Result<(), RepositoryError> {
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}

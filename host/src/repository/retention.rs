@@ -1,0 +1,351 @@
+//! Retention: which restore points a policy keeps, and forgetting the rest.
+//!
+//! Policies are per disk (job, VM, disk), in the style operators know from
+//! GFS rotation: the newest `keep_last` points, and the newest point of
+//! each of the newest `keep_daily` days, `keep_weekly` ISO weeks and
+//! `keep_monthly` months that have points (calendar in UTC). A point any
+//! rule keeps is kept. The newest point of a disk is always kept: it is the
+//! next incremental's parent and its changed block tracking starts there.
+//!
+//! Every restore point is a logical full (its manifest lists every block),
+//! so forgetting one never breaks another. Forgetting removes manifests
+//! only; `prune` then frees the chunks nothing references any more.
+
+use super::{Repository, RepositoryError, io_err, manifest, writer::sync_dir};
+use arca_transport::{Manifest, RetentionPolicy};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+}
+
+impl From<Policy> for RetentionPolicy {
+    fn from(p: Policy) -> Self {
+        RetentionPolicy {
+            keep_last: p.keep_last,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            keep_monthly: p.keep_monthly,
+        }
+    }
+}
+
+impl From<RetentionPolicy> for Policy {
+    fn from(p: RetentionPolicy) -> Self {
+        Policy {
+            keep_last: p.keep_last,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            keep_monthly: p.keep_monthly,
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rules = [
+            ("keep_last", self.keep_last),
+            ("keep_daily", self.keep_daily),
+            ("keep_weekly", self.keep_weekly),
+            ("keep_monthly", self.keep_monthly),
+        ];
+        let set: Vec<String> = rules
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        f.write_str(&set.join(", "))
+    }
+}
+
+impl Policy {
+    /// A policy that keeps nothing but each disk's newest point is almost
+    /// always a mistake (a missing setting), so it is refused.
+    pub fn check(&self) -> Result<(), String> {
+        if self.keep_last + self.keep_daily + self.keep_weekly + self.keep_monthly == 0 {
+            return Err(
+                "a retention policy needs at least one of keep_last, keep_daily, keep_weekly, keep_monthly above 0"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A point's day, ISO week and month.
+type Buckets = (String, String, String);
+
+/// The calendar buckets of a point's creation time (UTC).
+fn buckets(m: &Manifest) -> Buckets {
+    let ts =
+        jiff::Timestamp::from_millisecond(m.created_unix_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let date = ts.to_zoned(jiff::tz::TimeZone::UTC).date();
+    let week = date.iso_week_date();
+    (
+        date.to_string(),
+        format!("{}-W{:02}", week.year(), week.week()),
+        format!("{}-{:02}", date.year(), date.month()),
+    )
+}
+
+/// Which of one disk's points `policy` keeps (same order as `points`).
+pub fn keep(points: &[&Manifest], policy: &Policy) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    // Newest first; ties broken by id, as `Repository::points` orders them.
+    order.sort_by(|&a, &b| {
+        (points[b].created_unix_ms, &points[b].point_id)
+            .cmp(&(points[a].created_unix_ms, &points[a].point_id))
+    });
+    let mut kept = vec![false; points.len()];
+    if let Some(&newest) = order.first() {
+        kept[newest] = true;
+    }
+    for &i in order.iter().take(policy.keep_last as usize) {
+        kept[i] = true;
+    }
+    let all: Vec<Buckets> = points.iter().map(|m| buckets(m)).collect();
+    let rules = [
+        (policy.keep_daily, 0),
+        (policy.keep_weekly, 1),
+        (policy.keep_monthly, 2),
+    ];
+    for (count, rule) in rules {
+        let mut seen = HashSet::new();
+        for &i in &order {
+            if seen.len() >= count as usize {
+                break;
+            }
+            let (day, week, month) = &all[i];
+            let bucket = [day, week, month][rule];
+            // The first (newest) point of each bucket stands for it.
+            if seen.insert(bucket) {
+                kept[i] = true;
+            }
+        }
+    }
+    kept
+}
+
+/// A restore point as retention sees it: its header and its file.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub path: PathBuf,
+    pub header: Manifest,
+}
+
+/// Which restore points to keep and to forget.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub keep: Vec<Listed>,
+    pub forget: Vec<Listed>,
+}
+
+/// Applies `policy` to each disk of `points` (others than `wanted` are
+/// left out of the plan: neither kept nor forgotten).
+pub fn plan(points: Vec<Listed>, policy: &Policy, wanted: impl Fn(&Manifest) -> bool) -> Plan {
+    let mut disks: BTreeMap<(String, String, String), Vec<Listed>> = BTreeMap::new();
+    for p in points.into_iter().filter(|p| wanted(&p.header)) {
+        let key = (
+            p.header.job.clone(),
+            p.header.vm.clone(),
+            p.header.disk.clone(),
+        );
+        disks.entry(key).or_default().push(p);
+    }
+    let mut out = Plan::default();
+    for (_, mut series) in disks {
+        series.sort_by(|a, b| {
+            (a.header.created_unix_ms, &a.header.point_id)
+                .cmp(&(b.header.created_unix_ms, &b.header.point_id))
+        });
+        let headers: Vec<&Manifest> = series.iter().map(|p| &p.header).collect();
+        let kept = keep(&headers, policy);
+        for (p, k) in series.into_iter().zip(kept) {
+            if k {
+                out.keep.push(p);
+            } else {
+                out.forget.push(p);
+            }
+        }
+    }
+    out
+}
+
+impl Repository {
+    /// Every restore point's header (block lists are not read: a 1 TiB
+    /// disk's is 128 MiB); unreadable ones are left out with a warning,
+    /// so retention never forgets what it cannot date.
+    pub fn listed_points(&self) -> Result<Vec<Listed>, RepositoryError> {
+        let mut out = Vec::new();
+        for path in self.manifest_paths()? {
+            match manifest::read_header(&path) {
+                Ok(header) => out.push(Listed { path, header }),
+                Err(e) => tracing::warn!("retention leaves a restore point alone: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the manifests of `points` (durably: their folders are
+    /// synced). Their chunks stay until `prune`.
+    pub fn forget(&self, points: &[Listed]) -> Result<usize, RepositoryError> {
+        let mut dirs = BTreeSet::new();
+        for p in points {
+            match std::fs::remove_file(&p.path) {
+                Ok(()) => {}
+                // Forgotten by someone else meanwhile: the same outcome.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p.path)(e)),
+            }
+            if let Some(d) = p.path.parent() {
+                dirs.insert(d.to_owned());
+            }
+        }
+        for d in &dirs {
+            sync_dir(d)?;
+        }
+        Ok(points.len())
+    }
+
+    /// A job's retention after a commit: `policy` on one disk's points;
+    /// returns the ids it forgot.
+    pub(crate) fn apply_retention(
+        &self,
+        job: &str,
+        vm: &str,
+        disk: &str,
+        policy: &Policy,
+    ) -> Result<Vec<String>, RepositoryError> {
+        let listed = self
+            .point_headers(job, vm, disk)?
+            .into_iter()
+            .map(|(path, header)| Listed {
+                path,
+                header: (*header).clone(),
+            })
+            .collect();
+        let plan = plan(listed, policy, |_| true);
+        self.forget(&plan.forget)?;
+        Ok(plan.forget.into_iter().map(|p| p.header.point_id).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn point(id: &str, at_ms: i64) -> Manifest {
+        Manifest {
+            point_id: id.into(),
+            created_unix_ms: at_ms,
+            ..Manifest::default()
+        }
+    }
+
+    fn kept_ids(points: &[Manifest], policy: Policy) -> Vec<&str> {
+        let refs: Vec<&Manifest> = points.iter().collect();
+        let k = keep(&refs, &policy);
+        points
+            .iter()
+            .zip(k)
+            .filter(|(_, k)| *k)
+            .map(|(p, _)| p.point_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn keep_last_keeps_the_newest_whatever_the_order() {
+        // 2026-11-02 is a Monday.
+        let base = jiff::civil::date(2026, 11, 2)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_millisecond();
+        let points = vec![
+            point("c", base + 2 * DAY),
+            point("a", base),
+            point("d", base + 3 * DAY),
+            point("b", base + DAY),
+        ];
+        let last2 = Policy {
+            keep_last: 2,
+            ..Policy::default()
+        };
+        assert_eq!(kept_ids(&points, last2), ["c", "d"]);
+    }
+
+    #[test]
+    fn calendar_rules_keep_the_newest_point_of_each_bucket() {
+        let base = jiff::civil::date(2026, 11, 2)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_millisecond();
+        let hour = 3_600_000;
+        // Three points a day over 21 days (three ISO weeks), one more on the
+        // last day of October (another month).
+        let mut points = vec![point("oct31", base - 2 * DAY + 5 * hour)];
+        for d in 0..21 {
+            for h in [1, 9, 17] {
+                points.push(point(&format!("d{d:02}h{h:02}"), base + d * DAY + h * hour));
+            }
+        }
+        let daily = Policy {
+            keep_daily: 3,
+            ..Policy::default()
+        };
+        assert_eq!(kept_ids(&points, daily), ["d18h17", "d19h17", "d20h17"]);
+        let weekly = Policy {
+            keep_weekly: 4,
+            ..Policy::default()
+        };
+        // Weeks of Nov 2, 9, 16 (their Sundays' last points) and the week of
+        // Oct 26 (its newest point: Oct 31).
+        assert_eq!(
+            kept_ids(&points, weekly),
+            ["oct31", "d06h17", "d13h17", "d20h17"]
+        );
+        let monthly = Policy {
+            keep_monthly: 12,
+            ..Policy::default()
+        };
+        assert_eq!(kept_ids(&points, monthly), ["oct31", "d20h17"]);
+        // Rules add up; the newest point is always there.
+        let mixed = Policy {
+            keep_last: 1,
+            keep_daily: 1,
+            keep_monthly: 2,
+            ..Policy::default()
+        };
+        assert_eq!(kept_ids(&points, mixed), ["oct31", "d20h17"]);
+    }
+
+    #[test]
+    fn the_newest_point_is_kept_and_an_empty_policy_refused() {
+        let points = [point("old", 1000), point("new", 2000)];
+        let refs: Vec<&Manifest> = points.iter().collect();
+        assert_eq!(keep(&refs, &Policy::default()), [false, true]);
+        assert!(Policy::default().check().is_err());
+        assert!(
+            Policy {
+                keep_weekly: 1,
+                ..Policy::default()
+            }
+            .check()
+            .is_ok()
+        );
+    }
+}
