@@ -430,16 +430,17 @@ fn run(cli: Cli) -> Result<i32> {
             let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
             let mut found = None;
             for (_, repo) in repositories(&db, repository.as_deref())? {
+                // Locked before the point is looked up: no prune moves or
+                // frees its chunks from then until the restore ends.
+                let reading = repo.read_lock()?;
                 if let Ok(p) = repo.find_point(&point) {
-                    found = Some((repo, p));
+                    found = Some((repo, p, reading));
                     break;
                 }
             }
-            let Some((repo, entry)) = found else {
+            let Some((repo, entry, _reading)) = found else {
                 bail!("restore point '{point}' is in no configured repository (see `arca points`)");
             };
-            // No prune moves a chunk while it is read.
-            let _reading = repo.read_lock()?;
             let bank = CodecBank::new(repo, runtime);
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
             let stats = arca::restore::restore_to_image(
@@ -539,6 +540,18 @@ fn run(cli: Cli) -> Result<i32> {
                 if !dry_run {
                     repo.forget(&plan.forget)?;
                 }
+                if !json {
+                    let verb = if dry_run { "would forget" } else { "forgot" };
+                    println!(
+                        "repository '{name}': {verb} {} restore point(s), kept {}",
+                        plan.forget.len(),
+                        plan.keep.len()
+                    );
+                    for p in &plan.forget {
+                        let m = &p.header;
+                        println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
+                    }
+                }
                 let pruned = if prune {
                     Some(repo.prune(arca::repository::prune::PruneOptions {
                         dry_run,
@@ -555,20 +568,8 @@ fn run(cli: Cli) -> Result<i32> {
                 let ids = |v: &[arca::repository::retention::Listed]| -> Vec<String> {
                     v.iter().map(|p| p.header.point_id.clone()).collect()
                 };
-                if !json {
-                    let verb = if dry_run { "would forget" } else { "forgot" };
-                    println!(
-                        "repository '{name}': {verb} {} restore point(s), kept {}",
-                        plan.forget.len(),
-                        plan.keep.len()
-                    );
-                    for p in &plan.forget {
-                        let m = &p.header;
-                        println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
-                    }
-                    if let Some(r) = &pruned {
-                        print_prune(&name, r);
-                    }
+                if !json && let Some(r) = &pruned {
+                    print_prune(&name, r);
                 }
                 out.push(serde_json::json!({
                     "repository": name,

@@ -233,6 +233,10 @@ pub struct CommitReply {
     /// committed all the same).
     #[prost(string, tag = "5")]
     pub retention_error: String,
+    /// The target read the retention policy (false from a target older
+    /// than retention, which ignores it).
+    #[prost(bool, tag = "6")]
+    pub retention_applied: bool,
 }
 
 #[cfg(test)]

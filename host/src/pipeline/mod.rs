@@ -364,7 +364,12 @@ fn run_inner(
                 reply.forgotten.join(", ")
             ));
         }
-        if !reply.retention_error.is_empty() {
+        if !reply.retention_applied {
+            notices.push(format!(
+                "{}: retention ({policy}) not applied: the repository's arca predates retention; upgrade it",
+                input.label()
+            ));
+        } else if !reply.retention_error.is_empty() {
             notices.push(format!(
                 "{}: retention ({policy}) not applied: {}",
                 input.label(),

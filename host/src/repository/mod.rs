@@ -51,7 +51,15 @@ use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
 pub use writer::PointWriter;
 
 pub const FORMAT_NAME: &str = "arca-repository";
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format this arca reads.
+pub const FORMAT_VERSION: u32 = PRUNED_FORMAT;
+/// Packs and index files; what a repository is made as.
+const PACKED_FORMAT: u32 = 2;
+/// A repository that has been pruned: arca before the repository lock
+/// neither takes it nor knows the generation, and would dedup against
+/// chunks a prune deletes, so it must refuse the repository. Set by the
+/// first prune, before it deletes anything.
+pub(crate) const PRUNED_FORMAT: u32 = 3;
 /// Chunk files, one per chunk; read, never written any more.
 const LOOSE_FORMAT: u32 = 1;
 /// Open pack files kept per repository; beyond this the cache starts over
@@ -299,7 +307,7 @@ impl Repository {
         }
         let format = FormatFile {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: PACKED_FORMAT,
             id: hex(&rand::random::<[u8; 16]>()),
             chunk_address: "blake3".into(),
             encryption: "none".into(),
@@ -635,12 +643,34 @@ impl Repository {
         failed_write.map_or(Ok(()), Err)
     }
 
+    /// A repository says format 3 before its first prune deletes anything
+    /// (see `PRUNED_FORMAT`).
+    pub(crate) fn mark_pruned(&self) -> Result<(), RepositoryError> {
+        self.raise_format(PRUNED_FORMAT, || Ok(()))
+    }
+
     /// A format-1 repository says format 2 before its first pack appears.
     fn upgrade_format(&self) -> Result<(), RepositoryError> {
         // Opened as format 2: nothing to read again at every publish.
         if self.format.version > LOOSE_FORMAT {
             return Ok(());
         }
+        self.raise_format(PACKED_FORMAT, || {
+            for sub in ["packs", "index"] {
+                let dir = self.root.join(sub);
+                std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Rewrites the format file (atomically) to say `version`, after
+    /// `prepare`, unless it says that or more already.
+    fn raise_format(
+        &self,
+        version: u32,
+        prepare: impl FnOnce() -> Result<(), RepositoryError>,
+    ) -> Result<(), RepositoryError> {
         let file = self.root.join(FORMAT_FILE);
         let body = std::fs::read(&file).map_err(io_err(&file))?;
         let mut format: FormatFile =
@@ -648,14 +678,11 @@ impl Repository {
                 path: self.root.clone(),
                 reason: e.to_string(),
             })?;
-        if format.version > LOOSE_FORMAT {
+        if format.version >= version {
             return Ok(());
         }
-        for sub in ["packs", "index"] {
-            let dir = self.root.join(sub);
-            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        format.version = FORMAT_VERSION;
+        prepare()?;
+        format.version = version;
         let body = serde_json::to_vec_pretty(&format).expect("format file serializes");
         writer::write_atomic(&file, &body, &self.root.join("staging"))
     }
@@ -848,18 +875,22 @@ impl Repository {
         Ok(out)
     }
 
+    /// Every manifest file under `points/<job>/<vm>/<disk>/`. Folders are
+    /// followed through symbolic links, as every other reader of a disk's
+    /// folder does (prune must see every point a session would), to the
+    /// layout's depth only, so a link loop ends.
     pub(crate) fn manifest_paths(&self) -> Result<Vec<PathBuf>, RepositoryError> {
         let mut out = Vec::new();
-        let mut stack = vec![self.points_dir()];
-        while let Some(dir) = stack.pop() {
+        let mut stack = vec![(self.points_dir(), 0)];
+        while let Some((dir, depth)) = stack.pop() {
             let entries = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
             for entry in entries {
                 let entry = entry.map_err(io_err(&dir))?;
                 let path = entry.path();
-                if entry.file_type().map_err(io_err(&path))?.is_dir() {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|e| e == "manifest") {
+                if path.extension().is_some_and(|e| e == "manifest") {
                     out.push(path);
+                } else if depth < 3 && std::fs::metadata(&path).map_err(io_err(&path))?.is_dir() {
+                    stack.push((path, depth + 1));
                 }
             }
         }
@@ -1139,7 +1170,7 @@ mod tests {
         put(&repo, &new_hash, "none", &new, new.len() as u32);
         let now: FormatFile =
             serde_json::from_slice(&std::fs::read(root.join(FORMAT_FILE)).unwrap()).unwrap();
-        assert_eq!(now.version, FORMAT_VERSION);
+        assert_eq!(now.version, PACKED_FORMAT);
         let mut both = vec![old_hash, new_hash];
         both.sort();
         assert_eq!(repo.chunk_addresses().unwrap(), both);

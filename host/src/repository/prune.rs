@@ -9,17 +9,20 @@
 //!    records are at least `repack_share` of its bytes has its referenced
 //!    records copied into new packs; others are kept as they are (their dead
 //!    records cost less than rewriting the live ones). A chunk stored in two
-//!    packs counts as live in the first only (packs in id order);
+//!    packs counts as live in one only: the first (packs in id order) whose
+//!    record lies inside its pack file;
 //! 3. packs without an index (left by a writer killed before it published
 //!    the index) and format-1 chunk files nobody references are deleted.
 //!
-//! Order, so that a prune killed at any moment loses nothing: the prune
-//! generation changes first (processes that loaded the index before will
-//! load it again), new packs are published (durable, then indexed) before
-//! any old index file goes, and an old pack file goes only after its index
-//! file is gone and the index folder is synced. A pack left without its
-//! index by a killed prune is an orphan the next prune deletes. Packs whose
-//! index is damaged, and everything in `staging/`, are left alone.
+//! Order, so that a prune killed at any moment loses nothing: the format
+//! file says 3 (`PRUNED_FORMAT`: an arca from before the lock refuses the
+//! repository), the prune generation changes (processes that loaded the
+//! index before will load it again), new packs are published (durable,
+//! then indexed) before any old index file goes, and an old pack file goes
+//! only after its index file is gone and the index folder is synced. A pack
+//! left without its index by a killed prune is an orphan the next prune
+//! deletes. Packs whose index is damaged, and everything in `staging/`, are
+//! left alone.
 
 use super::index::ChunkSet;
 use super::lock::RepoLock;
@@ -125,20 +128,26 @@ impl Repository {
 
         // 2. Each pack by its index.
         let index_dir = self.root.join("index");
-        let mut ids: Vec<String> = match std::fs::read_dir(&index_dir) {
-            Ok(entries) => entries
-                .filter_map(|e| {
-                    let name = e.ok()?.file_name().into_string().ok()?;
-                    let id = name.strip_suffix(".idx")?;
-                    packer::is_pack_id(id).then(|| id.to_owned())
-                })
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        // A listing error fails the prune: an index left out of the listing
+        // would make its pack look like an orphan.
+        let mut ids: Vec<String> = Vec::new();
+        match std::fs::read_dir(&index_dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let name = e.map_err(io_err(&index_dir))?.file_name();
+                    let name = name.to_string_lossy();
+                    if let Some(id) = name.strip_suffix(".idx")
+                        && packer::is_pack_id(id)
+                    {
+                        ids.push(id.to_owned());
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&index_dir)(e)),
-        };
+        }
         ids.sort();
-        let mut kept_once = ChunkSet::default();
-        let mut plans = Vec::new();
+        let mut scanned: Vec<(String, u64, Vec<IndexEntry>)> = Vec::new();
         let mut indexed: BTreeSet<String> = BTreeSet::new();
         for id in ids {
             indexed.insert(id.clone());
@@ -164,9 +173,33 @@ impl Repository {
                 // names the chunks it lost.
                 Err(_) => continue,
             };
+            scanned.push((id, size, entries));
+        }
+        // A chunk stored more than once is kept in one place: its first copy
+        // (by pack id) that lies inside its pack file, or, if none does, its
+        // first copy at all (a damaged chunk stays for verify to name).
+        let mut chosen: foldhash::HashMap<ChunkHash, (usize, u64)> = Default::default();
+        for whole in [true, false] {
+            for (at, (_, size, entries)) in scanned.iter().enumerate() {
+                for e in entries {
+                    let inside = e
+                        .offset
+                        .checked_add(u64::from(e.len))
+                        .is_some_and(|end| end <= *size);
+                    if inside == whole
+                        && referenced.contains(&e.hash)
+                        && !chosen.contains_key(&e.hash)
+                    {
+                        chosen.insert(e.hash, (at, e.offset));
+                    }
+                }
+            }
+        }
+        let mut plans = Vec::new();
+        for (at, (id, size, entries)) in scanned.into_iter().enumerate() {
             let (live, dead): (Vec<IndexEntry>, Vec<IndexEntry>) = entries
                 .into_iter()
-                .partition(|e| referenced.contains(&e.hash) && kept_once.insert(e.hash));
+                .partition(|e| chosen.get(&e.hash) == Some(&(at, e.offset)));
             plans.push(PackPlan {
                 id,
                 size,
@@ -221,6 +254,7 @@ impl Repository {
             return Ok(report);
         }
 
+        self.mark_pruned()?;
         lock.bump()?;
         report.packs_written = self.repack(&repack)?;
         // Old index files first, durably; then their packs.
@@ -235,8 +269,9 @@ impl Repository {
         for (path, _) in orphans.iter().chain(&loose) {
             remove_if_there(path.clone())?;
         }
-        // Done: whoever loaded the index in the meantime loads it again.
-        lock.bump()?;
+        // Nobody loaded the index meanwhile (loads take the shared lock),
+        // so the one change of generation above is enough; this process
+        // loads it again now.
         self.refresh_locked(&lock)?;
         Ok(report)
     }
@@ -298,7 +333,12 @@ impl Repository {
                 let Some(id) = name.strip_suffix(".pack") else {
                     continue;
                 };
-                if packer::is_pack_id(id) && !indexed.contains(id) {
+                // Looked for once more: only a pack whose index file is
+                // really absent is an orphan.
+                if packer::is_pack_id(id)
+                    && !indexed.contains(id)
+                    && !packer::index_path(&self.root, id).exists()
+                {
                     let len = f.metadata().map_err(io_err(&f.path()))?.len();
                     out.push((f.path(), len));
                 }
@@ -338,5 +378,84 @@ fn remove_if_there(path: PathBuf) -> Result<(), RepositoryError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::writer::tests::{chunk, commit};
+    use super::*;
+    use arca_transport::{Chunk, StoreChunks, TargetMover};
+
+    /// A restore point of `chunks` (4 KiB blocks), stored by a writer of
+    /// its own.
+    fn point(repo: &Repository, chunks: &[(ChunkHash, Chunk)]) {
+        let w = repo.writer().unwrap();
+        w.store(StoreChunks {
+            chunks: chunks.iter().map(|(_, c)| c.clone()).collect(),
+        })
+        .unwrap();
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|(h, _)| *h).collect();
+        commit(&w, &hashes).unwrap();
+    }
+
+    #[test]
+    fn a_live_writer_keeps_prune_out_and_the_first_prune_marks_the_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        point(&repo, &[chunk(1)]);
+        let writer = repo.writer().unwrap();
+        let busy = repo.prune(PruneOptions::default()).unwrap_err();
+        assert!(matches!(busy, RepositoryError::Busy { .. }), "{busy}");
+        drop(writer);
+        let report = repo.prune(PruneOptions::default()).unwrap();
+        assert_eq!(report.restore_points, 1);
+        // An arca from before the lock would not take it: it must refuse
+        // the repository from now on.
+        let format: super::super::FormatFile = serde_json::from_slice(
+            &std::fs::read(dir.path().join("arca-repository.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(format.version, super::super::PRUNED_FORMAT);
+    }
+
+    #[test]
+    fn of_a_chunk_stored_twice_the_copy_that_reads_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, c) = chunk(9);
+        point(&repo, &[(h, c)]);
+        // A second pack holding the same record, as two processes storing
+        // one chunk at once leave; named to sort after the first.
+        let (first_pack, offset, len) = repo.chunk_record(&h).unwrap();
+        let first_id = first_pack.file_stem().unwrap().to_str().unwrap().to_owned();
+        let second_id = "f".repeat(32);
+        assert!(second_id > first_id);
+        let second_pack = packer::pack_path(dir.path(), &second_id);
+        std::fs::create_dir_all(second_pack.parent().unwrap()).unwrap();
+        std::fs::copy(&first_pack, &second_pack).unwrap();
+        let entry = IndexEntry {
+            hash: h,
+            offset,
+            len: len as u32,
+        };
+        std::fs::write(
+            packer::index_path(dir.path(), &second_id),
+            pack::encode_index(&[entry]),
+        )
+        .unwrap();
+        // The first copy (by pack id) is cut short.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first_pack)
+            .unwrap();
+        f.set_len(offset + len / 2).unwrap();
+        drop(f);
+
+        let report = repo.prune(PruneOptions::default()).unwrap();
+        assert_eq!(report.packs_deleted, 1, "{report:?}");
+        assert!(!first_pack.exists() && second_pack.exists());
+        let fresh = Repository::open(dir.path()).unwrap();
+        assert_eq!(fresh.read_chunk(&h).unwrap().payload, vec![9u8; 4096]);
     }
 }

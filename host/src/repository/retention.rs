@@ -73,7 +73,13 @@ impl Policy {
     /// A policy that keeps nothing but each disk's newest point is almost
     /// always a mistake (a missing setting), so it is refused.
     pub fn check(&self) -> Result<(), String> {
-        if self.keep_last + self.keep_daily + self.keep_weekly + self.keep_monthly == 0 {
+        let rules = [
+            self.keep_last,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+        ];
+        if rules.iter().all(|n| *n == 0) {
             return Err(
                 "a retention policy needs at least one of keep_last, keep_daily, keep_weekly, keep_monthly above 0"
                     .into(),
@@ -154,8 +160,19 @@ pub struct Plan {
 /// Applies `policy` to each disk of `points` (others than `wanted` are
 /// left out of the plan: neither kept nor forgotten).
 pub fn plan(points: Vec<Listed>, policy: &Policy, wanted: impl Fn(&Manifest) -> bool) -> Plan {
+    // A point dated more than a day ahead (a damaged header, a clock gone
+    // wrong) would pass for the newest and push every real one out: it is
+    // left out, neither kept nor forgotten.
+    let horizon = jiff::Timestamp::now().as_millisecond() + 86_400_000;
     let mut disks: BTreeMap<(String, String, String), Vec<Listed>> = BTreeMap::new();
     for p in points.into_iter().filter(|p| wanted(&p.header)) {
+        if p.header.created_unix_ms > horizon {
+            tracing::warn!(
+                "retention leaves restore point {} alone: it is dated in the future",
+                p.path.display()
+            );
+            continue;
+        }
         let key = (
             p.header.job.clone(),
             p.header.vm.clone(),
@@ -218,15 +235,15 @@ impl Repository {
         Ok(points.len())
     }
 
-    /// A job's retention after a commit: `policy` on one disk's points;
-    /// returns the ids it forgot.
+    /// A job's retention after the commit of `committed`: `policy` on its
+    /// disk's points, never forgetting `committed` itself; returns the ids
+    /// it forgot.
     pub(crate) fn apply_retention(
         &self,
-        job: &str,
-        vm: &str,
-        disk: &str,
+        committed: &Manifest,
         policy: &Policy,
     ) -> Result<Vec<String>, RepositoryError> {
+        let (job, vm, disk) = (&committed.job, &committed.vm, &committed.disk);
         let listed = self
             .point_headers(job, vm, disk)?
             .into_iter()
@@ -235,7 +252,9 @@ impl Repository {
                 header: (*header).clone(),
             })
             .collect();
-        let plan = plan(listed, policy, |_| true);
+        let mut plan = plan(listed, policy, |_| true);
+        plan.forget
+            .retain(|p| p.header.point_id != committed.point_id);
         self.forget(&plan.forget)?;
         Ok(plan.forget.into_iter().map(|p| p.header.point_id).collect())
     }

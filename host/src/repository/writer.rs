@@ -8,6 +8,7 @@
 //! restore point or a complete one, and a staging folder that the next
 //! session sweeps.
 
+use super::retention::Policy;
 use super::{Repository, RepositoryError, chunk, hex, io_err, manifest};
 use arca_transport::{
     ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, HASH_LEN, LinkError,
@@ -106,10 +107,13 @@ impl PointWriter {
         // The new point is durable: the job's retention may now forget
         // older ones (never this one, the newest). A failure here costs
         // the report a notice, not the point.
-        let (forgotten, retention_error) = match commit.retention {
-            Some(policy) => match repo.apply_retention(&m.job, &m.vm, &m.disk, &policy.into()) {
-                Ok(ids) => (ids, String::new()),
-                Err(e) => (Vec::new(), e.to_string()),
+        let (forgotten, retention_error) = match commit.retention.map(Policy::from) {
+            Some(policy) => match policy.check() {
+                Err(why) => (Vec::new(), why),
+                Ok(()) => match repo.apply_retention(&m, &policy) {
+                    Ok(ids) => (ids, String::new()),
+                    Err(e) => (Vec::new(), e.to_string()),
+                },
             },
             None => (Vec::new(), String::new()),
         };
@@ -117,6 +121,7 @@ impl PointWriter {
             point_id: m.point_id,
             new_chunks: state.new_chunks,
             stored_bytes: state.stored_bytes,
+            retention_applied: commit.retention.is_some(),
             forgotten,
             retention_error,
         })
@@ -305,11 +310,12 @@ fn create_dirs_durably(dir: &Path) -> Result<(), RepositoryError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use arca_transport::{Chunk, Manifest};
 
-    fn chunk(byte: u8) -> (ChunkHash, Chunk) {
+    /// A 4 KiB chunk of `byte`, stored without a codec.
+    pub(in crate::repository) fn chunk(byte: u8) -> (ChunkHash, Chunk) {
         let raw = vec![byte; 4096];
         let hash = *blake3::hash(&raw).as_bytes();
         let c = Chunk {
@@ -375,7 +381,10 @@ mod tests {
     }
 
     /// Commits a restore point of one 4 KiB block per address.
-    fn commit(w: &PointWriter, hashes: &[ChunkHash]) -> Result<CommitReply, LinkError> {
+    pub(in crate::repository) fn commit(
+        w: &PointWriter,
+        hashes: &[ChunkHash],
+    ) -> Result<CommitReply, LinkError> {
         w.commit(CommitPoint {
             manifest: Some(manifest_of(hashes)),
             retention: None,

@@ -157,10 +157,12 @@ impl RepoAccess {
     ) -> Result<OpenedTask<'t>, TaskFailure> {
         match self {
             RepoAccess::Local(r) => {
+                // The writer first: it holds the repository lock, so the
+                // parent chosen next keeps its chunks until the commit.
+                let writer = r.writer().map_err(|e| TaskFailure::fatal(e.to_string()))?;
                 let latest = r
                     .latest_point(&task.job, &task.vm, &task.disk)
                     .map_err(|e| TaskFailure::fatal(e.to_string()))?;
-                let writer = r.writer().map_err(|e| TaskFailure::fatal(e.to_string()))?;
                 Ok(OpenedTask {
                     link: Box::new(InProcessLink::new(writer)),
                     previous: latest,
