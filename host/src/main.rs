@@ -97,6 +97,10 @@ enum Command {
         /// Then free what no restore point references any more.
         #[arg(long)]
         prune: bool,
+        /// With --prune: rewrite a pack once this share of it is
+        /// unreferenced (0 reclaims everything, rewriting more).
+        #[arg(long, default_value_t = arca::repository::prune::REPACK_SHARE)]
+        repack_share: f64,
         /// Show what would be forgotten (and pruned), change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -109,6 +113,10 @@ enum Command {
     Prune {
         #[arg(long)]
         repository: Option<String>,
+        /// Rewrite a pack once this share of it is unreferenced (0
+        /// reclaims everything, rewriting more).
+        #[arg(long, default_value_t = arca::repository::prune::REPACK_SHARE)]
+        repack_share: f64,
         /// Show what would be freed, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -517,9 +525,11 @@ fn run(cli: Cli) -> Result<i32> {
             keep_weekly,
             keep_monthly,
             prune,
+            repack_share,
             dry_run,
             json,
         } => {
+            check_share(repack_share)?;
             let policy = arca::repository::retention::Policy {
                 keep_last,
                 keep_daily,
@@ -555,12 +565,12 @@ fn run(cli: Cli) -> Result<i32> {
                 let pruned = if prune {
                     Some(repo.prune(arca::repository::prune::PruneOptions {
                         dry_run,
+                        repack_share,
                         forgotten: if dry_run {
                             plan.forget.iter().map(|p| p.path.clone()).collect()
                         } else {
                             Default::default()
                         },
-                        ..Default::default()
                     })?)
                 } else {
                     None
@@ -586,14 +596,17 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Prune {
             repository,
+            repack_share,
             dry_run,
             json,
         } => {
+            check_share(repack_share)?;
             let db = ConfigDb::open(&home.db)?;
             let mut out = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
                 let r = repo.prune(arca::repository::prune::PruneOptions {
                     dry_run,
+                    repack_share,
                     ..Default::default()
                 })?;
                 if !json {
@@ -759,10 +772,17 @@ fn compile_pipelines(home: &Home, db: &ConfigDb) -> Result<()> {
     Ok(())
 }
 
+fn check_share(share: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&share) {
+        bail!("--repack-share is a share of a pack: 0 to 1 (got {share})");
+    }
+    Ok(())
+}
+
 fn print_prune(name: &str, r: &arca::repository::prune::PruneReport) {
     let verb = if r.dry_run { "would free" } else { "freed" };
     println!(
-        "repository '{name}': {} restore point(s) reference {} chunk(s); packs: {} before, {} deleted, {} rewritten{}, {} kept; {} orphan pack(s) and {} format-1 chunk file(s) deleted; {verb} {}{}",
+        "repository '{name}': {} restore point(s) reference {} chunk(s); packs: {} before, {} deleted, {} rewritten{}, {} kept ({} unreferenced left in them); {} orphan pack(s) and {} format-1 chunk file(s) deleted; {verb} {}{}",
         r.restore_points,
         r.referenced_chunks,
         r.packs_before,
@@ -774,6 +794,7 @@ fn print_prune(name: &str, r: &arca::repository::prune::PruneReport) {
             format!(" into {}", r.packs_written)
         },
         r.packs_kept,
+        bytes(r.unreferenced_bytes_kept),
         r.orphan_packs_deleted,
         r.loose_chunks_deleted,
         bytes(r.bytes_freed),

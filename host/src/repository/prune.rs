@@ -73,6 +73,8 @@ pub struct PruneReport {
     /// Packs left alone because their index file is damaged.
     pub packs_with_damaged_index: usize,
     pub chunks_deleted: u64,
+    /// Unreferenced bytes left in packs kept (below `repack_share`).
+    pub unreferenced_bytes_kept: u64,
     pub loose_chunks_deleted: usize,
     pub bytes_before: u64,
     pub bytes_freed: u64,
@@ -230,7 +232,11 @@ impl Repository {
         let mut repack = Vec::new();
         for p in &plans {
             match action(p) {
-                Action::Keep => report.packs_kept += 1,
+                Action::Keep => {
+                    report.packs_kept += 1;
+                    let live: u64 = p.live.iter().map(|e| u64::from(e.len)).sum();
+                    report.unreferenced_bytes_kept += p.size.saturating_sub(live);
+                }
                 Action::Delete => delete.push(p),
                 Action::Repack => repack.push(p),
             }
