@@ -530,6 +530,9 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         } => {
             check_share(repack_share)?;
+            if !prune && repack_share != arca::repository::prune::REPACK_SHARE {
+                bail!("--repack-share applies to the prune: add --prune");
+            }
             let policy = arca::repository::retention::Policy {
                 keep_last,
                 keep_daily,
@@ -545,8 +548,14 @@ fn run(cli: Cli) -> Result<i32> {
                         && vm.as_ref().is_none_or(|v| *v == m.vm)
                         && disk.as_ref().is_none_or(|d| *d == m.disk)
                 };
-                let plan =
-                    arca::repository::retention::plan(repo.listed_points()?, &policy, wanted);
+                let horizon = jiff::Timestamp::now().as_millisecond()
+                    + arca::repository::retention::FUTURE_SLACK_MS;
+                let plan = arca::repository::retention::plan(
+                    repo.listed_points()?,
+                    &policy,
+                    wanted,
+                    horizon,
+                );
                 if !dry_run {
                     repo.forget(&plan.forget)?;
                 }
@@ -560,6 +569,17 @@ fn run(cli: Cli) -> Result<i32> {
                     for p in &plan.forget {
                         let m = &p.header;
                         println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
+                    }
+                    for p in &plan.skipped {
+                        let m = &p.header;
+                        println!(
+                            "  left alone, dated over a day ahead: {}/{}/{} {} ({})",
+                            m.job,
+                            m.vm,
+                            m.disk,
+                            m.point_id,
+                            p.path.display()
+                        );
                     }
                 }
                 let pruned = if prune {
@@ -586,6 +606,7 @@ fn run(cli: Cli) -> Result<i32> {
                     "dry_run": dry_run,
                     "forgotten": ids(&plan.forget),
                     "kept": ids(&plan.keep),
+                    "skipped_future": ids(&plan.skipped),
                     "prune": pruned,
                 }));
             }

@@ -143,15 +143,29 @@ fn forget_and_prune_free_space_and_keep_every_other_point_whole() {
     assert_eq!(again["packs_repacked"], 0, "{again:#}");
     assert_eq!(again["restore_points"], 3);
     // What packs below the share keep unreferenced is said, and a share of
-    // 0 reclaims it all.
-    let left = again["unreferenced_bytes_kept"].as_u64().unwrap();
-    assert!(left > 0, "{again:#}");
+    // 0 reclaims exactly that. Which chunks share a pack depends on which
+    // coder stored them first, so the split between what the default share
+    // frees and what it leaves is not fixed; their sum is more than nothing
+    // once all but the newest point are forgotten.
+    let first = json(&lab, &["forget", "--keep-last", "1", "--prune", "--json"]);
+    let first = &first[0]["prune"];
+    let left = first["unreferenced_bytes_kept"].as_u64().unwrap();
+    assert!(
+        first["bytes_freed"].as_u64().unwrap() + left > 0,
+        "{first:#}"
+    );
     let before_all = chunk_bytes(&repo);
     let all = json(&lab, &["prune", "--repack-share", "0", "--json"]);
     let all = &all[0]["report"];
+    assert_eq!(all["bytes_freed"].as_u64().unwrap(), left, "{all:#}");
     assert_eq!(all["unreferenced_bytes_kept"], 0, "{all:#}");
     assert_eq!(before_all - chunk_bytes(&repo), left);
     assert!(lab.ok(&["verify"]).contains("clean"));
+    restores_to(
+        &lab,
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        &sha256(&disk),
+    );
     let bad = lab.arca(&["prune", "--repack-share", "2"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("0 to 1"));

@@ -237,6 +237,9 @@ pub struct CommitReply {
     /// than retention, which ignores it).
     #[prost(bool, tag = "6")]
     pub retention_applied: bool,
+    /// Restore points retention left alone: dated over a day ahead.
+    #[prost(string, repeated, tag = "7")]
+    pub retention_skipped: Vec<String>,
 }
 
 #[cfg(test)]

@@ -29,33 +29,45 @@ const LOCK_FILE: &str = "lock";
 const WORD: usize = 32;
 
 pub struct RepoLock {
-    /// `None` only for a reader that may not create the lock file or read
-    /// it; it goes on unlocked, with a warning.
+    /// `None` only for a reader of a repository whose lock file is absent
+    /// and which it may not create; it goes on unlocked, with a warning.
     file: Option<File>,
     path: PathBuf,
 }
 
 impl RepoLock {
-    /// Waits while a prune runs. A shared lock needs only a read-only
-    /// descriptor, so readers without write permission lock too.
+    /// For a writer: waits while a prune runs; a lock file that cannot be
+    /// opened is an error (a writer without the lock could dedup against
+    /// chunks a prune deletes). A shared lock needs only a read-only
+    /// descriptor.
     pub fn shared(root: &Path) -> Result<Self, RepositoryError> {
+        Self::shared_inner(root, false)
+    }
+
+    /// For a reader (restore, verify, index loads): as `shared`, but a
+    /// reader of a repository it may not write, with no lock file yet, goes
+    /// on unlocked with a warning (nobody could prune that repository
+    /// either without making the file).
+    pub fn shared_reading(root: &Path) -> Result<Self, RepositoryError> {
+        Self::shared_inner(root, true)
+    }
+
+    fn shared_inner(root: &Path, reading: bool) -> Result<Self, RepositoryError> {
         let path = root.join(LOCK_FILE);
         let file = match File::open(&path) {
-            Ok(f) => Some(f),
+            Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => match create(&path) {
-                Ok(f) => Some(f),
-                Err(e) if unwritable(&e) => None,
+                Ok(f) => f,
+                Err(e) if reading && unwritable(&e) => {
+                    tracing::warn!(
+                        "repository {}: no lock file and none can be made here: reading without the lock",
+                        root.display()
+                    );
+                    return Ok(Self { file: None, path });
+                }
                 Err(e) => return Err(io_err(&path)(e)),
             },
-            Err(e) if unwritable(&e) => None,
             Err(e) => return Err(io_err(&path)(e)),
-        };
-        let Some(file) = file else {
-            tracing::warn!(
-                "repository {}: cannot open its lock file: reading without the lock (a prune now could move what is read)",
-                root.display()
-            );
-            return Ok(Self { file: None, path });
         };
         if file.try_lock_shared().is_err() {
             tracing::info!("repository {}: waiting for a prune to end", root.display());
@@ -106,13 +118,29 @@ impl RepoLock {
     }
 }
 
+/// Opens or makes the lock file, readable by everyone whatever the umask:
+/// a session or agent running as another user than the one who pruned
+/// first must still be able to take the shared lock.
 fn create(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::PermissionsExt;
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.permissions().mode() & 0o044 != 0o044 {
+        use std::os::unix::fs::MetadataExt;
+        // Only the owner may change the mode; others just use the file.
+        // SAFETY: geteuid has no preconditions.
+        if meta.uid() == unsafe { libc::geteuid() } {
+            file.set_permissions(std::fs::Permissions::from_mode(
+                meta.permissions().mode() | 0o044,
+            ))?;
+        }
+    }
+    Ok(file)
 }
 
 fn unwritable(e: &std::io::Error) -> bool {

@@ -355,7 +355,7 @@ impl Repository {
     /// Loads index files published since this process last looked (under
     /// the shared lock: never in the middle of a prune).
     fn refresh(&self) -> Result<(), RepositoryError> {
-        let lock = lock::RepoLock::shared(&self.root)?;
+        let lock = lock::RepoLock::shared_reading(&self.root)?;
         self.refresh_locked(&lock)
     }
 
@@ -393,7 +393,7 @@ impl Repository {
     /// index up to date under it: chunks stay where it says until the
     /// guard is dropped.
     pub fn read_lock(&self) -> Result<lock::RepoLock, RepositoryError> {
-        let lock = lock::RepoLock::shared(&self.root)?;
+        let lock = lock::RepoLock::shared_reading(&self.root)?;
         self.refresh_locked(&lock)?;
         Ok(lock)
     }
@@ -650,7 +650,7 @@ impl Repository {
     }
 
     /// A format-1 repository says format 2 before its first pack appears.
-    fn upgrade_format(&self) -> Result<(), RepositoryError> {
+    pub(crate) fn upgrade_format(&self) -> Result<(), RepositoryError> {
         // Opened as format 2: nothing to read again at every publish.
         if self.format.version > LOOSE_FORMAT {
             return Ok(());
@@ -880,9 +880,17 @@ impl Repository {
     /// folder does (prune must see every point a session would), to the
     /// layout's depth only, so a link loop ends.
     pub(crate) fn manifest_paths(&self) -> Result<Vec<PathBuf>, RepositoryError> {
+        use std::os::unix::fs::MetadataExt;
         let mut out = Vec::new();
+        // A folder reached twice (a link that aliases another) is listed
+        // once: retention would otherwise see its points twice.
+        let mut seen = std::collections::HashSet::new();
         let mut stack = vec![(self.points_dir(), 0)];
         while let Some((dir, depth)) = stack.pop() {
+            let meta = std::fs::metadata(&dir).map_err(io_err(&dir))?;
+            if !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
             let entries = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
             for entry in entries {
                 let entry = entry.map_err(io_err(&dir))?;
@@ -1176,6 +1184,39 @@ mod tests {
         assert_eq!(repo.chunk_addresses().unwrap(), both);
         assert_eq!(repo.read_chunk(&new_hash).unwrap().payload, new);
         assert_eq!(repo.read_chunk(&old_hash).unwrap().payload, old);
+    }
+
+    #[test]
+    fn a_pruned_format_1_repository_takes_packs_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for sub in ["chunks", "codecs", "points", "staging"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        std::fs::write(
+            root.join(FORMAT_FILE),
+            r#"{"format":"arca-repository","version":1,"id":"01","chunk_address":"blake3","encryption":"none"}"#,
+        )
+        .unwrap();
+        let old = b"nobody references this format-1 chunk".to_vec();
+        let h = hex(blake3::hash(&old).as_bytes());
+        std::fs::create_dir_all(root.join("chunks").join(&h[..2])).unwrap();
+        let mut f = std::fs::File::create(root.join("chunks").join(&h[..2]).join(&h)).unwrap();
+        chunk::StoredChunk::write(&mut f, &header("none", 37, 37), &old).unwrap();
+        drop(f);
+
+        let repo = Repository::open(root).unwrap();
+        let report = repo.prune(prune::PruneOptions::default()).unwrap();
+        assert_eq!(report.loose_chunks_deleted, 1);
+        let now: FormatFile =
+            serde_json::from_slice(&std::fs::read(root.join(FORMAT_FILE)).unwrap()).unwrap();
+        assert_eq!(now.version, PRUNED_FORMAT);
+        // A format-3 repository has its pack folders: a pack publishes.
+        let new = b"a chunk in a pack, after the prune".to_vec();
+        let new_hash = *blake3::hash(&new).as_bytes();
+        put(&repo, &new_hash, "none", &new, new.len() as u32);
+        let fresh = Repository::open(root).unwrap();
+        assert_eq!(fresh.read_chunk(&new_hash).unwrap().payload, new);
     }
 
     #[test]

@@ -260,6 +260,9 @@ impl Repository {
             return Ok(report);
         }
 
+        // A format-1 repository gets its pack folders (and format 2) first:
+        // format 3 says it has them.
+        self.upgrade_format()?;
         self.mark_pruned()?;
         lock.bump()?;
         report.packs_written = self.repack(&repack)?;
@@ -341,9 +344,11 @@ impl Repository {
                 };
                 // Looked for once more: only a pack whose index file is
                 // really absent is an orphan.
+                // An index that cannot be looked for (EACCES, EIO) is not
+                // absent.
                 if packer::is_pack_id(id)
                     && !indexed.contains(id)
-                    && !packer::index_path(&self.root, id).exists()
+                    && packer::index_path(&self.root, id).try_exists().ok() == Some(false)
                 {
                     let len = f.metadata().map_err(io_err(&f.path()))?.len();
                     out.push((f.path(), len));

@@ -155,22 +155,31 @@ pub struct Listed {
 pub struct Plan {
     pub keep: Vec<Listed>,
     pub forget: Vec<Listed>,
+    /// Dated past the horizon: neither kept by a rule nor forgotten.
+    pub skipped: Vec<Listed>,
 }
+
+/// A day: how far ahead of the clock a point may be dated before retention
+/// stops believing its date.
+pub const FUTURE_SLACK_MS: i64 = 86_400_000;
 
 /// Applies `policy` to each disk of `points` (others than `wanted` are
 /// left out of the plan: neither kept nor forgotten).
-pub fn plan(points: Vec<Listed>, policy: &Policy, wanted: impl Fn(&Manifest) -> bool) -> Plan {
-    // A point dated more than a day ahead (a damaged header, a clock gone
-    // wrong) would pass for the newest and push every real one out: it is
-    // left out, neither kept nor forgotten.
-    let horizon = jiff::Timestamp::now().as_millisecond() + 86_400_000;
+///
+/// A point dated after `horizon_ms` (a damaged header, a clock gone wrong)
+/// would pass for the newest and push every real one out: it goes to
+/// `skipped`, neither kept by a rule nor forgotten.
+pub fn plan(
+    points: Vec<Listed>,
+    policy: &Policy,
+    wanted: impl Fn(&Manifest) -> bool,
+    horizon_ms: i64,
+) -> Plan {
     let mut disks: BTreeMap<(String, String, String), Vec<Listed>> = BTreeMap::new();
+    let mut out = Plan::default();
     for p in points.into_iter().filter(|p| wanted(&p.header)) {
-        if p.header.created_unix_ms > horizon {
-            tracing::warn!(
-                "retention leaves restore point {} alone: it is dated in the future",
-                p.path.display()
-            );
+        if p.header.created_unix_ms > horizon_ms {
+            out.skipped.push(p);
             continue;
         }
         let key = (
@@ -180,7 +189,6 @@ pub fn plan(points: Vec<Listed>, policy: &Policy, wanted: impl Fn(&Manifest) -> 
         );
         disks.entry(key).or_default().push(p);
     }
-    let mut out = Plan::default();
     for (_, mut series) in disks {
         series.sort_by(|a, b| {
             (a.header.created_unix_ms, &a.header.point_id)
@@ -237,12 +245,15 @@ impl Repository {
 
     /// A job's retention after the commit of `committed`: `policy` on its
     /// disk's points, never forgetting `committed` itself; returns the ids
-    /// it forgot.
+    /// it forgot and those it left alone for their dates. The horizon
+    /// counts from the committed point too: after a clock set back, commits
+    /// are dated after their parent (`writer`), ahead of the clock, and
+    /// must still count.
     pub(crate) fn apply_retention(
         &self,
         committed: &Manifest,
         policy: &Policy,
-    ) -> Result<Vec<String>, RepositoryError> {
+    ) -> Result<(Vec<String>, Vec<String>), RepositoryError> {
         let (job, vm, disk) = (&committed.job, &committed.vm, &committed.disk);
         let listed = self
             .point_headers(job, vm, disk)?
@@ -252,11 +263,16 @@ impl Repository {
                 header: (*header).clone(),
             })
             .collect();
-        let mut plan = plan(listed, policy, |_| true);
+        let horizon = jiff::Timestamp::now()
+            .as_millisecond()
+            .max(committed.created_unix_ms)
+            + FUTURE_SLACK_MS;
+        let mut plan = plan(listed, policy, |_| true, horizon);
         plan.forget
             .retain(|p| p.header.point_id != committed.point_id);
         self.forget(&plan.forget)?;
-        Ok(plan.forget.into_iter().map(|p| p.header.point_id).collect())
+        let ids = |v: Vec<Listed>| v.into_iter().map(|p| p.header.point_id).collect();
+        Ok((ids(plan.forget), ids(plan.skipped)))
     }
 }
 
@@ -264,7 +280,7 @@ impl Repository {
 mod tests {
     use super::*;
 
-    const DAY: i64 = 86_400_000;
+    const DAY: i64 = FUTURE_SLACK_MS;
 
     fn point(id: &str, at_ms: i64) -> Manifest {
         Manifest {
@@ -366,5 +382,51 @@ mod tests {
             .check()
             .is_ok()
         );
+    }
+
+    #[test]
+    fn after_a_commit_it_is_kept_and_points_dated_ahead_are_left_alone() {
+        use super::super::writer::tests::{chunk, store_and_commit};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h, c) = chunk(3);
+        let ids: Vec<String> = (0..3).map(|_| store_and_commit(&repo, &c, &[h])).collect();
+        // A point dated a year ahead (a damaged header, a clock gone wrong).
+        let listed = repo.listed_points().unwrap();
+        let mut ahead = manifest::read(&listed[0].path).unwrap();
+        ahead.point_id = "29990101T000000Z-0000aaaa".into();
+        ahead.created_unix_ms = jiff::Timestamp::now().as_millisecond() + 365 * DAY;
+        let folder = listed[0].path.parent().unwrap().to_owned();
+        std::fs::write(
+            folder.join(format!("{}.manifest", ahead.point_id)),
+            manifest::encode(&ahead),
+        )
+        .unwrap();
+        // A link that aliases the job's folder lists nothing twice.
+        let job_folder = folder.parent().unwrap().parent().unwrap().to_owned();
+        std::os::unix::fs::symlink(&job_folder, job_folder.with_file_name("alias")).unwrap();
+        assert_eq!(repo.listed_points().unwrap().len(), 4);
+
+        let committed = manifest::read(&folder.join(format!("{}.manifest", ids[2]))).unwrap();
+        let last2 = Policy {
+            keep_last: 2,
+            ..Policy::default()
+        };
+        // Believed, the point ahead would be the newest and push the
+        // second newest real point out.
+        let (forgotten, skipped) = repo.apply_retention(&committed, &last2).unwrap();
+        assert_eq!(skipped, [ahead.point_id.clone()]);
+        assert_eq!(forgotten, [ids[0].clone()]);
+        let mut left: Vec<String> = repo
+            .listed_points()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.header.point_id)
+            .collect();
+        left.sort();
+        // Ids made in one second sort by their random suffix.
+        let mut want = vec![ids[1].clone(), ids[2].clone(), ahead.point_id];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

@@ -107,15 +107,15 @@ impl PointWriter {
         // The new point is durable: the job's retention may now forget
         // older ones (never this one, the newest). A failure here costs
         // the report a notice, not the point.
-        let (forgotten, retention_error) = match commit.retention.map(Policy::from) {
+        let ((forgotten, skipped), retention_error) = match commit.retention.map(Policy::from) {
             Some(policy) => match policy.check() {
-                Err(why) => (Vec::new(), why),
+                Err(why) => (Default::default(), why),
                 Ok(()) => match repo.apply_retention(&m, &policy) {
-                    Ok(ids) => (ids, String::new()),
-                    Err(e) => (Vec::new(), e.to_string()),
+                    Ok(done) => (done, String::new()),
+                    Err(e) => (Default::default(), e.to_string()),
                 },
             },
-            None => (Vec::new(), String::new()),
+            None => (Default::default(), String::new()),
         };
         Ok(CommitReply {
             point_id: m.point_id,
@@ -123,6 +123,7 @@ impl PointWriter {
             stored_bytes: state.stored_bytes,
             retention_applied: commit.retention.is_some(),
             forgotten,
+            retention_skipped: skipped,
             retention_error,
         })
     }
@@ -371,7 +372,11 @@ pub(super) mod tests {
 
     /// Stores `c` and commits a restore point of `blocks` with a writer of
     /// its own; returns the point's id.
-    fn store_and_commit(repo: &Repository, c: &Chunk, blocks: &[ChunkHash]) -> String {
+    pub(in crate::repository) fn store_and_commit(
+        repo: &Repository,
+        c: &Chunk,
+        blocks: &[ChunkHash],
+    ) -> String {
         let w = repo.writer().unwrap();
         w.store(StoreChunks {
             chunks: vec![c.clone()],
