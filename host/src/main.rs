@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use arca::config::{ConfigDb, file};
 use arca::plugin::{PluginRuntime, builtin};
 use arca::repository::Repository;
+use arca::repository::prune::PruneOptions;
 use arca::restore::decoder::CodecBank;
 use arca::session::report::bytes;
 use arca::session::{SessionOptions, run_job};
@@ -273,7 +274,7 @@ fn tune_allocator() {
 /// `arca freeze-guard`: waits for its session's word or end, then thaws
 /// if the session left the guest frozen.
 fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
-    use arca::guest::guard::{GuardOutcome, PATIENCE, serve};
+    use arca::guest::guard::{PATIENCE, serve};
     use std::io::Write;
     // The signals that stop a session (a Ctrl-C reaches its whole process
     // group; a service manager signals all its processes) must not stop
@@ -283,32 +284,12 @@ fn freeze_guard(socket: &Path, agent_timeout_ms: u64) -> i32 {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let timeout = std::time::Duration::from_millis(agent_timeout_ms);
-    match serve(socket, timeout, std::io::stdin().lock(), PATIENCE) {
-        GuardOutcome::NothingFrozen => 0,
-        GuardOutcome::Thawed {
-            filesystems,
-            attempts,
-        } => {
-            // A closed stderr must not turn a done thaw into a panic.
-            let _ = writeln!(
-                std::io::stderr(),
-                "arca freeze-guard: the session ended with the guest at {} frozen; thawed {filesystems} filesystem(s) (attempt {attempts})",
-                socket.display()
-            );
-            0
-        }
-        GuardOutcome::GaveUp {
-            last_error,
-            attempts,
-        } => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "arca freeze-guard: the session ended with the guest at {} frozen and {attempts} thaw attempts over {PATIENCE:?} failed, the last with: {last_error}; thaw it by hand (guest-fsfreeze-thaw)",
-                socket.display()
-            );
-            1
-        }
+    let outcome = serve(socket, timeout, std::io::stdin().lock(), PATIENCE);
+    if let Some(said) = outcome.message(socket) {
+        // A closed stderr must not turn a done thaw into a panic.
+        let _ = writeln!(std::io::stderr(), "{said}");
     }
+    outcome.exit_code()
 }
 
 struct Home {
@@ -529,7 +510,6 @@ fn run(cli: Cli) -> Result<i32> {
             dry_run,
             json,
         } => {
-            check_share(repack_share)?;
             if !prune && repack_share != arca::repository::prune::REPACK_SHARE {
                 bail!("--repack-share applies to the prune: add --prune");
             }
@@ -539,81 +519,26 @@ fn run(cli: Cli) -> Result<i32> {
                 keep_weekly,
                 keep_monthly,
             };
-            policy.check().map_err(anyhow::Error::msg)?;
+            let pruning = prune.then(|| PruneOptions {
+                dry_run,
+                repack_share,
+                ..Default::default()
+            });
+            let wanted = |m: &arca_transport::Manifest| {
+                job.as_ref().is_none_or(|j| *j == m.job)
+                    && vm.as_ref().is_none_or(|v| *v == m.vm)
+                    && disk.as_ref().is_none_or(|d| *d == m.disk)
+            };
             let db = ConfigDb::open(&home.db)?;
-            let mut out = Vec::new();
-            for (name, repo) in repositories(&db, repository.as_deref())? {
-                let wanted = |m: &arca_transport::Manifest| {
-                    job.as_ref().is_none_or(|j| *j == m.job)
-                        && vm.as_ref().is_none_or(|v| *v == m.vm)
-                        && disk.as_ref().is_none_or(|d| *d == m.disk)
-                };
-                let horizon = jiff::Timestamp::now().as_millisecond()
-                    + arca::repository::retention::FUTURE_SLACK_MS;
-                let plan = arca::repository::retention::plan(
-                    repo.listed_points()?,
-                    &policy,
-                    wanted,
-                    horizon,
-                );
-                if !dry_run {
-                    repo.forget(&plan.forget)?;
-                }
-                if !json {
-                    let verb = if dry_run { "would forget" } else { "forgot" };
-                    println!(
-                        "repository '{name}': {verb} {} restore point(s), kept {}",
-                        plan.forget.len(),
-                        plan.keep.len()
-                    );
-                    for p in &plan.forget {
-                        let m = &p.header;
-                        println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
-                    }
-                    for p in &plan.skipped {
-                        let m = &p.header;
-                        println!(
-                            "  left alone, dated over a day ahead: {}/{}/{} {} ({})",
-                            m.job,
-                            m.vm,
-                            m.disk,
-                            m.point_id,
-                            p.path.display()
-                        );
-                    }
-                }
-                let pruned = if prune {
-                    Some(repo.prune(arca::repository::prune::PruneOptions {
-                        dry_run,
-                        repack_share,
-                        forgotten: if dry_run {
-                            plan.forget.iter().map(|p| p.path.clone()).collect()
-                        } else {
-                            Default::default()
-                        },
-                    })?)
-                } else {
-                    None
-                };
-                let ids = |v: &[arca::repository::retention::Listed]| -> Vec<String> {
-                    v.iter().map(|p| p.header.point_id.clone()).collect()
-                };
-                if !json && let Some(r) = &pruned {
-                    print_prune(&name, r);
-                }
-                out.push(serde_json::json!({
-                    "repository": name,
-                    "dry_run": dry_run,
-                    "forgotten": ids(&plan.forget),
-                    "kept": ids(&plan.keep),
-                    "skipped_future": ids(&plan.skipped),
-                    "prune": pruned,
-                }));
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            }
-            Ok(0)
+            forget(
+                &db,
+                repository.as_deref(),
+                &policy,
+                wanted,
+                pruning,
+                dry_run,
+                json,
+            )
         }
         Command::Prune {
             repository,
@@ -621,15 +546,16 @@ fn run(cli: Cli) -> Result<i32> {
             dry_run,
             json,
         } => {
-            check_share(repack_share)?;
+            let opts = PruneOptions {
+                dry_run,
+                repack_share,
+                ..Default::default()
+            };
+            opts.check().map_err(anyhow::Error::msg)?;
             let db = ConfigDb::open(&home.db)?;
             let mut out = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
-                let r = repo.prune(arca::repository::prune::PruneOptions {
-                    dry_run,
-                    repack_share,
-                    ..Default::default()
-                })?;
+                let r = repo.prune(opts.clone())?;
                 if !json {
                     print_prune(&name, &r);
                 }
@@ -793,11 +719,82 @@ fn compile_pipelines(home: &Home, db: &ConfigDb) -> Result<()> {
     Ok(())
 }
 
-fn check_share(share: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&share) {
-        bail!("--repack-share is a share of a pack: 0 to 1 (got {share})");
+/// `arca forget`: `policy` on the points `wanted` selects in each
+/// repository, then a prune if `pruning` says so (of what would be left,
+/// in a dry run).
+fn forget(
+    db: &ConfigDb,
+    repository: Option<&str>,
+    policy: &arca::repository::retention::Policy,
+    wanted: impl Fn(&arca_transport::Manifest) -> bool,
+    pruning: Option<PruneOptions>,
+    dry_run: bool,
+    json: bool,
+) -> Result<i32> {
+    policy.check().map_err(anyhow::Error::msg)?;
+    if let Some(p) = &pruning {
+        p.check().map_err(anyhow::Error::msg)?;
     }
-    Ok(())
+    let ids = |v: &[arca::repository::PointEntry]| -> Vec<String> {
+        v.iter().map(|p| p.manifest.point_id.clone()).collect()
+    };
+    let mut out = Vec::new();
+    for (name, repo) in repositories(db, repository)? {
+        let plan = repo.plan_retention(policy, &wanted)?;
+        if !dry_run {
+            repo.forget(&plan.forget)?;
+        }
+        if !json {
+            let verb = if dry_run { "would forget" } else { "forgot" };
+            println!(
+                "repository '{name}': {verb} {} restore point(s), kept {}",
+                plan.forget.len(),
+                plan.keep.len()
+            );
+            for p in &plan.forget {
+                let m = &p.manifest;
+                println!("  {verb} {}/{}/{} {}", m.job, m.vm, m.disk, m.point_id);
+            }
+            for p in &plan.skipped {
+                let m = &p.manifest;
+                println!(
+                    "  left alone, dated over a day ahead: {}/{}/{} {} ({})",
+                    m.job,
+                    m.vm,
+                    m.disk,
+                    m.point_id,
+                    p.path.display()
+                );
+            }
+        }
+        let pruned = match &pruning {
+            Some(opts) => Some(repo.prune(PruneOptions {
+                // A dry run forgot nothing: the prune counts those points as gone.
+                forgotten: if dry_run {
+                    plan.forget.iter().map(|p| p.path.clone()).collect()
+                } else {
+                    Default::default()
+                },
+                ..opts.clone()
+            })?),
+            None => None,
+        };
+        if !json && let Some(r) = &pruned {
+            print_prune(&name, r);
+        }
+        out.push(serde_json::json!({
+            "repository": name,
+            "dry_run": dry_run,
+            "forgotten": ids(&plan.forget),
+            "kept": ids(&plan.keep),
+            "skipped_future": ids(&plan.skipped),
+            "prune": pruned,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(0)
 }
 
 fn print_prune(name: &str, r: &arca::repository::prune::PruneReport) {

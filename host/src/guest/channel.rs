@@ -62,8 +62,15 @@ impl State {
     /// Records a thaw the agent confirmed, and tells the guard.
     fn thawed(&mut self) {
         self.frozen = false;
+        self.tell_guard(false);
+    }
+
+    /// Tells the guard whether the guest is (about to be) frozen; a guard
+    /// that stopped listening costs an event and is let go (the session's
+    /// own thaws still hold while it lives).
+    fn tell_guard(&mut self, frozen: bool) {
         if let Some(g) = &mut self.guard
-            && let Err(e) = g.thawed()
+            && let Err(e) = g.say(frozen)
         {
             self.events.push(format!("freeze guard: {e}"));
             self.guard = None;
@@ -216,8 +223,7 @@ impl GuestChannel {
     }
 
     /// Starts the guard if need be and tells it a freeze is coming; a guard
-    /// that cannot be started or told costs an event, not the freeze (the
-    /// session's own thaws still hold while it lives).
+    /// that cannot be started costs an event, not the freeze.
     fn tell_guard_frozen(&self, st: &mut State) {
         if st.guard.is_none() {
             match FreezeGuard::start(&self.socket, self.policy.agent_timeout) {
@@ -225,12 +231,7 @@ impl GuestChannel {
                 Err(e) => st.events.push(format!("freeze guard: {e}")),
             }
         }
-        if let Some(g) = &mut st.guard
-            && let Err(e) = g.frozen()
-        {
-            st.events.push(format!("freeze guard: {e}"));
-            st.guard = None;
-        }
+        st.tell_guard(true);
     }
 
     /// One thaw attempt after the freeze timeout: `Ok` once nothing of

@@ -73,17 +73,10 @@ impl FreezeGuard {
         }))
     }
 
-    /// Tells the guard the guest is (about to be) frozen.
-    pub fn frozen(&mut self) -> Result<(), String> {
-        self.say(b"frozen\n")
-    }
-
-    /// Tells the guard the agent confirmed a thaw.
-    pub fn thawed(&mut self) -> Result<(), String> {
-        self.say(b"thawed\n")
-    }
-
-    fn say(&mut self, line: &[u8]) -> Result<(), String> {
+    /// Tells the guard the guest is (about to be) frozen, or that the
+    /// agent confirmed a thaw.
+    pub fn say(&mut self, frozen: bool) -> Result<(), String> {
+        let line: &[u8] = if frozen { b"frozen\n" } else { b"thawed\n" };
         let stdin = self.stdin.as_mut().ok_or("the freeze guard is closed")?;
         stdin
             .write_all(line)
@@ -114,6 +107,36 @@ pub enum GuardOutcome {
     Thawed { filesystems: u32, attempts: u32 },
     /// It gave up after `PATIENCE` (or the given patience).
     GaveUp { last_error: String, attempts: u32 },
+}
+
+impl GuardOutcome {
+    /// What the guard says on stderr, if anything, for the agent at
+    /// `socket`.
+    pub fn message(&self, socket: &Path) -> Option<String> {
+        let at = socket.display();
+        match self {
+            GuardOutcome::NothingFrozen => None,
+            GuardOutcome::Thawed {
+                filesystems,
+                attempts,
+            } => Some(format!(
+                "arca freeze-guard: the session ended with the guest at {at} frozen; thawed {filesystems} filesystem(s) (attempt {attempts})"
+            )),
+            GuardOutcome::GaveUp {
+                last_error,
+                attempts,
+            } => Some(format!(
+                "arca freeze-guard: the session ended with the guest at {at} frozen and {attempts} thaw attempts over {PATIENCE:?} failed, the last with: {last_error}; thaw it by hand (guest-fsfreeze-thaw)"
+            )),
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GuardOutcome::GaveUp { .. } => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// The guard's work (`arca freeze-guard`): follows `input` to its end, then

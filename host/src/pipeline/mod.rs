@@ -355,40 +355,11 @@ fn run_inner(
         })
     })?;
     if let Some(policy) = input.retention {
-        let policy = crate::repository::retention::Policy::from(policy);
-        if !reply.forgotten.is_empty() {
-            notices.push(format!(
-                "{}: retention ({policy}) forgot {} restore point(s): {}",
-                input.label(),
-                reply.forgotten.len(),
-                reply.forgotten.join(", ")
-            ));
-        }
-        if !reply.retention_skipped.is_empty() {
-            notices.push(format!(
-                "{}: retention ({policy}) left {} restore point(s) dated over a day ahead alone (a damaged header or a clock gone wrong; check them): {}",
-                input.label(),
-                reply.retention_skipped.len(),
-                reply.retention_skipped.join(", ")
-            ));
-        }
-        // A target that applied it says so (or says what it forgot, or why
-        // it could not, as the first build with retention did).
-        let applied = reply.retention_applied
-            || !reply.forgotten.is_empty()
-            || !reply.retention_error.is_empty();
-        if !applied {
-            notices.push(format!(
-                "{}: retention ({policy}) not applied: the repository's arca predates retention; upgrade it",
-                input.label()
-            ));
-        } else if !reply.retention_error.is_empty() {
-            notices.push(format!(
-                "{}: retention ({policy}) not applied: {}",
-                input.label(),
-                reply.retention_error
-            ));
-        }
+        notices.extend(crate::repository::retention::notices(
+            &input.label(),
+            policy,
+            &reply,
+        ));
     }
     stats.stored_bytes = reply.stored_bytes;
     stats.new_chunks = reply.new_chunks;

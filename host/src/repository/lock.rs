@@ -99,9 +99,11 @@ impl RepoLock {
 
     /// The prune generation (empty in a repository never pruned).
     pub fn generation(&self) -> Result<String, RepositoryError> {
-        let mut word = vec![0u8; WORD];
+        let mut word = [0u8; WORD];
+        // One `pread` of a regular file returns all it has up to the size
+        // asked for.
         let n = match &self.file {
-            Some(f) => read_at_most(f, &mut word).map_err(io_err(&self.path))?,
+            Some(f) => f.read_at(&mut word, 0).map_err(io_err(&self.path))?,
             None => 0,
         };
         Ok(String::from_utf8_lossy(&word[..n]).into_owned())
@@ -148,15 +150,4 @@ fn unwritable(e: &std::io::Error) -> bool {
         e.kind(),
         ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
     )
-}
-
-fn read_at_most(f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], n as u64)? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }

@@ -355,8 +355,7 @@ impl Repository {
     /// Loads index files published since this process last looked (under
     /// the shared lock: never in the middle of a prune).
     fn refresh(&self) -> Result<(), RepositoryError> {
-        let lock = lock::RepoLock::shared_reading(&self.root)?;
-        self.refresh_locked(&lock)
+        self.read_lock().map(drop)
     }
 
     /// `refresh` for a holder of the shared lock. After a prune (another
@@ -394,6 +393,13 @@ impl Repository {
     /// guard is dropped.
     pub fn read_lock(&self) -> Result<lock::RepoLock, RepositoryError> {
         let lock = lock::RepoLock::shared_reading(&self.root)?;
+        self.refresh_locked(&lock)?;
+        Ok(lock)
+    }
+
+    /// `read_lock` for a point writer, which may not go on unlocked.
+    fn write_lock(&self) -> Result<lock::RepoLock, RepositoryError> {
+        let lock = lock::RepoLock::shared(&self.root)?;
         self.refresh_locked(&lock)?;
         Ok(lock)
     }
@@ -502,20 +508,28 @@ impl Repository {
             .hashes()
             .copied()
             .collect();
-        if self.shared.loose {
-            let top = self.root.join("chunks");
-            for sub in std::fs::read_dir(&top).map_err(io_err(&top))? {
-                let sub = sub.map_err(io_err(&top))?.path();
-                for f in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
-                    let name = f.map_err(io_err(&sub))?.file_name();
-                    if let Some(h) = parse_hex(&name.to_string_lossy()) {
-                        out.push(h);
-                    }
+        out.extend(self.loose_chunks()?.into_iter().map(|(h, _)| h));
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Format-1 chunk files: each address with its file.
+    fn loose_chunks(&self) -> Result<Vec<(ChunkHash, PathBuf)>, RepositoryError> {
+        let mut out = Vec::new();
+        if !self.shared.loose {
+            return Ok(out);
+        }
+        let top = self.root.join("chunks");
+        for sub in std::fs::read_dir(&top).map_err(io_err(&top))? {
+            let sub = sub.map_err(io_err(&top))?.path();
+            for f in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
+                let f = f.map_err(io_err(&sub))?;
+                if let Some(h) = parse_hex(&f.file_name().to_string_lossy()) {
+                    out.push((h, f.path()));
                 }
             }
         }
-        out.sort();
-        out.dedup();
         Ok(out)
     }
 
@@ -646,31 +660,22 @@ impl Repository {
     /// A repository says format 3 before its first prune deletes anything
     /// (see `PRUNED_FORMAT`).
     pub(crate) fn mark_pruned(&self) -> Result<(), RepositoryError> {
-        self.raise_format(PRUNED_FORMAT, || Ok(()))
+        self.raise_format(PRUNED_FORMAT)
     }
 
     /// A format-1 repository says format 2 before its first pack appears.
-    pub(crate) fn upgrade_format(&self) -> Result<(), RepositoryError> {
+    fn upgrade_format(&self) -> Result<(), RepositoryError> {
         // Opened as format 2: nothing to read again at every publish.
         if self.format.version > LOOSE_FORMAT {
             return Ok(());
         }
-        self.raise_format(PACKED_FORMAT, || {
-            for sub in ["packs", "index"] {
-                let dir = self.root.join(sub);
-                std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            }
-            Ok(())
-        })
+        self.raise_format(PACKED_FORMAT)
     }
 
-    /// Rewrites the format file (atomically) to say `version`, after
-    /// `prepare`, unless it says that or more already.
-    fn raise_format(
-        &self,
-        version: u32,
-        prepare: impl FnOnce() -> Result<(), RepositoryError>,
-    ) -> Result<(), RepositoryError> {
+    /// Rewrites the format file (atomically) to say `version`, unless it
+    /// says that or more already. Every format from 2 on has pack folders,
+    /// so a format-1 repository gets them first, whatever the step.
+    fn raise_format(&self, version: u32) -> Result<(), RepositoryError> {
         let file = self.root.join(FORMAT_FILE);
         let body = std::fs::read(&file).map_err(io_err(&file))?;
         let mut format: FormatFile =
@@ -681,7 +686,12 @@ impl Repository {
         if format.version >= version {
             return Ok(());
         }
-        prepare()?;
+        if format.version < PACKED_FORMAT {
+            for sub in ["packs", "index"] {
+                let dir = self.root.join(sub);
+                std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            }
+        }
         format.version = version;
         let body = serde_json::to_vec_pretty(&format).expect("format file serializes");
         writer::write_atomic(&file, &body, &self.root.join("staging"))

@@ -28,10 +28,9 @@ use super::index::ChunkSet;
 use super::lock::RepoLock;
 use super::pack::{self, IndexEntry, PACK_TARGET};
 use super::packer::{self, Packer};
-use super::{HOLE, Repository, RepositoryError, io_err, manifest, parse_hex, writer::sync_dir};
+use super::{HOLE, Repository, RepositoryError, io_err, manifest, writer::sync_dir};
 use arca_transport::{ChunkHash, HASH_LEN};
 use serde::Serialize;
-use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -46,6 +45,19 @@ pub struct PruneOptions {
     /// Manifests to count as forgotten: what a dry run of `forget` would
     /// remove.
     pub forgotten: std::collections::HashSet<PathBuf>,
+}
+
+impl PruneOptions {
+    /// Checked before anything is forgotten or pruned.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.repack_share) {
+            return Err(format!(
+                "the repack share is a share of a pack: 0 to 1 (got {})",
+                self.repack_share
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for PruneOptions {
@@ -85,6 +97,7 @@ struct PackPlan {
     id: String,
     size: u64,
     live: Vec<IndexEntry>,
+    live_bytes: u64,
     dead: usize,
 }
 
@@ -92,6 +105,24 @@ enum Action {
     Keep,
     Delete,
     Repack,
+}
+
+impl PackPlan {
+    fn unreferenced_bytes(&self) -> u64 {
+        self.size.saturating_sub(self.live_bytes)
+    }
+
+    fn action(&self, repack_share: f64) -> Action {
+        if self.live.is_empty() {
+            Action::Delete
+        } else if self.dead > 0
+            && self.unreferenced_bytes() as f64 >= repack_share * self.size as f64
+        {
+            Action::Repack
+        } else {
+            Action::Keep
+        }
+    }
 }
 
 impl Repository {
@@ -130,8 +161,7 @@ impl Repository {
 
         // 2. Each pack by its index.
         let index_dir = self.root.join("index");
-        // A listing error fails the prune: an index left out of the listing
-        // would make its pack look like an orphan.
+        // A listing error fails the prune rather than leaving a pack out.
         let mut ids: Vec<String> = Vec::new();
         match std::fs::read_dir(&index_dir) {
             Ok(entries) => {
@@ -150,10 +180,8 @@ impl Repository {
         }
         ids.sort();
         let mut scanned: Vec<(String, u64, Vec<IndexEntry>)> = Vec::new();
-        let mut indexed: BTreeSet<String> = BTreeSet::new();
-        for id in ids {
-            indexed.insert(id.clone());
-            let idx = packer::index_path(&self.root, &id);
+        for id in &ids {
+            let idx = packer::index_path(&self.root, id);
             let entries = match std::fs::read(&idx)
                 .map_err(|e| e.to_string())
                 .and_then(|b| pack::decode_index(&b))
@@ -168,14 +196,14 @@ impl Repository {
                     continue;
                 }
             };
-            let path = packer::pack_path(&self.root, &id);
+            let path = packer::pack_path(&self.root, id);
             let size = match std::fs::metadata(&path) {
                 Ok(m) => m.len(),
                 // An index without its pack: nothing to free, and verify
                 // names the chunks it lost.
                 Err(_) => continue,
             };
-            scanned.push((id, size, entries));
+            scanned.push((id.clone(), size, entries));
         }
         // A chunk stored more than once is kept in one place: its first copy
         // (by pack id) that lies inside its pack file, or, if none does, its
@@ -205,37 +233,33 @@ impl Repository {
             plans.push(PackPlan {
                 id,
                 size,
+                live_bytes: live.iter().map(|e| u64::from(e.len)).sum(),
                 live,
                 dead: dead.len(),
             });
         }
         report.packs_before = plans.len();
         report.bytes_before = plans.iter().map(|p| p.size).sum();
-        let action = |p: &PackPlan| {
-            let live_bytes: u64 = p.live.iter().map(|e| u64::from(e.len)).sum();
-            if p.live.is_empty() {
-                Action::Delete
-            } else if p.dead > 0
-                && (p.size.saturating_sub(live_bytes)) as f64 >= opts.repack_share * p.size as f64
-            {
-                Action::Repack
-            } else {
-                Action::Keep
-            }
-        };
 
         // 3. Orphan packs and unreferenced format-1 chunk files.
-        let orphans = self.orphan_packs(&indexed)?;
-        let loose = self.unreferenced_loose(&referenced)?;
+        let orphans = self.orphan_packs()?;
+        let loose: Vec<(PathBuf, u64)> = self
+            .loose_chunks()?
+            .into_iter()
+            .filter(|(h, _)| !referenced.contains(h))
+            .map(|(_, path)| {
+                let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+                Ok((path, len))
+            })
+            .collect::<Result<_, RepositoryError>>()?;
 
         let mut delete = Vec::new();
         let mut repack = Vec::new();
         for p in &plans {
-            match action(p) {
+            match p.action(opts.repack_share) {
                 Action::Keep => {
                     report.packs_kept += 1;
-                    let live: u64 = p.live.iter().map(|e| u64::from(e.len)).sum();
-                    report.unreferenced_bytes_kept += p.size.saturating_sub(live);
+                    report.unreferenced_bytes_kept += p.unreferenced_bytes();
                 }
                 Action::Delete => delete.push(p),
                 Action::Repack => repack.push(p),
@@ -246,23 +270,16 @@ impl Repository {
         report.chunks_deleted = delete.iter().chain(&repack).map(|p| p.dead as u64).sum();
         report.orphan_packs_deleted = orphans.len();
         report.loose_chunks_deleted = loose.len();
-        let freed_packs: u64 = delete.iter().chain(&repack).map(|p| p.size).sum();
-        let rewritten: u64 = repack
+        report.bytes_freed = delete
             .iter()
-            .flat_map(|p| &p.live)
-            .map(|e| u64::from(e.len))
+            .chain(&repack)
+            .map(|p| p.unreferenced_bytes())
+            .chain(orphans.iter().chain(&loose).map(|(_, len)| *len))
             .sum();
-        let orphan_bytes: u64 = orphans.iter().map(|(_, len)| len).sum();
-        let loose_bytes: u64 = loose.iter().map(|(_, len)| len).sum();
-        report.bytes_freed =
-            (freed_packs - rewritten.min(freed_packs)) + orphan_bytes + loose_bytes;
         if opts.dry_run {
             return Ok(report);
         }
 
-        // A format-1 repository gets its pack folders (and format 2) first:
-        // format 3 says it has them.
-        self.upgrade_format()?;
         self.mark_pruned()?;
         lock.bump()?;
         report.packs_written = self.repack(&repack)?;
@@ -321,11 +338,8 @@ impl Repository {
         Ok(published.len())
     }
 
-    /// Pack files that no index file names, with their sizes.
-    fn orphan_packs(
-        &self,
-        indexed: &BTreeSet<String>,
-    ) -> Result<Vec<(PathBuf, u64)>, RepositoryError> {
+    /// Pack files without an index file, with their sizes.
+    fn orphan_packs(&self) -> Result<Vec<(PathBuf, u64)>, RepositoryError> {
         let mut out = Vec::new();
         let top = self.root.join("packs");
         let Ok(fans) = std::fs::read_dir(&top) else {
@@ -342,38 +356,11 @@ impl Repository {
                 let Some(id) = name.strip_suffix(".pack") else {
                     continue;
                 };
-                // Looked for once more: only a pack whose index file is
-                // really absent is an orphan.
                 // An index that cannot be looked for (EACCES, EIO) is not
-                // absent.
+                // absent: only a pack whose index file is known absent is
+                // an orphan.
                 if packer::is_pack_id(id)
-                    && !indexed.contains(id)
                     && packer::index_path(&self.root, id).try_exists().ok() == Some(false)
-                {
-                    let len = f.metadata().map_err(io_err(&f.path()))?.len();
-                    out.push((f.path(), len));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Format-1 chunk files no restore point references.
-    fn unreferenced_loose(
-        &self,
-        referenced: &ChunkSet,
-    ) -> Result<Vec<(PathBuf, u64)>, RepositoryError> {
-        let mut out = Vec::new();
-        if !self.shared.loose {
-            return Ok(out);
-        }
-        let top = self.root.join("chunks");
-        for sub in std::fs::read_dir(&top).map_err(io_err(&top))? {
-            let sub = sub.map_err(io_err(&top))?.path();
-            for f in std::fs::read_dir(&sub).map_err(io_err(&sub))? {
-                let f = f.map_err(io_err(&sub))?;
-                if let Some(h) = parse_hex(&f.file_name().to_string_lossy())
-                    && !referenced.contains(&h)
                 {
                     let len = f.metadata().map_err(io_err(&f.path()))?.len();
                     out.push((f.path(), len));

@@ -11,11 +11,10 @@
 //! so forgetting one never breaks another. Forgetting removes manifests
 //! only; `prune` then frees the chunks nothing references any more.
 
-use super::{Repository, RepositoryError, io_err, manifest, writer::sync_dir};
-use arca_transport::{Manifest, RetentionPolicy};
+use super::{PointEntry, Repository, RepositoryError, io_err, manifest, writer::sync_dir};
+use arca_transport::{CommitReply, Manifest, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,13 +53,8 @@ impl From<RetentionPolicy> for Policy {
 
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rules = [
-            ("keep_last", self.keep_last),
-            ("keep_daily", self.keep_daily),
-            ("keep_weekly", self.keep_weekly),
-            ("keep_monthly", self.keep_monthly),
-        ];
-        let set: Vec<String> = rules
+        let set: Vec<String> = self
+            .rules()
             .iter()
             .filter(|(_, n)| *n > 0)
             .map(|(k, n)| format!("{k} {n}"))
@@ -70,16 +64,20 @@ impl std::fmt::Display for Policy {
 }
 
 impl Policy {
+    /// Each rule by its setting's name.
+    fn rules(&self) -> [(&'static str, u32); 4] {
+        [
+            ("keep_last", self.keep_last),
+            ("keep_daily", self.keep_daily),
+            ("keep_weekly", self.keep_weekly),
+            ("keep_monthly", self.keep_monthly),
+        ]
+    }
+
     /// A policy that keeps nothing but each disk's newest point is almost
     /// always a mistake (a missing setting), so it is refused.
     pub fn check(&self) -> Result<(), String> {
-        let rules = [
-            self.keep_last,
-            self.keep_daily,
-            self.keep_weekly,
-            self.keep_monthly,
-        ];
-        if rules.iter().all(|n| *n == 0) {
+        if self.rules().iter().all(|(_, n)| *n == 0) {
             return Err(
                 "a retention policy needs at least one of keep_last, keep_daily, keep_weekly, keep_monthly above 0"
                     .into(),
@@ -143,20 +141,54 @@ pub fn keep(points: &[&Manifest], policy: &Policy) -> Vec<bool> {
     kept
 }
 
-/// A restore point as retention sees it: its header and its file.
-#[derive(Debug, Clone)]
-pub struct Listed {
-    pub path: PathBuf,
-    pub header: Manifest,
-}
-
-/// Which restore points to keep and to forget.
+/// Which restore points to keep and to forget (their headers: retention
+/// reads no block list).
 #[derive(Debug, Default)]
 pub struct Plan {
-    pub keep: Vec<Listed>,
-    pub forget: Vec<Listed>,
+    pub keep: Vec<PointEntry>,
+    pub forget: Vec<PointEntry>,
     /// Dated past the horizon: neither kept by a rule nor forgotten.
-    pub skipped: Vec<Listed>,
+    pub skipped: Vec<PointEntry>,
+}
+
+/// What a job's retention did after a commit (`CommitReply`'s fields).
+#[derive(Debug, Default)]
+pub(crate) struct Retained {
+    pub forgotten: Vec<String>,
+    pub skipped: Vec<String>,
+    pub error: String,
+}
+
+/// The session report's notices on what the repository's retention did
+/// (`label` names the task's disk).
+pub fn notices(label: &str, policy: RetentionPolicy, reply: &CommitReply) -> Vec<String> {
+    let policy = Policy::from(policy);
+    let mut out = Vec::new();
+    if !reply.forgotten.is_empty() {
+        out.push(format!(
+            "{label}: retention ({policy}) forgot {} restore point(s): {}",
+            reply.forgotten.len(),
+            reply.forgotten.join(", ")
+        ));
+    }
+    if !reply.retention_skipped.is_empty() {
+        out.push(format!(
+            "{label}: retention ({policy}) left {} restore point(s) dated over a day ahead alone (a damaged header or a clock gone wrong; check them): {}",
+            reply.retention_skipped.len(),
+            reply.retention_skipped.join(", ")
+        ));
+    }
+    if !reply.retention_applied {
+        out.push(format!(
+            "{label}: retention ({policy}) not applied: the repository's arca predates retention; upgrade it"
+        ));
+    } else if !reply.retention_error.is_empty() {
+        out.push(format!(
+            "{label}: retention ({policy}) not applied: {}",
+            reply.retention_error
+        ));
+    }
+    out
 }
 
 /// A day: how far ahead of the clock a point may be dated before retention
@@ -170,31 +202,31 @@ pub const FUTURE_SLACK_MS: i64 = 86_400_000;
 /// would pass for the newest and push every real one out: it goes to
 /// `skipped`, neither kept by a rule nor forgotten.
 pub fn plan(
-    points: Vec<Listed>,
+    points: Vec<PointEntry>,
     policy: &Policy,
     wanted: impl Fn(&Manifest) -> bool,
     horizon_ms: i64,
 ) -> Plan {
-    let mut disks: BTreeMap<(String, String, String), Vec<Listed>> = BTreeMap::new();
+    let mut disks: BTreeMap<(String, String, String), Vec<PointEntry>> = BTreeMap::new();
     let mut out = Plan::default();
-    for p in points.into_iter().filter(|p| wanted(&p.header)) {
-        if p.header.created_unix_ms > horizon_ms {
+    for p in points.into_iter().filter(|p| wanted(&p.manifest)) {
+        if p.manifest.created_unix_ms > horizon_ms {
             out.skipped.push(p);
             continue;
         }
         let key = (
-            p.header.job.clone(),
-            p.header.vm.clone(),
-            p.header.disk.clone(),
+            p.manifest.job.clone(),
+            p.manifest.vm.clone(),
+            p.manifest.disk.clone(),
         );
         disks.entry(key).or_default().push(p);
     }
     for (_, mut series) in disks {
         series.sort_by(|a, b| {
-            (a.header.created_unix_ms, &a.header.point_id)
-                .cmp(&(b.header.created_unix_ms, &b.header.point_id))
+            (a.manifest.created_unix_ms, &a.manifest.point_id)
+                .cmp(&(b.manifest.created_unix_ms, &b.manifest.point_id))
         });
-        let headers: Vec<&Manifest> = series.iter().map(|p| &p.header).collect();
+        let headers: Vec<&Manifest> = series.iter().map(|p| &p.manifest).collect();
         let kept = keep(&headers, policy);
         for (p, k) in series.into_iter().zip(kept) {
             if k {
@@ -208,14 +240,25 @@ pub fn plan(
 }
 
 impl Repository {
+    /// `policy` on every disk `wanted` selects, dated against the clock;
+    /// changes nothing (`forget` does).
+    pub fn plan_retention(
+        &self,
+        policy: &Policy,
+        wanted: impl Fn(&Manifest) -> bool,
+    ) -> Result<Plan, RepositoryError> {
+        let horizon = jiff::Timestamp::now().as_millisecond() + FUTURE_SLACK_MS;
+        Ok(plan(self.listed_points()?, policy, wanted, horizon))
+    }
+
     /// Every restore point's header (block lists are not read: a 1 TiB
     /// disk's is 128 MiB); unreadable ones are left out with a warning,
     /// so retention never forgets what it cannot date.
-    pub fn listed_points(&self) -> Result<Vec<Listed>, RepositoryError> {
+    fn listed_points(&self) -> Result<Vec<PointEntry>, RepositoryError> {
         let mut out = Vec::new();
         for path in self.manifest_paths()? {
             match manifest::read_header(&path) {
-                Ok(header) => out.push(Listed { path, header }),
+                Ok(manifest) => out.push(PointEntry { manifest, path }),
                 Err(e) => tracing::warn!("retention leaves a restore point alone: {e}"),
             }
         }
@@ -224,7 +267,7 @@ impl Repository {
 
     /// Removes the manifests of `points` (durably: their folders are
     /// synced). Their chunks stay until `prune`.
-    pub fn forget(&self, points: &[Listed]) -> Result<usize, RepositoryError> {
+    pub fn forget(&self, points: &[PointEntry]) -> Result<(), RepositoryError> {
         let mut dirs = BTreeSet::new();
         for p in points {
             match std::fs::remove_file(&p.path) {
@@ -240,39 +283,46 @@ impl Repository {
         for d in &dirs {
             sync_dir(d)?;
         }
-        Ok(points.len())
+        Ok(())
     }
 
     /// A job's retention after the commit of `committed`: `policy` on its
-    /// disk's points, never forgetting `committed` itself; returns the ids
-    /// it forgot and those it left alone for their dates. The horizon
+    /// disk's points, never forgetting `committed` itself. The horizon
     /// counts from the committed point too: after a clock set back, commits
     /// are dated after their parent (`writer`), ahead of the clock, and
-    /// must still count.
-    pub(crate) fn apply_retention(
-        &self,
-        committed: &Manifest,
-        policy: &Policy,
-    ) -> Result<(Vec<String>, Vec<String>), RepositoryError> {
-        let (job, vm, disk) = (&committed.job, &committed.vm, &committed.disk);
-        let listed = self
-            .point_headers(job, vm, disk)?
-            .into_iter()
-            .map(|(path, header)| Listed {
-                path,
-                header: (*header).clone(),
+    /// must still count. A failure is the outcome's `error`, not the
+    /// commit's: the point is durable already.
+    pub(crate) fn retain_after_commit(&self, committed: &Manifest, policy: Policy) -> Retained {
+        let run = || -> Result<Retained, String> {
+            policy.check()?;
+            let listed = self
+                .point_headers(&committed.job, &committed.vm, &committed.disk)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(path, header)| PointEntry {
+                    manifest: (*header).clone(),
+                    path,
+                })
+                .collect();
+            let horizon = jiff::Timestamp::now()
+                .as_millisecond()
+                .max(committed.created_unix_ms)
+                + FUTURE_SLACK_MS;
+            let mut plan = plan(listed, &policy, |_| true, horizon);
+            plan.forget
+                .retain(|p| p.manifest.point_id != committed.point_id);
+            self.forget(&plan.forget).map_err(|e| e.to_string())?;
+            let ids = |v: Vec<PointEntry>| v.into_iter().map(|p| p.manifest.point_id).collect();
+            Ok(Retained {
+                forgotten: ids(plan.forget),
+                skipped: ids(plan.skipped),
+                error: String::new(),
             })
-            .collect();
-        let horizon = jiff::Timestamp::now()
-            .as_millisecond()
-            .max(committed.created_unix_ms)
-            + FUTURE_SLACK_MS;
-        let mut plan = plan(listed, policy, |_| true, horizon);
-        plan.forget
-            .retain(|p| p.header.point_id != committed.point_id);
-        self.forget(&plan.forget)?;
-        let ids = |v: Vec<Listed>| v.into_iter().map(|p| p.header.point_id).collect();
-        Ok((ids(plan.forget), ids(plan.skipped)))
+        };
+        run().unwrap_or_else(|error| Retained {
+            error,
+            ..Retained::default()
+        })
     }
 }
 
@@ -414,14 +464,15 @@ mod tests {
         };
         // Believed, the point ahead would be the newest and push the
         // second newest real point out.
-        let (forgotten, skipped) = repo.apply_retention(&committed, &last2).unwrap();
-        assert_eq!(skipped, [ahead.point_id.clone()]);
-        assert_eq!(forgotten, [ids[0].clone()]);
+        let done = repo.retain_after_commit(&committed, last2);
+        assert_eq!(done.error, "");
+        assert_eq!(done.skipped, [ahead.point_id.clone()]);
+        assert_eq!(done.forgotten, [ids[0].clone()]);
         let mut left: Vec<String> = repo
             .listed_points()
             .unwrap()
             .into_iter()
-            .map(|p| p.header.point_id)
+            .map(|p| p.manifest.point_id)
             .collect();
         left.sort();
         // Ids made in one second sort by their random suffix.

@@ -8,7 +8,6 @@
 //! restore point or a complete one, and a staging folder that the next
 //! session sweeps.
 
-use super::retention::Policy;
 use super::{Repository, RepositoryError, chunk, hex, io_err, manifest};
 use arca_transport::{
     ChunkHash, ChunkQuery, ChunkQueryReply, CommitPoint, CommitReply, HASH_LEN, LinkError,
@@ -44,12 +43,10 @@ impl PointWriter {
         // Packs other processes published since the repository was opened
         // answer this writer's dedup queries too; after a prune, the index
         // is loaded again.
-        let lock = super::lock::RepoLock::shared(&repo.root)?;
-        repo.refresh_locked(&lock)?;
         Ok(Self {
             repo: repo.clone(),
             state: Mutex::new(State::default()),
-            _lock: lock,
+            _lock: repo.write_lock()?,
         })
     }
 
@@ -105,26 +102,19 @@ impl PointWriter {
         )?;
         state.finished = true;
         // The new point is durable: the job's retention may now forget
-        // older ones (never this one, the newest). A failure here costs
-        // the report a notice, not the point.
-        let ((forgotten, skipped), retention_error) = match commit.retention.map(Policy::from) {
-            Some(policy) => match policy.check() {
-                Err(why) => (Default::default(), why),
-                Ok(()) => match repo.apply_retention(&m, &policy) {
-                    Ok(done) => (done, String::new()),
-                    Err(e) => (Default::default(), e.to_string()),
-                },
-            },
-            None => (Default::default(), String::new()),
-        };
+        // older ones (never this one, the newest).
+        let retained = commit
+            .retention
+            .map(|p| repo.retain_after_commit(&m, p.into()))
+            .unwrap_or_default();
         Ok(CommitReply {
             point_id: m.point_id,
             new_chunks: state.new_chunks,
             stored_bytes: state.stored_bytes,
             retention_applied: commit.retention.is_some(),
-            forgotten,
-            retention_skipped: skipped,
-            retention_error,
+            forgotten: retained.forgotten,
+            retention_skipped: retained.skipped,
+            retention_error: retained.error,
         })
     }
 }
