@@ -65,9 +65,9 @@ impl RepoLock {
                     );
                     return Ok(Self { file: None, path });
                 }
-                Err(e) => return Err(io_err(&path)(e)),
+                Err(source) => return Err(RepositoryError::LockUnavailable { path, source }),
             },
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(source) => return Err(RepositoryError::LockUnavailable { path, source }),
         };
         if file.try_lock_shared().is_err() {
             tracing::info!("repository {}: waiting for a prune to end", root.display());
@@ -84,7 +84,10 @@ impl RepoLock {
     /// starts after it.
     pub fn exclusive(root: &Path) -> Result<Self, RepositoryError> {
         let path = root.join(LOCK_FILE);
-        let file = create(&path).map_err(io_err(&path))?;
+        let file = match create(&path) {
+            Ok(f) => f,
+            Err(source) => return Err(RepositoryError::LockUnavailable { path, source }),
+        };
         match file.try_lock() {
             Ok(()) => Ok(Self {
                 file: Some(file),

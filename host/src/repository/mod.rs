@@ -89,6 +89,10 @@ pub enum RepositoryError {
         "repository {path} is in use by a session, restore or verify (or another prune): prune it when that has ended"
     )]
     Busy { path: PathBuf },
+    #[error(
+        "cannot open the repository lock {path}: {source}; arca needs to read it (and to create it, the first time) to use the repository: fix its permissions for the user running arca"
+    )]
+    LockUnavailable { path: PathBuf, source: io::Error },
     #[error("repository {path}: prune refused: {reason}")]
     PruneRefused { path: PathBuf, reason: String },
     #[error("restore point {0} not found")]
