@@ -1,8 +1,9 @@
-//! SIGKILL of a real backup process at random moments: the repository stays
-//! readable, earlier restore points restore bit-exact, the next session works.
+//! SIGKILL of a real backup or prune process at random moments: the
+//! repository stays readable, earlier restore points restore bit-exact, the
+//! next session (or prune) works.
 
 use crate::common::*;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -166,4 +167,125 @@ fn a_job_runs_one_session_at_a_time_and_a_killed_holder_frees_it() {
     let (ok, r) = lab.run_job("nightly");
     assert!(ok, "a killed holder leaves the job free: {r:#}");
     assert_eq!(lab.points().len(), before + 1);
+}
+
+/// Copies a repository folder (packs, index, points, lock) as it is.
+fn copy_repo(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let ok = std::process::Command::new("cp")
+        .args(["-a", from.to_str().unwrap(), to.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cp -a {}", from.display());
+}
+
+/// SIGKILL of a real prune at random moments, on copies of one repository
+/// whose forgotten points leave most packs to rewrite: every kept point
+/// still restores bit-exact, verify stays clean, and a prune run again
+/// afterwards frees what the uninterrupted prune freed.
+#[test]
+fn a_prune_killed_at_any_moment_loses_nothing() {
+    use std::os::unix::fs::FileExt;
+    let lab = Lab::new();
+    let disk = lab.path("web01.raw");
+    make_disk(&disk, 96 * MIB, 31);
+    lab.apply(&config(
+        &lab,
+        &[("web01", &[disk.as_path()])],
+        "[[job]]\nname = \"nightly\"\nvms = [\"web01\"]\nrepository = \"main\"\n",
+    ));
+    // Six points, each rewriting a different third of the disk with new
+    // random data: the forgotten ones leave some dead bytes in most packs.
+    let mut kept = Vec::new();
+    let mut rng = StdRng::seed_from_u64(32);
+    for state in 0..6u64 {
+        if state > 0 {
+            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            let mut data = vec![0u8; (32 * MIB) as usize];
+            rng.fill_bytes(&mut data);
+            f.write_all_at(&data, (state % 3) * 32 * MIB).unwrap();
+            // And scattered small changes, so that packs mix live and dead.
+            drop(f);
+            change_disk(&disk, 40, 64 * 1024, 40 + state);
+        }
+        let (ok, r) = lab.run_job("nightly");
+        assert!(ok, "{r:#}");
+        if state >= 3 {
+            let id = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
+            kept.push((id, sha256(&disk)));
+        }
+    }
+    lab.ok(&["forget", "--keep-last", "3"]);
+    let repo = lab.path("repo");
+    let template = lab.path("template");
+    copy_repo(&repo, &template);
+
+    // The uninterrupted prune: how long it takes and what it leaves.
+    let started = Instant::now();
+    let report: serde_json::Value =
+        serde_json::from_str(&lab.ok(&["prune", "--repack-share", "0", "--json"])).unwrap();
+    let report = &report[0]["report"];
+    let prune_run = started.elapsed();
+    assert!(
+        report["packs_repacked"].as_u64().unwrap() >= 3,
+        "the test needs a prune with work to interrupt: {report:#}"
+    );
+    let clean_bytes = chunk_bytes(&repo);
+
+    let window = (prune_run.as_millis() as u64).max(40);
+    let mut killed_mid_prune = 0;
+    for trial in 0..10u64 {
+        copy_repo(&template, &repo);
+        let mut child = lab
+            .command()
+            .args(["prune", "--repack-share", "0"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let wait = rng.random_range(5..window);
+        std::thread::sleep(Duration::from_millis(wait));
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_prune += 1;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+
+        let v = lab.arca(&["verify"]);
+        assert!(
+            v.status.success(),
+            "trial {trial} (killed after {wait} ms): verify is not clean:\n{}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        for (id, sha) in &kept {
+            let out = lab.path("check.raw");
+            lab.ok(&["restore", id, "--to", out.to_str().unwrap(), "--force"]);
+            assert_eq!(
+                &sha256(&out),
+                sha,
+                "trial {trial} (killed after {wait} ms): {id}"
+            );
+        }
+        // A prune run again finishes the work: the repository ends as the
+        // uninterrupted prune left it, and the next session works on it.
+        lab.ok(&["prune", "--repack-share", "0"]);
+        assert_eq!(
+            chunk_bytes(&repo),
+            clean_bytes,
+            "trial {trial} (killed after {wait} ms): the prune run again left other bytes"
+        );
+        assert!(lab.ok(&["verify"]).contains("clean"));
+    }
+    assert!(
+        killed_mid_prune >= 4,
+        "only {killed_mid_prune} of 10 kills landed mid-prune (a prune took {prune_run:?})"
+    );
+    change_disk(&disk, 6, 64 * 1024, 99);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    restore_matches(
+        &lab,
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        &disk,
+    );
 }
