@@ -324,3 +324,169 @@ fn a_throttling_rule_is_shared_by_parallel_tasks() {
     assert!(ok, "{r:#}");
     assert_rule_held(&r, "wan", rate, 70 * MIB);
 }
+
+/// A UDP relay in front of an agent, on loopback: each client address gets
+/// its own upstream socket, and the agent's datagrams wait `delay` before
+/// they go back. `cut` makes every flow seen so far a black hole for good
+/// (datagrams still waiting included); flows that start later pass.
+struct Relay {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    dead: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+}
+
+impl Relay {
+    fn start(agent: &str, delay: std::time::Duration) -> Relay {
+        use std::collections::{HashMap, VecDeque};
+        use std::net::{SocketAddr, UdpSocket};
+        use std::sync::{Arc, Condvar, Mutex};
+        use std::time::Instant;
+        type Queue = Arc<(Mutex<VecDeque<(Instant, SocketAddr, Vec<u8>)>>, Condvar)>;
+        let agent: SocketAddr = agent.parse().unwrap();
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let relay = Relay {
+            addr: front.local_addr().unwrap().to_string(),
+            seen: Arc::default(),
+            dead: Arc::default(),
+        };
+        let queue: Queue = Arc::default();
+        // Back to the clients, each datagram once its delay is over.
+        {
+            let (front, queue, dead) = (front.clone(), queue.clone(), relay.dead.clone());
+            std::thread::spawn(move || {
+                let (lock, ready) = &*queue;
+                let mut q = lock.lock().unwrap();
+                loop {
+                    match q.front() {
+                        None => q = ready.wait(q).unwrap(),
+                        Some(&(due, _, _)) if due > Instant::now() => {
+                            q = ready.wait_timeout(q, due - Instant::now()).unwrap().0;
+                        }
+                        Some(_) => {
+                            let (_, client, data) = q.pop_front().unwrap();
+                            if !dead.lock().unwrap().contains(&client) {
+                                let _ = front.send_to(&data, client);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        // From the clients to the agent, one upstream socket per client.
+        let (seen, dead) = (relay.seen.clone(), relay.dead.clone());
+        std::thread::spawn(move || {
+            let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, client)) = front.recv_from(&mut buf) {
+                if dead.lock().unwrap().contains(&client) {
+                    continue;
+                }
+                let up = upstream.entry(client).or_insert_with(|| {
+                    seen.lock().unwrap().push(client);
+                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+                    up.connect(agent).unwrap();
+                    let (up2, queue) = (up.clone(), queue.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = up2.recv(&mut buf) {
+                            let (lock, ready) = &*queue;
+                            let due = Instant::now() + delay;
+                            lock.lock()
+                                .unwrap()
+                                .push_back((due, client, buf[..n].to_vec()));
+                            ready.notify_one();
+                        }
+                    });
+                    up
+                });
+                let _ = up.send(&buf[..n]);
+            }
+        });
+        relay
+    }
+
+    /// Every flow seen so far carries nothing more, either way.
+    fn cut(&self) {
+        let seen = self.seen.lock().unwrap().clone();
+        self.dead.lock().unwrap().extend(seen);
+    }
+}
+
+/// Manifests under a repository's `points/`.
+fn manifests(repo: &Path) -> usize {
+    fn walk(p: &Path) -> usize {
+        std::fs::read_dir(p).map_or(0, |d| {
+            d.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        walk(&p)
+                    } else {
+                        usize::from(p.extension().is_some_and(|x| x == "manifest"))
+                    }
+                })
+                .sum()
+        })
+    }
+    walk(&repo.join("points"))
+}
+
+/// The agent commits a point but its answer never arrives: the link is cut
+/// while the answer is still on its way (the relay holds the agent's
+/// datagrams back long enough for the test to see the point land). The
+/// retried task finds its own point and makes no second one.
+#[test]
+fn a_commit_whose_answer_is_lost_makes_no_second_point() {
+    let lab = Lab::new();
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let disk = lab.path("d.raw");
+    make_disk(&disk, 16 * MIB, 87);
+    let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
+    let relay = Relay::start(&agent.addr, std::time::Duration::from_millis(250));
+    lab.apply(
+        &remote_config(&lab, &[&disk], &agent, &agent.fingerprint)
+            .replace(&agent.addr, &relay.addr),
+    );
+    for round in 0..2 {
+        if round == 1 {
+            change_disk(&disk, 8, 64 * 1024, 88);
+        }
+        let before = manifests(&lab.path("agent-repo"));
+        let session = lab
+            .command()
+            .args(["job", "run", "nightly", "--json", "--workers", "1"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while manifests(&lab.path("agent-repo")) == before {
+            assert!(std::time::Instant::now() < deadline, "no point landed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        relay.cut();
+        let out = session.wait_with_output().unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(out.status.success(), "round {round}: {r:#}");
+        let notices = r["notices"].to_string() + &r["tasks"][0]["notices"].to_string();
+        assert!(
+            notices.contains("attempt 1 on proxy 'local' failed"),
+            "round {round}: the answer was lost: {r:#}"
+        );
+        assert_eq!(
+            manifests(&lab.path("agent-repo")),
+            before + 1,
+            "round {round}: one point for the task, not two"
+        );
+        assert!(
+            notices.contains("committed by an earlier attempt of this task"),
+            "round {round}: {r:#}"
+        );
+        let point = r["tasks"][0]["restore_point"].as_str().unwrap();
+        restore_matches(&lab, point, &disk);
+        if round == 1 {
+            assert!(r["tasks"][0]["parent_point"].is_string(), "{r:#}");
+            assert_ne!(r["tasks"][0]["parent_point"].as_str(), Some(point));
+        }
+    }
+    lab.ok(&["verify", "--repository", "local-view"]);
+}

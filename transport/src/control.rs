@@ -114,6 +114,9 @@ pub struct AssignTask {
     /// The job's retention policy, for the commit (`CommitPoint`).
     #[prost(message, optional, tag = "18")]
     pub retention: Option<crate::messages::RetentionPolicy>,
+    /// The task's token (`Manifest::task_token`), the same in each attempt.
+    #[prost(bytes = "vec", tag = "19")]
+    pub task_token: Vec<u8>,
 }
 
 /// Proxy → session: how the task ended.

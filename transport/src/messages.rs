@@ -114,6 +114,12 @@ pub struct Manifest {
     /// skips it unread (a fragmented filesystem's free space is many ranges).
     #[prost(message, optional, tag = "15")]
     pub excluded: Option<ExcludedRanges>,
+    /// A random token the session gave the task, the same in each of its
+    /// attempts (empty from an arca without it). An attempt that finds its
+    /// token on the disk's newest point knows an earlier attempt committed,
+    /// although its answer was lost, and makes no second point.
+    #[prost(bytes = "vec", tag = "16")]
+    pub task_token: Vec<u8>,
 }
 
 /// Sorted, disjoint byte ranges, delta-coded so that the varints stay short:
@@ -240,6 +246,10 @@ pub struct CommitReply {
     /// Restore points retention left alone: dated over a day ahead.
     #[prost(string, repeated, tag = "7")]
     pub retention_skipped: Vec<String>,
+    /// `point_id` was committed earlier by another attempt of the same task
+    /// (same `Manifest::task_token`); this commit made no new point.
+    #[prost(bool, tag = "8")]
+    pub earlier_attempt: bool,
 }
 
 #[cfg(test)]

@@ -82,10 +82,6 @@ impl ProxyRole {
         )
         .map_err(TaskFailure::from_link)?;
         let previous = link.latest(&open).map_err(TaskFailure::from_link)?;
-        let parent_point = previous
-            .as_ref()
-            .map(|p| p.point_id.clone())
-            .unwrap_or_default();
         let link: Box<dyn TargetLink> = match control.bucket() {
             Some(b) => Box::new(ThrottledLink::new(Box::new(link), vec![b])),
             None => Box::new(link),
@@ -120,6 +116,7 @@ impl ProxyRole {
             changes,
             cbt_bitmap: a.cbt_bitmap,
             retention: a.retention,
+            task_token: a.task_token,
         };
         let stages = loaded.instantiate().map_err(|e| fatal(&e))?;
         let done = AtomicU64::new(0);
@@ -137,7 +134,7 @@ impl ProxyRole {
         Ok(TaskResult {
             ok: true,
             point_id: outcome.point_id,
-            parent_point,
+            parent_point: outcome.parent_point.unwrap_or_default(),
             stats_json: serde_json::to_string(&outcome.stats).unwrap_or_default(),
             notices: outcome.notices,
             error: String::new(),

@@ -86,6 +86,9 @@ pub struct TaskInput {
     pub cbt_bitmap: String,
     /// The job's retention, applied by the target after the commit.
     pub retention: Option<arca_transport::RetentionPolicy>,
+    /// Recorded in the manifest: the session's token for this task, the
+    /// same in every attempt (`Manifest::task_token`; empty for none).
+    pub task_token: Vec<u8>,
 }
 
 impl TaskInput {
@@ -104,6 +107,8 @@ pub struct Stages {
 
 pub struct TaskOutcome {
     pub point_id: String,
+    /// The point it is incremental to, if any.
+    pub parent_point: Option<String>,
     pub stats: TaskStats,
     pub notices: Vec<String>,
 }
@@ -147,6 +152,22 @@ fn run_inner(
     };
     let blocks = geometry.block_count() as usize;
     stats.disk_bytes = size;
+    if let Some(done) = input.previous.as_ref().filter(|p| committed_by(p, input)) {
+        // An earlier attempt committed this task's point and lost the
+        // answer: that point is this task's, and a second would be a
+        // duplicate (which retention's keep_last would count).
+        link.abort();
+        notices.push(format!(
+            "{}; nothing was read again",
+            earlier_attempt(&label, &done.point_id)
+        ));
+        return Ok(TaskOutcome {
+            point_id: done.point_id.clone(),
+            parent_point: Some(done.parent_point.clone()).filter(|p| !p.is_empty()),
+            stats,
+            notices,
+        });
+    }
 
     let allocation = clock
         .time("allocation-map", || input.disk.allocation())
@@ -347,13 +368,18 @@ fn run_inner(
         pipeline: input.pipeline.clone(),
         cbt_bitmap: input.cbt_bitmap.clone(),
         excluded: Some(previous::record(&excluded)),
+        task_token: input.task_token.clone(),
     };
+    let parent_point = Some(manifest.parent_point.clone()).filter(|p| !p.is_empty());
     let reply = clock.time("commit", || {
         link.commit(CommitPoint {
             manifest: Some(manifest),
             retention: input.retention,
         })
     })?;
+    if reply.earlier_attempt {
+        notices.push(earlier_attempt(&label, &reply.point_id));
+    }
     if let Some(policy) = input.retention {
         notices.extend(crate::repository::retention::notices(
             &input.label(),
@@ -367,9 +393,21 @@ fn run_inner(
     stats.stage_seconds = clock.seconds();
     Ok(TaskOutcome {
         point_id: reply.point_id,
+        parent_point,
         stats,
         notices,
     })
+}
+
+fn earlier_attempt(label: &str, point: &str) -> String {
+    format!(
+        "{label}: restore point {point} was committed by an earlier attempt of this task, whose answer was lost"
+    )
+}
+
+/// Whether `point` is this task's own, committed by an earlier attempt.
+fn committed_by(point: &Manifest, input: &TaskInput) -> bool {
+    !input.task_token.is_empty() && point.task_token == input.task_token
 }
 
 fn make_block_plan(

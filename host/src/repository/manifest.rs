@@ -338,6 +338,7 @@ mod tests {
                 session_id: 42,
                 pipeline: "default".into(),
                 cbt_bitmap: "arca.nightly.7".into(),
+                task_token: vec![9; 16],
                 // Ranges that take ~100 KiB after the header's last field:
                 // more than any header read, and not read.
                 excluded: Some(ExcludedRanges::from_ranges(
@@ -351,6 +352,7 @@ mod tests {
             // the block list and after it.
             assert_eq!(h, m.clone().into_header());
             assert_eq!(h.cbt_bitmap, "arca.nightly.7");
+            assert_eq!(h.task_token, [9; 16]);
             assert_eq!(read(&path).unwrap(), m);
         }
         let path = dir.path().join("junk.manifest");

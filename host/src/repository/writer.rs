@@ -83,6 +83,21 @@ impl PointWriter {
         let now = jiff::Timestamp::now();
         m.created_unix_ms = now.as_millisecond();
         if let Some(prev) = repo.latest_header(&m.job, &m.vm, &m.disk)? {
+            if !m.task_token.is_empty() && prev.task_token == m.task_token {
+                // An earlier attempt of this task committed and its answer
+                // was lost, after this attempt had looked for its parent:
+                // that point is the task's, and a second would duplicate it
+                // (its chunks stay for prune to judge).
+                state.finished = true;
+                return Ok(CommitReply {
+                    point_id: prev.point_id,
+                    new_chunks: state.new_chunks,
+                    stored_bytes: state.stored_bytes,
+                    retention_applied: commit.retention.is_some(),
+                    earlier_attempt: true,
+                    ..Default::default()
+                });
+            }
             // Keeps "newest" unambiguous for the next incremental.
             m.created_unix_ms = m
                 .created_unix_ms
@@ -115,6 +130,7 @@ impl PointWriter {
             forgotten: retained.forgotten,
             retention_skipped: retained.skipped,
             retention_error: retained.error,
+            earlier_attempt: false,
         })
     }
 }
@@ -436,6 +452,47 @@ pub(super) mod tests {
                 vec![if h == shared { 7 } else { 8 }; 4096]
             );
         }
+    }
+
+    #[test]
+    fn a_second_commit_of_one_task_makes_no_second_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        let (h1, c1) = chunk(1);
+        let (h2, c2) = chunk(2);
+        let with_token = |token: &[u8], hashes: &[ChunkHash], c: &Chunk| {
+            let w = repo.writer().unwrap();
+            w.store(StoreChunks {
+                chunks: vec![c.clone()],
+            })
+            .unwrap();
+            w.commit(CommitPoint {
+                manifest: Some(Manifest {
+                    task_token: token.to_vec(),
+                    ..manifest_of(hashes)
+                }),
+                retention: None,
+            })
+            .unwrap()
+        };
+        let first = with_token(b"task-1", &[h1], &c1);
+        assert!(!first.earlier_attempt);
+        // A retry of that task whose answer never came: it read another
+        // state of the disk, but the point committed first is the task's.
+        let retry = with_token(b"task-1", &[h2], &c2);
+        assert!(retry.earlier_attempt);
+        assert_eq!(retry.point_id, first.point_id);
+        let points = repo.points().unwrap();
+        assert_eq!(points.len(), 1, "no second point");
+        // The retry's chunks are published, for prune to judge.
+        assert_eq!(repo.missing(&[h2]), vec![false]);
+        // Another task, and a task without a token, commit as usual.
+        let other = with_token(b"task-2", &[h2], &c2);
+        assert!(!other.earlier_attempt);
+        let untokened = with_token(b"", &[h1], &c1);
+        let again = with_token(b"", &[h1], &c1);
+        assert!(!untokened.earlier_attempt && !again.earlier_attempt);
+        assert_eq!(repo.points().unwrap().len(), 4);
     }
 
     #[test]

@@ -78,6 +78,8 @@ struct VmState {
 struct TaskSpec<'a> {
     vm: &'a VmSettings,
     disk_index: usize,
+    /// Random, the same in each attempt (`Manifest::task_token`).
+    token: Vec<u8>,
 }
 
 struct TaskDone {
@@ -237,7 +239,13 @@ fn run_tasks(
     let tasks: Vec<TaskSpec> = job
         .vms
         .iter()
-        .flat_map(|vm| (0..vm.disks.len()).map(move |disk_index| TaskSpec { vm, disk_index }))
+        .flat_map(|vm| {
+            (0..vm.disks.len()).map(move |disk_index| TaskSpec {
+                vm,
+                disk_index,
+                token: rand::random::<[u8; 16]>().to_vec(),
+            })
+        })
         .collect();
     let mut scheduler = Scheduler::new(&job.proxies, &job.repository, tasks.len());
     for (name, why) in &unreachable {
@@ -416,13 +424,10 @@ fn run_tasks(
                         snapshot
                             .map_err(TaskFailure::fatal)
                             .and_then(|snap| match place {
-                                ProxyPlace::Local => {
-                                    run_one(&ctx, vm, spec.disk_index, &snap, &bar, &mut tr)
-                                }
+                                ProxyPlace::Local => run_one(&ctx, spec, &snap, &bar, &mut tr),
                                 ProxyPlace::Agent { addr, fingerprint } => remote::run(
                                     &ctx,
-                                    vm,
-                                    spec.disk_index,
+                                    spec,
                                     &snap,
                                     (*addr, fingerprint),
                                     &bar,
@@ -572,8 +577,7 @@ struct TaskContext<'a> {
 /// One attempt of a task whose source mover runs in this process.
 fn run_one(
     ctx: &TaskContext,
-    vm: &VmSettings,
-    disk_index: usize,
+    spec: &TaskSpec,
     state: &VmState,
     bar: &ProgressBar,
     tr: &mut TaskReport,
@@ -587,6 +591,7 @@ fn run_one(
         workers,
         ..
     } = *ctx;
+    let (vm, disk_index) = (spec.vm, spec.disk_index);
     let disk_name = &vm.disks[disk_index].name;
     let opened = repo.open_task(
         &OpenTask {
@@ -625,6 +630,7 @@ fn run_one(
         changes: state.snap.changes(disk_index),
         cbt_bitmap: state.snap.cbt_bitmap(disk_index),
         retention: job.retention.map(Into::into),
+        task_token: spec.token.clone(),
     };
     tr.consistency = Some(state.consistency.as_str().into());
     let stages = pipeline
@@ -641,6 +647,7 @@ fn run_one(
         })?;
     state.snap.task_succeeded(disk_index);
     tr.restore_point = Some(outcome.point_id);
+    tr.parent_point = outcome.parent_point;
     tr.stats = Some(outcome.stats);
     tr.notices.extend(outcome.notices);
     Ok(())

@@ -7,8 +7,7 @@
 
 use super::report::TaskReport;
 use super::target::TaskFailure;
-use super::{TaskContext, VmState};
-use crate::config::VmSettings;
+use super::{TaskContext, TaskSpec, VmState};
 use crate::extent::{Extent, round_to_blocks};
 use crate::pipeline::TaskStats;
 use arca_transport::control::{AssignTask, SessionEvent};
@@ -19,8 +18,7 @@ use tokio::sync::watch;
 
 pub(super) fn run(
     ctx: &TaskContext,
-    vm: &VmSettings,
-    disk_index: usize,
+    spec: &TaskSpec,
     state: &VmState,
     (proxy_addr, proxy_fingerprint): (SocketAddr, &str),
     bar: &ProgressBar,
@@ -34,6 +32,7 @@ pub(super) fn run(
             ));
         }
     };
+    let (vm, disk_index) = (spec.vm, spec.disk_index);
     let disk = &vm.disks[disk_index];
     let share = ctx.throttles.remote(proxy_addr, repo_addr);
     if !share.names.is_empty() {
@@ -69,6 +68,7 @@ pub(super) fn run(
         rate: *rate.borrow_and_update(),
         workers: ctx.workers as u32,
         retention: ctx.job.retention.map(Into::into),
+        task_token: spec.token.clone(),
     };
     tr.consistency = Some(state.consistency.as_str().into());
     // Nothing cancels a task yet but the end of this process, which the
