@@ -72,6 +72,12 @@ enum Command {
         repository: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Take damaged chunk copies out of the repository (needs it to
+        /// itself, like prune): the next backup of a disk that still holds
+        /// their data stores them again, which mends every restore point
+        /// that references them.
+        #[arg(long)]
+        repair: bool,
     },
     /// Forget restore points by a retention policy, per disk: the newest
     /// N, and the newest point of each of the newest N days, ISO weeks and
@@ -456,7 +462,11 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Verify { repository, json } => {
+        Command::Verify {
+            repository,
+            json,
+            repair,
+        } => {
             let db = ConfigDb::open(&home.db)?;
             let runtime = PluginRuntime::new(Some(home.cache.clone()))?;
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -464,8 +474,13 @@ fn run(cli: Cli) -> Result<i32> {
             let mut reports = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
                 let bank = CodecBank::new(repo.clone(), runtime.clone());
-                let _reading = repo.read_lock()?;
-                let r = arca::verify::verify(&repo, &bank, workers)?;
+                let (r, dropped) = if repair {
+                    let done = arca::verify::repair(&repo, &bank, workers)?;
+                    (done.after, Some(done.dropped))
+                } else {
+                    let _reading = repo.read_lock()?;
+                    (arca::verify::verify(&repo, &bank, workers)?, None)
+                };
                 clean &= r.is_clean();
                 if !json {
                     println!(
@@ -488,8 +503,20 @@ fn run(cli: Cli) -> Result<i32> {
                             c.restore_points.join(", ")
                         );
                     }
+                    for d in dropped.iter().flatten() {
+                        println!("  repair: took damaged chunk {} out of {}", d.hash, d.file);
+                    }
+                    if dropped.as_ref().is_some_and(|d| !d.is_empty()) {
+                        println!(
+                            "  repair: the next backup of a disk that still holds their data stores them again, and the restore points they hurt are whole again"
+                        );
+                    }
                 }
-                reports.push(serde_json::json!({ "repository": name, "report": r }));
+                let mut entry = serde_json::json!({ "repository": name, "report": r });
+                if let Some(d) = dropped {
+                    entry["dropped"] = serde_json::to_value(d)?;
+                }
+                reports.push(entry);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);

@@ -1,8 +1,10 @@
 //! Verify: reads every manifest and every chunk they reference, decodes each
 //! chunk and checks it against its address, and names what is damaged and
-//! which restore points it hurts.
+//! which restore points it hurts. Repair takes the damaged copies out of the
+//! repository, so that the next backup stores those chunks again.
 
-use crate::repository::{Repository, hex, manifest};
+use crate::repository::repair::DroppedCopy;
+use crate::repository::{Repository, hex, manifest, parse_hex};
 use crate::restore::decoder::{CodecBank, Decoder};
 use arca_transport::{ChunkHash, HASH_LEN};
 use serde::Serialize;
@@ -49,6 +51,65 @@ pub fn verify(
     bank: &CodecBank,
     workers: usize,
 ) -> Result<VerifyReport, crate::repository::RepositoryError> {
+    let (mut report, items) = references(repo)?;
+    report.damaged_chunks = check(bank, workers, &items);
+    Ok(report)
+}
+
+/// What `repair` did, and the verify report of the repository after it.
+#[derive(Debug, Serialize)]
+pub struct RepairReport {
+    /// Damaged copies taken out of the repository.
+    pub dropped: Vec<DroppedCopy>,
+    /// Verify after the repair: the chunks dropped read as missing here
+    /// until a backup stores them again.
+    pub after: VerifyReport,
+}
+
+/// Verify, then take every damaged chunk copy that reads find out of the
+/// repository (`Repository::drop_copies`) and check those chunks again,
+/// until none of them reads damaged: each is then whole (another copy) or
+/// missing, which the next backup of a disk that still holds its data
+/// mends. Holds the exclusive lock throughout.
+pub fn repair(
+    repo: &Repository,
+    bank: &CodecBank,
+    workers: usize,
+) -> Result<RepairReport, crate::repository::RepositoryError> {
+    let lock = repo.repair_lock()?;
+    let (mut after, items) = references(repo)?;
+    after.damaged_chunks = check(bank, workers, &items);
+    let mut dropped = Vec::new();
+    loop {
+        let damaged: Vec<ChunkHash> = after
+            .damaged_chunks
+            .iter()
+            .filter_map(|c| parse_hex(&c.hash))
+            .collect();
+        let now = repo.drop_copies(&lock, &damaged)?;
+        // Each round takes at least one copy out, so this ends.
+        if now.is_empty() {
+            break;
+        }
+        dropped.extend(now);
+        let again: Vec<_> = items
+            .iter()
+            .filter(|(h, _, _)| damaged.contains(h))
+            .cloned()
+            .collect();
+        after.damaged_chunks = check(bank, workers, &again);
+    }
+    Ok(RepairReport { dropped, after })
+}
+
+/// A referenced chunk: its address, raw length and the points using it.
+type Item = (ChunkHash, u32, Vec<String>);
+
+/// Reads every manifest: the report so far (points, damaged manifests and
+/// index files) and every chunk they reference.
+fn references(
+    repo: &Repository,
+) -> Result<(VerifyReport, Vec<Item>), crate::repository::RepositoryError> {
     let mut report = VerifyReport {
         damaged_indexes: repo
             .damaged_indexes()
@@ -91,11 +152,17 @@ pub fn verify(
             }
         }
     }
-    let items: Vec<(ChunkHash, u32, Vec<String>)> = refs
+    let items: Vec<Item> = refs
         .into_iter()
         .map(|(h, (len, pts))| (h, len, pts))
         .collect();
     report.chunks_checked = items.len();
+    Ok((report, items))
+}
+
+/// Decodes each chunk of `items` and checks it against its address, on
+/// `workers` threads; returns those that fail, sorted.
+fn check(bank: &CodecBank, workers: usize, items: &[Item]) -> Vec<DamagedChunk> {
     let next = AtomicUsize::new(0);
     let damaged = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -119,7 +186,7 @@ pub fn verify(
             });
         }
     });
-    report.damaged_chunks = damaged.into_inner().expect("damaged lock");
-    report.damaged_chunks.sort_by(|a, b| a.hash.cmp(&b.hash));
-    Ok(report)
+    let mut damaged = damaged.into_inner().expect("damaged lock");
+    damaged.sort_by(|a, b| a.hash.cmp(&b.hash));
+    damaged
 }

@@ -159,3 +159,73 @@ fn a_missing_chunk_and_a_damaged_manifest_are_reported() {
     );
     restore_fails(&lab, &point);
 }
+
+/// `verify --repair` takes a damaged chunk out of the repository; the next
+/// backup of a disk that still holds its data stores it again, and every
+/// restore point that referenced it restores bit-exact again.
+#[test]
+fn repair_takes_a_damaged_chunk_out_and_the_next_backup_mends_every_point() {
+    let (lab, first) = backed_up_lab();
+    let disk = lab.path("d.raw");
+    let first_sha = sha256(&disk);
+    change_disk(&disk, 2, 64 * 1024, 11);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let second = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
+    let second_sha = sha256(&disk);
+    let (hash, pack, offset, len) = some_chunk(&lab);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset + len / 2).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], offset + len / 2).unwrap();
+    drop(f);
+    let text = String::from_utf8_lossy(&lab.arca(&["verify"]).stdout).into_owned();
+    assert!(
+        text.contains(&hash) && text.contains(&first) && text.contains(&second),
+        "the chunk hurts both points: {text}"
+    );
+
+    let out = lab.arca(&["verify", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "still lacking the chunk");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["dropped"].as_array().unwrap().len(), 1, "{v:#}");
+    assert_eq!(v[0]["dropped"][0]["hash"], hash.as_str());
+    assert_eq!(v[0]["dropped"][0]["file"], pack.to_str().unwrap());
+    let left = &v[0]["report"]["damaged_chunks"];
+    assert_eq!(left.as_array().unwrap().len(), 1, "{v:#}");
+    assert_eq!(left[0]["hash"], hash.as_str());
+    let text = String::from_utf8_lossy(&lab.arca(&["verify", "--repair"]).stdout).into_owned();
+    assert!(
+        !text.contains("repair: took"),
+        "nothing more to take: {text}"
+    );
+    restore_fails(&lab, &first);
+
+    // The disk still holds the chunk's data (the change missed it): the
+    // next backup stores it again, and both points are whole.
+    change_disk(&disk, 1, 64 * 1024, 12);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(
+        r["tasks"][0]["parent_point"].is_null(),
+        "no point lacking a chunk is a parent: {r:#}"
+    );
+    assert!(lab.ok(&["verify"]).contains("clean"));
+    for (point, sha) in [(&first, &first_sha), (&second, &second_sha)] {
+        let out = lab.path("check.raw");
+        lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
+        assert_eq!(&sha256(&out), sha, "{point}");
+    }
+    // A prune drops the damaged record's bytes, and all stays whole.
+    lab.ok(&["prune", "--repack-share", "0"]);
+    assert!(lab.ok(&["verify"]).contains("clean"));
+    restore_matches(
+        &lab,
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        &disk,
+    );
+}

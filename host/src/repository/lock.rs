@@ -82,7 +82,8 @@ impl RepoLock {
     /// Refuses (with why) while anyone holds the lock: a session may run
     /// for hours, and a prune that waited would hold up every session that
     /// starts after it.
-    pub fn exclusive(root: &Path) -> Result<Self, RepositoryError> {
+    /// `task` ("prune", "repair") names the refused work in the error.
+    pub fn exclusive(root: &Path, task: &'static str) -> Result<Self, RepositoryError> {
         let path = root.join(LOCK_FILE);
         let file = match create(&path) {
             Ok(f) => f,
@@ -95,6 +96,7 @@ impl RepoLock {
             }),
             Err(std::fs::TryLockError::WouldBlock) => Err(RepositoryError::Busy {
                 path: root.to_owned(),
+                task,
             }),
             Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
         }

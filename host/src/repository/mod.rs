@@ -34,6 +34,7 @@ pub mod manifest;
 pub mod pack;
 mod packer;
 pub mod prune;
+pub mod repair;
 pub mod retention;
 pub mod writer;
 
@@ -86,9 +87,9 @@ pub enum RepositoryError {
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
     #[error(
-        "repository {path} is in use by a session, restore or verify (or another prune): prune it when that has ended"
+        "repository {path} is in use by a session, restore or verify (or a prune or repair): {task} it when that has ended"
     )]
-    Busy { path: PathBuf },
+    Busy { path: PathBuf, task: &'static str },
     #[error(
         "cannot open the repository lock {path}: {source}; arca needs to read it (and to create it, the first time) to use the repository: fix its permissions for the user running arca"
     )]
@@ -270,8 +271,9 @@ fn append_at(file: &File, offset: u64, len: usize, dest: &mut Vec<u8>) -> io::Re
     Ok(())
 }
 
-/// A 64-digit hex name as an address (format-1 chunk file names).
-fn parse_hex(name: &str) -> Option<ChunkHash> {
+/// A 64-digit hex name as an address (format-1 chunk file names, and
+/// addresses as reports print them).
+pub fn parse_hex(name: &str) -> Option<ChunkHash> {
     if name.len() != 2 * HASH_LEN {
         return None;
     }

@@ -128,7 +128,7 @@ impl PackPlan {
 impl Repository {
     /// Frees what no restore point references (see the module doc).
     pub fn prune(&self, opts: PruneOptions) -> Result<PruneReport, RepositoryError> {
-        let lock = RepoLock::exclusive(&self.root)?;
+        let lock = RepoLock::exclusive(&self.root, "prune")?;
         let refused = |reason: String| RepositoryError::PruneRefused {
             path: self.root.clone(),
             reason,
