@@ -41,6 +41,18 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Flips bits of the byte at `at` of `file`.
+fn flip(file: &std::path::Path, at: u64, bits: u8) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ bits], at).unwrap();
+}
+
 /// A restore of `point` fails and leaves no output behind.
 fn restore_fails(lab: &Lab, point: &str) {
     let target = lab.path("o.raw");
@@ -53,16 +65,7 @@ fn restore_fails(lab: &Lab, point: &str) {
 fn a_corrupt_chunk_is_named_by_verify_and_fails_restore() {
     let (lab, point) = backed_up_lab();
     let (hash, pack, offset, len) = some_chunk(&lab);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let mut byte = [0u8];
-    let at = offset + len - 10;
-    f.read_exact_at(&mut byte, at).unwrap();
-    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
-    drop(f);
+    flip(&pack, offset + len - 10, 0x40);
 
     let out = lab.arca(&["verify"]);
     assert_eq!(out.status.code(), Some(1), "verify must fail on damage");
@@ -174,15 +177,7 @@ fn repair_takes_a_damaged_chunk_out_and_the_next_backup_mends_every_point() {
     let second = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
     let second_sha = sha256(&disk);
     let (hash, pack, offset, len) = some_chunk(&lab);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, offset + len / 2).unwrap();
-    f.write_all_at(&[b[0] ^ 0x5a], offset + len / 2).unwrap();
-    drop(f);
+    flip(&pack, offset + len / 2, 0x5a);
     let text = String::from_utf8_lossy(&lab.arca(&["verify"]).stdout).into_owned();
     assert!(
         text.contains(&hash) && text.contains(&first) && text.contains(&second),

@@ -380,7 +380,7 @@ fn remove_if_there(path: PathBuf) -> Result<(), RepositoryError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::writer::tests::{chunk, commit};
     use super::*;
     use arca_transport::{Chunk, StoreChunks, TargetMover};
@@ -417,31 +417,36 @@ mod tests {
         assert_eq!(format.version, super::super::PRUNED_FORMAT);
     }
 
+    /// A second pack holding `h`'s record too, as two processes storing one
+    /// chunk at once leave; named to sort after the first. Returns its path.
+    pub(in crate::repository) fn second_copy(repo: &Repository, h: &ChunkHash) -> PathBuf {
+        let (first_pack, offset, len) = repo.chunk_record(h).unwrap();
+        let second_id = "f".repeat(32);
+        assert!(second_id.as_str() > first_pack.file_stem().unwrap().to_str().unwrap());
+        let second_pack = packer::pack_path(&repo.root, &second_id);
+        std::fs::create_dir_all(second_pack.parent().unwrap()).unwrap();
+        std::fs::copy(&first_pack, &second_pack).unwrap();
+        let entry = IndexEntry {
+            hash: *h,
+            offset,
+            len: len as u32,
+        };
+        std::fs::write(
+            packer::index_path(&repo.root, &second_id),
+            pack::encode_index(&[entry]),
+        )
+        .unwrap();
+        second_pack
+    }
+
     #[test]
     fn of_a_chunk_stored_twice_the_copy_that_reads_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::open_or_create(dir.path()).unwrap();
         let (h, c) = chunk(9);
         point(&repo, &[(h, c)]);
-        // A second pack holding the same record, as two processes storing
-        // one chunk at once leave; named to sort after the first.
         let (first_pack, offset, len) = repo.chunk_record(&h).unwrap();
-        let first_id = first_pack.file_stem().unwrap().to_str().unwrap().to_owned();
-        let second_id = "f".repeat(32);
-        assert!(second_id > first_id);
-        let second_pack = packer::pack_path(dir.path(), &second_id);
-        std::fs::create_dir_all(second_pack.parent().unwrap()).unwrap();
-        std::fs::copy(&first_pack, &second_pack).unwrap();
-        let entry = IndexEntry {
-            hash: h,
-            offset,
-            len: len as u32,
-        };
-        std::fs::write(
-            packer::index_path(dir.path(), &second_id),
-            pack::encode_index(&[entry]),
-        )
-        .unwrap();
+        let second_pack = second_copy(&repo, &h);
         // The first copy (by pack id) is cut short.
         let f = std::fs::OpenOptions::new()
             .write(true)

@@ -107,6 +107,7 @@ impl Repository {
 
 #[cfg(test)]
 mod tests {
+    use super::super::prune::tests::second_copy;
     use super::super::writer::tests::{chunk, commit};
     use super::*;
     use arca_transport::{StoreChunks, TargetMover};
@@ -138,23 +139,13 @@ mod tests {
         .unwrap();
         commit(&w, &[twice, once]).unwrap();
         drop(w);
-        // A second pack holding `twice` too, as two processes storing one
-        // chunk at once leave; named to sort after the first.
-        let (pack_file, offset, len) = repo.chunk_record(&twice).unwrap();
-        let second_id = "f".repeat(32);
-        let second_pack = packer::pack_path(dir.path(), &second_id);
-        std::fs::create_dir_all(second_pack.parent().unwrap()).unwrap();
-        std::fs::copy(&pack_file, &second_pack).unwrap();
-        let entry = IndexEntry {
-            hash: twice,
-            offset,
-            len: len as u32,
-        };
-        std::fs::write(
-            packer::index_path(dir.path(), &second_id),
-            pack::encode_index(&[entry]),
-        )
-        .unwrap();
+        let second_pack = second_copy(&repo, &twice);
+        let second_id = second_pack
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         let first = repo.chunk_record(&twice).unwrap();
         damage(&repo, &twice);
         damage(&repo, &once);
