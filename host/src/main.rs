@@ -474,9 +474,9 @@ fn run(cli: Cli) -> Result<i32> {
             let mut reports = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
                 let bank = CodecBank::new(repo.clone(), runtime.clone());
-                let (r, dropped) = if repair {
+                let (r, repaired) = if repair {
                     let done = arca::verify::repair(&repo, &bank, workers)?;
-                    (done.after, Some(done.dropped))
+                    (done.after, Some((done.rebuilt, done.dropped)))
                 } else {
                     let _reading = repo.read_lock()?;
                     (arca::verify::verify(&repo, &bank, workers)?, None)
@@ -503,18 +503,29 @@ fn run(cli: Cli) -> Result<i32> {
                             c.restore_points.join(", ")
                         );
                     }
-                    for d in dropped.iter().flatten() {
+                    let (rebuilt, dropped) = match &repaired {
+                        Some((r, d)) => (r.as_slice(), d.as_slice()),
+                        None => (&[][..], &[][..]),
+                    };
+                    for i in rebuilt {
+                        println!(
+                            "  repair: wrote pack index {} anew from its pack: {} chunk(s) indexed, {} damaged record(s) left out",
+                            i.file, i.chunks, i.skipped
+                        );
+                    }
+                    for d in dropped {
                         println!("  repair: took damaged chunk {} out of {}", d.hash, d.file);
                     }
-                    if dropped.as_ref().is_some_and(|d| !d.is_empty()) {
+                    if !dropped.is_empty() {
                         println!(
                             "  repair: the next backup of a disk that still holds their data stores them again, and the restore points they hurt are whole again"
                         );
                     }
                 }
                 let mut entry = serde_json::json!({ "repository": name, "report": r });
-                if let Some(d) = dropped {
-                    entry["dropped"] = serde_json::to_value(d)?;
+                if let Some((rebuilt, dropped)) = repaired {
+                    entry["rebuilt"] = serde_json::to_value(rebuilt)?;
+                    entry["dropped"] = serde_json::to_value(dropped)?;
                 }
                 reports.push(entry);
             }

@@ -3,9 +3,11 @@
 //! which restore points it hurts. Repair takes the damaged copies out of the
 //! repository, so that the next backup stores those chunks again.
 
+use crate::repository::lock::RepoLock;
+use crate::repository::pack::IndexEntry;
 use crate::repository::repair::DroppedCopy;
 use crate::repository::{Repository, hex, manifest, parse_hex};
-use crate::restore::decoder::{CodecBank, Decoder};
+use crate::restore::decoder::{CodecBank, Decoder, RecordError};
 use arca_transport::{ChunkHash, HASH_LEN};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -36,6 +38,10 @@ pub struct DamagedChunk {
     pub reason: String,
     /// Restore points (`job/vm/disk@point`) that reference the chunk.
     pub restore_points: Vec<String>,
+    /// Its stored bytes are absent or wrong (`ChunkError::damaged`): what
+    /// repair may take out. Not so when they could not be judged.
+    #[serde(skip)]
+    pub judged: bool,
 }
 
 impl VerifyReport {
@@ -59,6 +65,8 @@ pub fn verify(
 /// What `repair` did, and the verify report of the repository after it.
 #[derive(Debug, Serialize)]
 pub struct RepairReport {
+    /// Damaged pack index files written anew from their packs.
+    pub rebuilt: Vec<RebuiltIndex>,
     /// Damaged copies taken out of the repository.
     pub dropped: Vec<DroppedCopy>,
     /// Verify after the repair: the chunks dropped read as missing here
@@ -66,17 +74,81 @@ pub struct RepairReport {
     pub after: VerifyReport,
 }
 
+/// A pack index file written anew from the records of its pack.
+#[derive(Debug, Serialize)]
+pub struct RebuiltIndex {
+    pub file: String,
+    /// Records that decode to their address: now indexed.
+    pub chunks: usize,
+    /// Places that looked like records but are not whole chunks.
+    pub skipped: usize,
+}
+
+/// Writes every damaged pack index anew from its pack: each record found
+/// there (`Repository::scan_pack`) that decodes is indexed under the
+/// address of what it decodes to. A pack that cannot be read keeps its
+/// damaged index (verify goes on naming it).
+fn rebuild_indexes(
+    repo: &Repository,
+    bank: &CodecBank,
+    lock: &RepoLock,
+) -> Result<Vec<RebuiltIndex>, crate::repository::RepositoryError> {
+    let mut decoder = Decoder::new(bank.clone());
+    let mut rebuilt = Vec::new();
+    for (file, _) in repo.damaged_indexes() {
+        let Some(id) = file.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let records = match repo.scan_pack(id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot rebuild {}: {e}", file.display());
+                continue;
+            }
+        };
+        let mut entries: Vec<IndexEntry> = Vec::new();
+        let mut skipped = 0;
+        let mut no_codec = None;
+        for r in &records {
+            match decoder.record_address(&r.header, &r.payload) {
+                Ok(hash) => entries.push(IndexEntry {
+                    hash,
+                    offset: r.offset,
+                    len: r.len,
+                }),
+                Err(RecordError::Damaged(_)) => skipped += 1,
+                Err(e @ RecordError::NoCodec(_)) => no_codec = Some(e),
+            }
+        }
+        // Records left out of an index are dead bytes to prune: none may
+        // be left out only because its codec is missing.
+        if let Some(e) = no_codec {
+            tracing::warn!("not rebuilding {}: a record {e}", file.display());
+            continue;
+        }
+        repo.rewrite_index(lock, id, &entries)?;
+        rebuilt.push(RebuiltIndex {
+            file: file.display().to_string(),
+            chunks: entries.len(),
+            skipped,
+        });
+    }
+    Ok(rebuilt)
+}
+
 /// Verify, then take every damaged chunk copy that reads find out of the
 /// repository (`Repository::drop_copies`) and check those chunks again,
 /// until none of them reads damaged: each is then whole (another copy) or
 /// missing, which the next backup of a disk that still holds its data
-/// mends. Holds the exclusive lock throughout.
+/// mends. Damaged pack index files are first written anew from their
+/// packs. Holds the exclusive lock throughout.
 pub fn repair(
     repo: &Repository,
     bank: &CodecBank,
     workers: usize,
 ) -> Result<RepairReport, crate::repository::RepositoryError> {
     let lock = repo.repair_lock()?;
+    let rebuilt = rebuild_indexes(repo, bank, &lock)?;
     let (mut after, items) = references(repo)?;
     after.damaged_chunks = check(bank, workers, &items);
     let mut dropped = Vec::new();
@@ -84,6 +156,7 @@ pub fn repair(
         let damaged: Vec<ChunkHash> = after
             .damaged_chunks
             .iter()
+            .filter(|c| c.judged)
             .filter_map(|c| parse_hex(&c.hash))
             .collect();
         let now = repo.drop_copies(&lock, &damaged)?;
@@ -99,7 +172,11 @@ pub fn repair(
             .collect();
         after.damaged_chunks = check(bank, workers, &again);
     }
-    Ok(RepairReport { dropped, after })
+    Ok(RepairReport {
+        rebuilt,
+        dropped,
+        after,
+    })
 }
 
 /// A referenced chunk: its address, raw length and the points using it.
@@ -180,6 +257,7 @@ fn check(bank: &CodecBank, workers: usize, items: &[Item]) -> Vec<DamagedChunk> 
                             hash: hex(hash),
                             reason: e.reason,
                             restore_points: points.clone(),
+                            judged: e.damaged,
                         }),
                     }
                 }

@@ -224,3 +224,50 @@ fn repair_takes_a_damaged_chunk_out_and_the_next_backup_mends_every_point() {
         &disk,
     );
 }
+
+/// A damaged pack index costs nothing for good: `verify --repair` writes it
+/// anew from its pack's records, leaving out the one record that is
+/// damaged too, which the next backup then stores again.
+#[test]
+fn repair_writes_a_damaged_pack_index_anew_from_its_pack() {
+    let (lab, point) = backed_up_lab();
+    let disk = lab.path("d.raw");
+    let (hash, pack, offset, len) = some_chunk(&lab);
+    flip(&pack, offset + len / 2, 0x5a);
+    let id = pack.file_stem().unwrap().to_str().unwrap();
+    let index = lab.path("repo/index").join(format!("{id}.idx"));
+    flip(&index, 20, 0x01);
+    let text = String::from_utf8_lossy(&lab.arca(&["verify"]).stdout).into_owned();
+    assert!(text.contains("damaged pack index"), "{text}");
+
+    // Without the codec that coded them, whole records cannot be told
+    // from damaged ones: the index is left as it is, not rebuilt short.
+    let codecs = lab.path("repo/codecs");
+    let aside = lab.path("codecs-aside");
+    std::fs::rename(&codecs, &aside).unwrap();
+    let damaged = std::fs::read(&index).unwrap();
+    let out = lab.arca(&["verify", "--repair", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["rebuilt"], serde_json::json!([]), "{v:#}");
+    assert_eq!(std::fs::read(&index).unwrap(), damaged);
+    std::fs::rename(&aside, &codecs).unwrap();
+
+    let out = lab.arca(&["verify", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "still lacking one chunk");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rebuilt = &v[0]["rebuilt"];
+    assert_eq!(rebuilt.as_array().unwrap().len(), 1, "{v:#}");
+    assert_eq!(rebuilt[0]["file"], index.to_str().unwrap());
+    assert_eq!(rebuilt[0]["skipped"], 1, "{v:#}");
+    assert!(rebuilt[0]["chunks"].as_u64().unwrap() > 1, "{v:#}");
+    let report = &v[0]["report"];
+    assert_eq!(report["damaged_indexes"], serde_json::json!([]), "{v:#}");
+    let left = report["damaged_chunks"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "only the damaged record's chunk: {v:#}");
+    assert_eq!(left[0]["hash"], hash.as_str());
+
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(lab.ok(&["verify"]).contains("clean"));
+    restore_matches(&lab, &point, &disk);
+}

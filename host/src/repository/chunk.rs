@@ -5,7 +5,8 @@ use prost::Message;
 use std::io::{self, Write};
 use std::ops::Range;
 
-const MAGIC: &[u8; 8] = b"ARCACHK1";
+/// Starts every record: a pack without its index is walked by it.
+pub(super) const MAGIC: &[u8; 8] = b"ARCACHK1";
 
 pub(super) fn check_payload_len(header: &ChunkHeader, len: u64) -> Result<(), String> {
     if len == u64::from(header.payload_len) {

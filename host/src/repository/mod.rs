@@ -84,6 +84,10 @@ pub enum RepositoryError {
     BadFormatFile { path: PathBuf, reason: String },
     #[error("chunk {hash}: {reason}")]
     Chunk { hash: String, reason: String },
+    /// A chunk's file or pack is there but could not be read (permissions,
+    /// an I/O error): nothing is known about its bytes.
+    #[error("chunk {hash}: {source}")]
+    ChunkUnreadable { hash: String, source: io::Error },
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
     #[error(
@@ -105,13 +109,15 @@ pub enum RepositoryError {
 }
 
 fn chunk_io_err(hash: &ChunkHash, e: io::Error) -> RepositoryError {
-    RepositoryError::Chunk {
+    if e.kind() == io::ErrorKind::NotFound {
+        return RepositoryError::Chunk {
+            hash: hex(hash),
+            reason: "missing from the repository".into(),
+        };
+    }
+    RepositoryError::ChunkUnreadable {
         hash: hex(hash),
-        reason: if e.kind() == io::ErrorKind::NotFound {
-            "missing from the repository".into()
-        } else {
-            e.to_string()
-        },
+        source: e,
     }
 }
 

@@ -8,9 +8,14 @@
 //! holds the data reads it, finds it missing and stores it again, and every
 //! restore point that referenced the address is whole again.
 //!
+//! A pack whose index file is damaged is walked record by record (each
+//! starts with the record magic and says its length), and its index is
+//! written again from what the records decode to.
+//!
 //! Under the exclusive repository lock, like prune. The damaged record's
 //! bytes stay in their pack, unindexed, until a prune rewrites the pack.
 
+use super::chunk::{self, ChunkHeader};
 use super::lock::RepoLock;
 use super::pack::{self, IndexEntry};
 use super::writer::{sync_dir, write_atomic};
@@ -27,7 +32,79 @@ pub struct DroppedCopy {
     pub file: String,
 }
 
+/// A record found by walking a pack without its index.
+#[derive(Debug)]
+pub struct ScannedRecord {
+    pub offset: u64,
+    pub len: u32,
+    pub header: ChunkHeader,
+    pub payload: Vec<u8>,
+}
+
+/// The records that a pack's bytes may hold: one at each place the record
+/// magic starts and a whole record parses, in order. Not only at the end of
+/// the one before: a damaged length would hide every record after it.
+/// A place that is not really a record (the magic inside a payload) is
+/// found out by its caller, which checks each against its address.
+fn records(bytes: &[u8]) -> Vec<ScannedRecord> {
+    let magic = chunk::MAGIC.as_slice();
+    let mut out = Vec::new();
+    let mut from = 0usize;
+    while let Some(found) = bytes[from..].windows(magic.len()).position(|w| w == magic) {
+        let at = from + found;
+        from = at + 1;
+        let Ok(Some((header, start))) = chunk::StoredChunk::parse_prefix(&bytes[at..]) else {
+            continue;
+        };
+        let end = (at + start).checked_add(header.payload_len as usize);
+        let Some(payload) = end.and_then(|end| bytes.get(at + start..end)) else {
+            continue;
+        };
+        out.push(ScannedRecord {
+            offset: at as u64,
+            len: (start + payload.len()) as u32,
+            payload: payload.to_vec(),
+            header,
+        });
+    }
+    out
+}
+
 impl Repository {
+    /// The records of pack `id` (see `records`), for an index that is lost.
+    pub fn scan_pack(&self, id: &str) -> Result<Vec<ScannedRecord>, RepositoryError> {
+        let path = packer::pack_path(&self.root, id);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        Ok(records(&bytes))
+    }
+
+    /// Writes the index file of pack `id` anew (one that was damaged), from
+    /// entries whose records were checked against their addresses; the
+    /// index is loaded again, here and in other processes.
+    pub fn rewrite_index(
+        &self,
+        lock: &RepoLock,
+        id: &str,
+        entries: &[IndexEntry],
+    ) -> Result<(), RepositoryError> {
+        self.begin_change(lock)?;
+        let idx = packer::index_path(&self.root, id);
+        write_atomic(
+            &idx,
+            &pack::encode_index(entries),
+            &self.root.join("staging"),
+        )?;
+        self.refresh_locked(lock)
+    }
+
+    /// Before repair changes an index file: as for prune, an arca from
+    /// before the lock must not write into the repository any more, and
+    /// every process that has the index loaded loads it again.
+    fn begin_change(&self, lock: &RepoLock) -> Result<(), RepositoryError> {
+        self.mark_pruned()?;
+        lock.bump()
+    }
+
     /// The exclusive lock for repair, with the index loaded under it.
     /// Refuses (`Busy`) while a session, restore, verify or prune runs.
     pub fn repair_lock(&self) -> Result<RepoLock, RepositoryError> {
@@ -66,11 +143,7 @@ impl Repository {
         if by_pack.is_empty() && loose.is_empty() {
             return Ok(Vec::new());
         }
-        // As for prune: an arca from before the lock must not write into a
-        // repository whose index files change; and every process that has
-        // the index loaded loads it again.
-        self.mark_pruned()?;
-        lock.bump()?;
+        self.begin_change(lock)?;
         let staging = self.root.join("staging");
         let mut dropped = Vec::new();
         for (id, copies) in &by_pack {
@@ -124,6 +197,59 @@ mod tests {
         let mut b = [0u8];
         f.read_exact_at(&mut b, offset + len / 2).unwrap();
         f.write_all_at(&[b[0] ^ 0xff], offset + len / 2).unwrap();
+    }
+
+    #[test]
+    fn a_pack_is_walked_record_by_record_past_a_damaged_one() {
+        let record = |byte: u8, len: usize| {
+            let payload = vec![byte; len];
+            let header = ChunkHeader {
+                codec: "none".into(),
+                codec_hash: Vec::new(),
+                raw_len: len as u32,
+                payload_len: len as u32,
+            };
+            let mut out = Vec::new();
+            chunk::StoredChunk::write(&mut out, &header, &payload).unwrap();
+            out
+        };
+        let (a, b, c) = (record(1, 100), record(2, 5000), record(3, 7));
+        let pack = [a.clone(), b.clone(), c.clone()].concat();
+        let found = records(&pack);
+        let at: Vec<(u64, u32)> = found.iter().map(|r| (r.offset, r.len)).collect();
+        let (a_len, b_len) = (a.len() as u64, b.len() as u64);
+        assert_eq!(
+            at,
+            [
+                (0, a_len as u32),
+                (a_len, b_len as u32),
+                (a_len + b_len, c.len() as u32)
+            ]
+        );
+        assert_eq!(found[1].payload, vec![2u8; 5000]);
+        // The second record's magic damaged: the first and the third are
+        // still found, where they are.
+        let mut bad = pack.clone();
+        bad[a.len() + 2] ^= 0xff;
+        let found = records(&bad);
+        let at: Vec<u64> = found.iter().map(|r| r.offset).collect();
+        assert_eq!(at, [0, a_len + b_len]);
+        // Its length damaged, to run into the third: that one is found too.
+        let mut bad = pack.clone();
+        assert!(c.len() > 20);
+        let longer = ChunkHeader {
+            payload_len: 5000 + 20,
+            ..chunk::StoredChunk::parse_prefix(&b).unwrap().unwrap().0
+        };
+        let mut b_longer = Vec::new();
+        chunk::StoredChunk::write(&mut b_longer, &longer, &[]).unwrap();
+        assert_eq!(b_longer.len(), b.len() - 5000, "same header length");
+        bad[a.len()..a.len() + b_longer.len()].copy_from_slice(&b_longer);
+        let at: Vec<u64> = records(&bad).iter().map(|r| r.offset).collect();
+        assert_eq!(at, [0, a_len, a_len + b_len]);
+        // A record cut by the end of the pack is not one.
+        assert_eq!(records(&pack[..pack.len() - 1]).len(), 2);
+        assert!(records(&[]).is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::plugin::codec::{Blocks, Codec};
 use crate::plugin::{Plugin, PluginLimits, PluginRuntime, StageKind};
 use crate::repository::chunk::ChunkHeader;
-use crate::repository::{Repository, hex};
+use crate::repository::{Repository, RepositoryError, hex};
 use arca_transport::ChunkHash;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -17,6 +17,21 @@ use std::sync::{Arc, Mutex};
 pub struct ChunkError {
     pub hash: String,
     pub reason: String,
+    /// The stored chunk is absent or its bytes are wrong. False when they
+    /// could not be judged: the read failed (permissions, I/O), or the
+    /// codec that coded them cannot be loaded.
+    pub damaged: bool,
+}
+
+/// Why a record found without an index has no address.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Its codec cannot be loaded: the record may be whole.
+    #[error("its codec cannot be loaded: {0}")]
+    NoCodec(String),
+    /// It does not decode (damage, or not a record at all).
+    #[error("{0}")]
+    Damaged(String),
 }
 
 /// Codec plugins loaded from the repository, shared by all decoders of one
@@ -142,6 +157,7 @@ impl Decoder {
             let err = |reason: String| ChunkError {
                 hash: hex(hash),
                 reason,
+                damaged: true,
             };
             // A chunk stored as it is goes to `stored`, a coded one to its
             // codec's group: the header says which before the payload is read.
@@ -157,7 +173,10 @@ impl Decoder {
                     group = Some(g);
                     &mut groups[g].input.data
                 })
-                .map_err(|e| err(strip_prefix(&e.to_string())))?;
+                .map_err(|e| ChunkError {
+                    damaged: !matches!(e, RepositoryError::ChunkUnreadable { .. }),
+                    ..err(strip_prefix(&e.to_string()))
+                })?;
             if header.raw_len != *expected {
                 return Err(err(format!(
                     "holds {} bytes, the restore point expects {expected}",
@@ -183,6 +202,7 @@ impl Decoder {
                 return Err(ChunkError {
                     hash: hex(hash),
                     reason: "content does not match its address (damaged)".into(),
+                    damaged: true,
                 });
             }
         }
@@ -197,22 +217,13 @@ impl Decoder {
         at: &mut [(usize, Range<usize>)],
     ) -> Result<(), ChunkError> {
         let first = hex(&wanted[g.members[0]].0);
-        let codec = match self.codecs.entry(g.codec_hash.clone()) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let plugin =
-                    self.bank
-                        .plugin(&g.name, &g.codec_hash)
-                        .map_err(|reason| ChunkError {
-                            hash: first.clone(),
-                            reason,
-                        })?;
-                v.insert(Codec::new(&plugin, &Vec::new()).map_err(|e| ChunkError {
-                    hash: first.clone(),
-                    reason: e.to_string(),
-                })?)
-            }
-        };
+        let codec = self
+            .codec(&g.name, &g.codec_hash)
+            .map_err(|reason| ChunkError {
+                hash: first.clone(),
+                reason,
+                damaged: false,
+            })?;
         match codec.decompress(g.input, &g.raw_lengths) {
             Ok((decoded, input)) => {
                 self.spare.push(input.data);
@@ -227,6 +238,7 @@ impl Decoder {
             Err(e) if g.members.len() == 1 => Err(ChunkError {
                 hash: first,
                 reason: format!("cannot be decoded: {e}"),
+                damaged: true,
             }),
             Err(_) => {
                 // One bad chunk fails the whole call: retry one by one,
@@ -240,6 +252,57 @@ impl Decoder {
                 Ok(())
             }
         }
+    }
+}
+
+impl Decoder {
+    /// This decoder's instance of a codec the repository keeps.
+    fn codec(&mut self, name: &str, hash: &[u8]) -> Result<&mut Codec, String> {
+        match self.codecs.entry(hash.to_vec()) {
+            std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let plugin = self.bank.plugin(name, hash)?;
+                Ok(v.insert(Codec::new(&plugin, &Vec::new()).map_err(|e| e.to_string())?))
+            }
+        }
+    }
+
+    /// The address of a record found without an index (a pack walked by
+    /// repair): its payload decoded, checked to be as long as its header
+    /// says, and hashed.
+    pub fn record_address(
+        &mut self,
+        header: &ChunkHeader,
+        payload: &[u8],
+    ) -> Result<ChunkHash, RecordError> {
+        let plain = if header.codec == "none" {
+            payload.to_vec()
+        } else {
+            let input = Blocks {
+                data: payload.to_vec(),
+                lengths: vec![payload.len() as u32],
+            };
+            let decoded = self
+                .codec(&header.codec, &header.codec_hash)
+                .map_err(RecordError::NoCodec)?
+                .decompress(input, &[header.raw_len]);
+            match decoded {
+                Ok((out, _)) => out.data,
+                Err(e) => {
+                    // A trap may leave the instance unusable: a fresh one next.
+                    self.codecs.remove(&header.codec_hash);
+                    return Err(RecordError::Damaged(format!("cannot be decoded: {e}")));
+                }
+            }
+        };
+        if plain.len() != header.raw_len as usize {
+            return Err(RecordError::Damaged(format!(
+                "decodes to {} bytes, its header says {}",
+                plain.len(),
+                header.raw_len
+            )));
+        }
+        Ok(*blake3::hash(&plain).as_bytes())
     }
 }
 
