@@ -476,7 +476,13 @@ fn run(cli: Cli) -> Result<i32> {
                 let bank = CodecBank::new(repo.clone(), runtime.clone());
                 let (r, repaired) = if repair {
                     let done = arca::verify::repair(&repo, &bank, workers)?;
-                    (done.after, Some((done.rebuilt, done.dropped)))
+                    if let Some(why) = &done.not_repaired {
+                        eprintln!("repository '{name}': nothing mended: {why}");
+                    }
+                    (
+                        done.after,
+                        Some((done.rebuilt, done.dropped, done.not_repaired)),
+                    )
                 } else {
                     let _reading = repo.read_lock()?;
                     (arca::verify::verify(&repo, &bank, workers)?, None)
@@ -504,7 +510,7 @@ fn run(cli: Cli) -> Result<i32> {
                         );
                     }
                     let (rebuilt, dropped) = match &repaired {
-                        Some((r, d)) => (r.as_slice(), d.as_slice()),
+                        Some((r, d, _)) => (r.as_slice(), d.as_slice()),
                         None => (&[][..], &[][..]),
                     };
                     for i in rebuilt {
@@ -523,9 +529,10 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                 }
                 let mut entry = serde_json::json!({ "repository": name, "report": r });
-                if let Some((rebuilt, dropped)) = repaired {
+                if let Some((rebuilt, dropped, not_repaired)) = repaired {
                     entry["rebuilt"] = serde_json::to_value(rebuilt)?;
                     entry["dropped"] = serde_json::to_value(dropped)?;
+                    entry["not_repaired"] = serde_json::to_value(not_repaired)?;
                 }
                 reports.push(entry);
             }

@@ -69,6 +69,9 @@ pub struct RepairReport {
     pub rebuilt: Vec<RebuiltIndex>,
     /// Damaged copies taken out of the repository.
     pub dropped: Vec<DroppedCopy>,
+    /// Why nothing was mended although verify found something to mend
+    /// (the repository was in use).
+    pub not_repaired: Option<String>,
     /// Verify after the repair: the chunks dropped read as missing here
     /// until a backup stores them again.
     pub after: VerifyReport,
@@ -99,8 +102,8 @@ fn rebuild_indexes(
         let Some(id) = file.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
-        let records = match repo.scan_pack(id) {
-            Ok(r) => r,
+        let pack = match repo.scan_pack(id) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!("cannot rebuild {}: {e}", file.display());
                 continue;
@@ -109,13 +112,22 @@ fn rebuild_indexes(
         let mut entries: Vec<IndexEntry> = Vec::new();
         let mut skipped = 0;
         let mut no_codec = None;
-        for r in &records {
-            match decoder.record_address(&r.header, &r.payload) {
-                Ok(hash) => entries.push(IndexEntry {
-                    hash,
-                    offset: r.offset,
-                    len: r.len,
-                }),
+        // The end of the records indexed so far. Candidates come in pack
+        // order, so one inside a record already indexed (a block that held
+        // an arca pack, stored as it is) is not one of this pack's records.
+        let mut covered = 0u64;
+        for r in &pack.records {
+            let inside = r.offset < covered;
+            match decoder.record_address(&r.header, pack.payload(r)) {
+                Ok(hash) => {
+                    covered = covered.max(r.offset + u64::from(r.len));
+                    entries.push(IndexEntry {
+                        hash,
+                        offset: r.offset,
+                        len: r.len,
+                    });
+                }
+                Err(_) if inside => {}
                 Err(RecordError::Damaged(_)) => skipped += 1,
                 Err(e @ RecordError::NoCodec(_)) => no_codec = Some(e),
             }
@@ -136,22 +148,65 @@ fn rebuild_indexes(
     Ok(rebuilt)
 }
 
-/// Verify, then take every damaged chunk copy that reads find out of the
-/// repository (`Repository::drop_copies`) and check those chunks again,
-/// until none of them reads damaged: each is then whole (another copy) or
-/// missing, which the next backup of a disk that still holds its data
-/// mends. Damaged pack index files are first written anew from their
-/// packs. Holds the exclusive lock throughout.
+/// Verify, then mend what it found: damaged pack index files are written
+/// anew from their packs, and every damaged chunk copy that reads find is
+/// taken out of the repository (`Repository::drop_copies`) and the chunk
+/// checked again, until none of them reads damaged: each is then whole
+/// (another copy) or missing, which the next backup of a disk that still
+/// holds its data mends.
+///
+/// The verify, which reads every chunk and may take hours, runs under the
+/// shared lock, beside sessions; only the mending takes the exclusive lock
+/// (`Busy` while a session runs), and checks what it acts on again under
+/// it, since sessions may have stored chunks meanwhile.
 pub fn repair(
     repo: &Repository,
     bank: &CodecBank,
     workers: usize,
 ) -> Result<RepairReport, crate::repository::RepositoryError> {
-    let lock = repo.repair_lock()?;
-    let rebuilt = rebuild_indexes(repo, bank, &lock)?;
-    let (mut after, items) = references(repo)?;
-    after.damaged_chunks = check(bank, workers, &items);
-    let mut dropped = Vec::new();
+    let (mut after, items) = {
+        let _reading = repo.read_lock()?;
+        let (mut report, items) = references(repo)?;
+        report.damaged_chunks = check(bank, workers, &items);
+        (report, items)
+    };
+    let mut done = RepairReport {
+        rebuilt: Vec::new(),
+        dropped: Vec::new(),
+        not_repaired: None,
+        after: VerifyReport::default(),
+    };
+    // Something to mend: an index to write anew, or a damaged copy that is
+    // there to take out (a chunk that is missing already is not).
+    let to_mend = !after.damaged_indexes.is_empty()
+        || after.damaged_chunks.iter().any(|c| {
+            c.judged && parse_hex(&c.hash).is_some_and(|h| repo.chunk_record(&h).is_some())
+        });
+    if !to_mend {
+        done.after = after;
+        return Ok(done);
+    }
+    let lock = match repo.repair_lock() {
+        Ok(lock) => lock,
+        // What verify found is still worth its report.
+        Err(e @ crate::repository::RepositoryError::Busy { .. }) => {
+            done.not_repaired = Some(e.to_string());
+            done.after = after;
+            return Ok(done);
+        }
+        Err(e) => return Err(e),
+    };
+    done.rebuilt = rebuild_indexes(repo, bank, &lock)?;
+    after.damaged_indexes = damaged_index_files(repo);
+    let suspects: Vec<Item> = items
+        .into_iter()
+        .filter(|(h, _, _)| {
+            let h = hex(h);
+            after.damaged_chunks.iter().any(|c| c.hash == h)
+        })
+        .collect();
+    after.damaged_chunks = check(bank, workers, &suspects);
+    let items = suspects;
     loop {
         let damaged: Vec<ChunkHash> = after
             .damaged_chunks
@@ -164,7 +219,7 @@ pub fn repair(
         if now.is_empty() {
             break;
         }
-        dropped.extend(now);
+        done.dropped.extend(now);
         let again: Vec<_> = items
             .iter()
             .filter(|(h, _, _)| damaged.contains(h))
@@ -172,11 +227,19 @@ pub fn repair(
             .collect();
         after.damaged_chunks = check(bank, workers, &again);
     }
-    Ok(RepairReport {
-        rebuilt,
-        dropped,
-        after,
-    })
+    done.after = after;
+    Ok(done)
+}
+
+/// Pack index files the repository's index could not read, and why.
+fn damaged_index_files(repo: &Repository) -> Vec<DamagedFile> {
+    repo.damaged_indexes()
+        .into_iter()
+        .map(|(path, reason)| DamagedFile {
+            path: path.display().to_string(),
+            reason,
+        })
+        .collect()
 }
 
 /// A referenced chunk: its address, raw length and the points using it.
@@ -188,14 +251,7 @@ fn references(
     repo: &Repository,
 ) -> Result<(VerifyReport, Vec<Item>), crate::repository::RepositoryError> {
     let mut report = VerifyReport {
-        damaged_indexes: repo
-            .damaged_indexes()
-            .into_iter()
-            .map(|(path, reason)| DamagedFile {
-                path: path.display().to_string(),
-                reason,
-            })
-            .collect(),
+        damaged_indexes: damaged_index_files(repo),
         ..Default::default()
     };
     // chunk -> (raw length, restore points that use it)

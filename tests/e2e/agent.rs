@@ -442,7 +442,9 @@ fn a_commit_whose_answer_is_lost_makes_no_second_point() {
     let disk = lab.path("d.raw");
     make_disk(&disk, 16 * MIB, 87);
     let agent = Agent::start(&lab, &lab.path("agent-repo"), &[&me]);
-    let relay = Relay::start(&agent.addr, std::time::Duration::from_millis(250));
+    // Long enough for this test to see the point land and cut the link
+    // before the answer goes out, even on a busy machine.
+    let relay = Relay::start(&agent.addr, std::time::Duration::from_millis(600));
     lab.apply(
         &remote_config(&lab, &[&disk], &agent, &agent.fingerprint)
             .replace(&agent.addr, &relay.addr),

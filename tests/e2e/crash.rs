@@ -179,6 +179,34 @@ fn copy_repo(from: &std::path::Path, to: &std::path::Path) {
     assert!(ok.success(), "cp -a {}", from.display());
 }
 
+/// The names of a repository's pack and index files.
+fn packs_and_indexes(repo: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut dirs = vec![repo.join("packs"), repo.join("index")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// When a trial kills its prune.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// A random moment within an uninterrupted prune's time.
+    Random(u64),
+    /// As soon as a new pack or index file appears (the rewritten packs
+    /// being published).
+    Publishing,
+    /// As soon as an old index file is gone (old packs being removed).
+    Removing,
+}
+
 /// SIGKILL of a real prune at random moments, on copies of one repository
 /// whose forgotten points leave most packs to rewrite: every kept point
 /// still restores bit-exact, verify stays clean, and a prune run again
@@ -233,38 +261,53 @@ fn a_prune_killed_at_any_moment_loses_nothing() {
     let clean_bytes = chunk_bytes(&repo);
 
     let window = (prune_run.as_millis() as u64).max(40);
-    let mut killed_mid_prune = 0;
-    for trial in 0..10u64 {
+    let old = packs_and_indexes(&template);
+    // Kills that landed while the prune still ran, by when they were aimed.
+    let mut landed = [0; 3];
+    for trial in 0..12u64 {
         copy_repo(&template, &repo);
+        let at = match trial % 3 {
+            0 => KillAt::Random(rng.random_range(5..window)),
+            1 => KillAt::Publishing,
+            _ => KillAt::Removing,
+        };
         let mut child = lab
             .command()
             .args(["prune", "--repack-share", "0"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let wait = rng.random_range(5..window);
-        std::thread::sleep(Duration::from_millis(wait));
-        if child.try_wait().unwrap().is_none() {
-            killed_mid_prune += 1;
+        match at {
+            KillAt::Random(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            _ => loop {
+                let now = packs_and_indexes(&repo);
+                let seen = match at {
+                    KillAt::Publishing => !now.is_subset(&old),
+                    _ => old.iter().any(|f| f.ends_with(".idx") && !now.contains(f)),
+                };
+                if seen || child.try_wait().unwrap().is_some() {
+                    break;
+                }
+            },
         }
+        let running = child.try_wait().unwrap().is_none();
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        if running {
+            landed[(trial % 3) as usize] += 1;
+        }
 
         let v = lab.arca(&["verify"]);
         assert!(
             v.status.success(),
-            "trial {trial} (killed after {wait} ms): verify is not clean:\n{}{}",
+            "trial {trial} (killed {at:?}): verify is not clean:\n{}{}",
             String::from_utf8_lossy(&v.stdout),
             String::from_utf8_lossy(&v.stderr)
         );
         for (id, sha) in &kept {
             let out = lab.path("check.raw");
             lab.ok(&["restore", id, "--to", out.to_str().unwrap(), "--force"]);
-            assert_eq!(
-                &sha256(&out),
-                sha,
-                "trial {trial} (killed after {wait} ms): {id}"
-            );
+            assert_eq!(&sha256(&out), sha, "trial {trial} (killed {at:?}): {id}");
         }
         // A prune run again finishes the work: the repository ends as the
         // uninterrupted prune left it, and the next session works on it.
@@ -272,13 +315,16 @@ fn a_prune_killed_at_any_moment_loses_nothing() {
         assert_eq!(
             chunk_bytes(&repo),
             clean_bytes,
-            "trial {trial} (killed after {wait} ms): the prune run again left other bytes"
+            "trial {trial} (killed {at:?}): the prune run again left other bytes"
         );
         assert!(lab.ok(&["verify"]).contains("clean"));
     }
+    // Each kind of kill landed in a running prune at least once: the
+    // publish and the removals are short, and a kill aimed at them but
+    // landing after the prune ended would test nothing.
     assert!(
-        killed_mid_prune >= 4,
-        "only {killed_mid_prune} of 10 kills landed mid-prune (a prune took {prune_run:?})"
+        landed.iter().all(|&n| n >= 1),
+        "kills that landed in a running prune (random, publishing, removing): {landed:?} of 4 each (a prune took {prune_run:?})"
     );
     change_disk(&disk, 6, 64 * 1024, 99);
     let (ok, r) = lab.run_job("nightly");

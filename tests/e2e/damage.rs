@@ -184,6 +184,29 @@ fn repair_takes_a_damaged_chunk_out_and_the_next_backup_mends_every_point() {
         "the chunk hurts both points: {text}"
     );
 
+    // The check runs beside a session (the shared lock held here, as a
+    // session's writer holds it); the mending needs the repository to
+    // itself, refuses, and changes nothing.
+    let session = arca::repository::lock::RepoLock::shared(&lab.path("repo")).unwrap();
+    let busy = lab.arca(&["verify", "--repair"]);
+    assert_eq!(busy.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        why.contains("nothing mended") && why.contains("repair it"),
+        "{why}"
+    );
+    let report = String::from_utf8_lossy(&busy.stdout);
+    assert!(
+        report.contains(&hash),
+        "verify's findings are reported: {report}"
+    );
+    let text = String::from_utf8_lossy(&lab.arca(&["verify"]).stdout).into_owned();
+    assert!(
+        text.contains(&hash) && !text.contains("missing from the repository"),
+        "still there, damaged: {text}"
+    );
+    drop(session);
+
     let out = lab.arca(&["verify", "--repair", "--json"]);
     assert_eq!(out.status.code(), Some(1), "still lacking the chunk");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -210,6 +233,10 @@ fn repair_takes_a_damaged_chunk_out_and_the_next_backup_mends_every_point() {
         "no point lacking a chunk is a parent: {r:#}"
     );
     assert!(lab.ok(&["verify"]).contains("clean"));
+    // A clean repository is checked beside a running session.
+    let session = arca::repository::lock::RepoLock::shared(&lab.path("repo")).unwrap();
+    assert!(lab.ok(&["verify", "--repair"]).contains("clean"));
+    drop(session);
     for (point, sha) in [(&first, &first_sha), (&second, &second_sha)] {
         let out = lab.path("check.raw");
         lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
@@ -241,7 +268,8 @@ fn repair_writes_a_damaged_pack_index_anew_from_its_pack() {
     assert!(text.contains("damaged pack index"), "{text}");
 
     // Without the codec that coded them, whole records cannot be told
-    // from damaged ones: the index is left as it is, not rebuilt short.
+    // from damaged ones: the index is left as it is, not rebuilt short,
+    // and the other pack's chunks, which nobody can decode now, stay.
     let codecs = lab.path("repo/codecs");
     let aside = lab.path("codecs-aside");
     std::fs::rename(&codecs, &aside).unwrap();
@@ -249,6 +277,7 @@ fn repair_writes_a_damaged_pack_index_anew_from_its_pack() {
     let out = lab.arca(&["verify", "--repair", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["rebuilt"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v[0]["dropped"], serde_json::json!([]), "{v:#}");
     assert_eq!(std::fs::read(&index).unwrap(), damaged);
     std::fs::rename(&aside, &codecs).unwrap();
 

@@ -165,6 +165,10 @@ struct Shared {
     /// Held while packs are published, so that a commit that finds nothing
     /// left to publish knows every pack taken before it is visible.
     publish: Mutex<()>,
+    /// Held from a commit's look at the disk's newest point to its own
+    /// manifest, so that two attempts of one task committing at once (an
+    /// agent still finishing the first) make one point.
+    commit: Mutex<()>,
     files: Mutex<HashMap<u32, Arc<File>>>,
     /// `chunks/` exists: a format-1 repository's chunk files are read too.
     loose: bool,
@@ -221,6 +225,7 @@ fn shared_for(root: &Path, id: &str) -> Result<Arc<Shared>, RepositoryError> {
         index: RwLock::default(),
         packer: Mutex::new(None),
         publish: Mutex::new(()),
+        commit: Mutex::new(()),
         files: Mutex::default(),
         loose: root.join("chunks").is_dir(),
         headers: Mutex::default(),
@@ -1077,6 +1082,12 @@ impl Repository {
             (a.created_unix_ms, &a.point_id).cmp(&(b.created_unix_ms, &b.point_id))
         });
         Ok(out)
+    }
+
+    /// Whether the manifest at `path` reads whole and every chunk it
+    /// references is there.
+    pub(crate) fn is_whole(&self, path: &Path) -> bool {
+        manifest::read(path).is_ok_and(|m| self.first_missing(&m.block_hashes).is_none())
     }
 
     pub fn find_point(&self, point_id: &str) -> Result<PointEntry, RepositoryError> {

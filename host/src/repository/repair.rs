@@ -38,7 +38,21 @@ pub struct ScannedRecord {
     pub offset: u64,
     pub len: u32,
     pub header: ChunkHeader,
-    pub payload: Vec<u8>,
+    /// Where its payload lies in the pack's bytes (not copied: a guest can
+    /// write blocks full of headers that each claim the rest of the pack).
+    pub payload: std::ops::Range<usize>,
+}
+
+/// A pack's bytes and the records they may hold.
+pub struct ScannedPack {
+    pub bytes: Vec<u8>,
+    pub records: Vec<ScannedRecord>,
+}
+
+impl ScannedPack {
+    pub fn payload(&self, r: &ScannedRecord) -> &[u8] {
+        &self.bytes[r.payload.clone()]
+    }
 }
 
 /// The records that a pack's bytes may hold: one at each place the record
@@ -56,14 +70,16 @@ fn records(bytes: &[u8]) -> Vec<ScannedRecord> {
         let Ok(Some((header, start))) = chunk::StoredChunk::parse_prefix(&bytes[at..]) else {
             continue;
         };
-        let end = (at + start).checked_add(header.payload_len as usize);
-        let Some(payload) = end.and_then(|end| bytes.get(at + start..end)) else {
+        let Some(end) = (at + start)
+            .checked_add(header.payload_len as usize)
+            .filter(|&end| end <= bytes.len())
+        else {
             continue;
         };
         out.push(ScannedRecord {
             offset: at as u64,
-            len: (start + payload.len()) as u32,
-            payload: payload.to_vec(),
+            len: (end - at) as u32,
+            payload: at + start..end,
             header,
         });
     }
@@ -72,10 +88,11 @@ fn records(bytes: &[u8]) -> Vec<ScannedRecord> {
 
 impl Repository {
     /// The records of pack `id` (see `records`), for an index that is lost.
-    pub fn scan_pack(&self, id: &str) -> Result<Vec<ScannedRecord>, RepositoryError> {
+    pub fn scan_pack(&self, id: &str) -> Result<ScannedPack, RepositoryError> {
         let path = packer::pack_path(&self.root, id);
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        Ok(records(&bytes))
+        let records = records(&bytes);
+        Ok(ScannedPack { bytes, records })
     }
 
     /// Writes the index file of pack `id` anew (one that was damaged), from
@@ -226,7 +243,7 @@ mod tests {
                 (a_len + b_len, c.len() as u32)
             ]
         );
-        assert_eq!(found[1].payload, vec![2u8; 5000]);
+        assert_eq!(&pack[found[1].payload.clone()], &[2u8; 5000][..]);
         // The second record's magic damaged: the first and the third are
         // still found, where they are.
         let mut bad = pack.clone();

@@ -80,14 +80,23 @@ impl PointWriter {
             });
         }
 
+        let _committing = repo.shared.commit.lock().expect("commit lock");
         let now = jiff::Timestamp::now();
         m.created_unix_ms = now.as_millisecond();
         if let Some(prev) = repo.latest_header(&m.job, &m.vm, &m.disk)? {
-            if !m.task_token.is_empty() && prev.task_token == m.task_token {
+            if !m.task_token.is_empty()
+                && prev.task_token == m.task_token
+                && repo.is_whole(
+                    &repo
+                        .manifest_dir(&m)
+                        .join(format!("{}.manifest", prev.point_id)),
+                )
+            {
                 // An earlier attempt of this task committed and its answer
                 // was lost, after this attempt had looked for its parent:
                 // that point is the task's, and a second would duplicate it
-                // (its chunks stay for prune to judge).
+                // (its chunks stay for prune to judge). Unless that point
+                // has been damaged since: this one replaces it.
                 state.finished = true;
                 return Ok(CommitReply {
                     point_id: prev.point_id,
@@ -493,6 +502,26 @@ pub(super) mod tests {
         let again = with_token(b"", &[h1], &c1);
         assert!(!untokened.earlier_attempt && !again.earlier_attempt);
         assert_eq!(repo.points().unwrap().len(), 4);
+        // An earlier attempt's point damaged since (its block list): the
+        // retry's point replaces it rather than being answered with it.
+        // Large enough (over 4 KiB) that its header reads without the
+        // block list, as a real disk's does.
+        let blocks: Vec<ChunkHash> = [vec![h1; 200], vec![h2]].concat();
+        let third = with_token(b"task-3", &blocks, &c1);
+        let path = repo
+            .points()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.manifest.point_id == third.point_id)
+            .unwrap()
+            .path;
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(32).position(|w| w == h2).unwrap();
+        bytes[at + 5] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let retry = with_token(b"task-3", &blocks, &c1);
+        assert!(!retry.earlier_attempt);
+        assert_ne!(retry.point_id, third.point_id);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! verify, so that both trust exactly the same checks.
 
 use crate::plugin::codec::{Blocks, Codec};
-use crate::plugin::{Plugin, PluginLimits, PluginRuntime, StageKind};
+use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind};
 use crate::repository::chunk::ChunkHeader;
 use crate::repository::{Repository, RepositoryError, hex};
 use arca_transport::ChunkHash;
@@ -26,8 +26,9 @@ pub struct ChunkError {
 /// Why a record found without an index has no address.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// Its codec cannot be loaded: the record may be whole.
-    #[error("its codec cannot be loaded: {0}")]
+    /// Its codec cannot be loaded or ran out of time or memory: the record
+    /// may be whole.
+    #[error("its codec cannot judge it: {0}")]
     NoCodec(String),
     /// It does not decode (damage, or not a record at all).
     #[error("{0}")]
@@ -235,11 +236,16 @@ impl Decoder {
                 buffers.push(decoded.data);
                 Ok(())
             }
-            Err(e) if g.members.len() == 1 => Err(ChunkError {
-                hash: first,
-                reason: format!("cannot be decoded: {e}"),
-                damaged: true,
-            }),
+            Err(e) if g.members.len() == 1 => {
+                // A trap leaves the instance unusable, and every later chunk
+                // would fail with it: a fresh instance for the next call.
+                self.codecs.remove(&g.codec_hash);
+                Err(ChunkError {
+                    hash: first,
+                    reason: format!("cannot be decoded: {e}"),
+                    damaged: says_damaged(&e),
+                })
+            }
             Err(_) => {
                 // One bad chunk fails the whole call: retry one by one,
                 // on a fresh instance, so the error names the damaged one.
@@ -291,7 +297,12 @@ impl Decoder {
                 Err(e) => {
                     // A trap may leave the instance unusable: a fresh one next.
                     self.codecs.remove(&header.codec_hash);
-                    return Err(RecordError::Damaged(format!("cannot be decoded: {e}")));
+                    let why = format!("cannot be decoded: {e}");
+                    return Err(if says_damaged(&e) {
+                        RecordError::Damaged(why)
+                    } else {
+                        RecordError::NoCodec(why)
+                    });
                 }
             }
         };
@@ -304,6 +315,17 @@ impl Decoder {
         }
         Ok(*blake3::hash(&plain).as_bytes())
     }
+}
+
+/// Whether a codec's failure to decode says the bytes are wrong: it refused
+/// them, trapped on them, or decoded them to the wrong lengths (a codec is
+/// a fixed component, so that is what it will always do with them). Not a
+/// deadline or memory limit hit, which a less busy run may not hit.
+fn says_damaged(e: &PluginError) -> bool {
+    matches!(
+        e,
+        PluginError::Failed { .. } | PluginError::Trapped { .. } | PluginError::BadOutput { .. }
+    )
 }
 
 fn strip_prefix(s: &str) -> String {
