@@ -466,3 +466,29 @@ pub fn wait_until_listening(path: &Path, program: &str) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// A repository agent on loopback serving `agent-repo`, and the config of
+/// one VM (`web01`, `disk`) whose job `job` backs up to it ("remote"); the
+/// same folder is also configured as "local-view", for the agent's host's
+/// own commands (verify, prune). `extra` is appended to the job's table.
+pub fn agent_lab(lab: &Lab, disk: &Path, job: &str, extra: &str) -> Agent {
+    let me = lab.ok(&["identity"]).trim().to_owned();
+    let agent_repo = lab.path("agent-repo");
+    let agent = Agent::spawn(
+        lab,
+        "agent-home",
+        &["--repository", agent_repo.to_str().unwrap()],
+        &[&me],
+        "127.0.0.1:0",
+    );
+    lab.apply(&format!(
+        "[[repository]]\nname = \"remote\"\nagent = \"{}\"\nfingerprint = \"{}\"\n\n\
+         [[repository]]\nname = \"local-view\"\npath = \"{}\"\n\n{}\
+         [[job]]\nname = \"{job}\"\nvms = [\"web01\"]\nrepository = \"remote\"\n{extra}",
+        agent.addr,
+        agent.fingerprint,
+        agent_repo.display(),
+        vm_toml("web01", &[disk])
+    ));
+    agent
+}

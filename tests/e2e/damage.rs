@@ -300,3 +300,46 @@ fn repair_writes_a_damaged_pack_index_anew_from_its_pack() {
     assert!(lab.ok(&["verify"]).contains("clean"));
     restore_matches(&lab, &point, &disk);
 }
+
+/// An agent that had the damaged chunk in its index when repair took it
+/// out loads its index again: the next session through it stores the chunk
+/// again instead of referencing a chunk the repository no longer lists.
+#[test]
+fn an_agent_loads_its_index_again_after_a_repair() {
+    let lab = Lab::new();
+    let disk = lab.path("web01.raw");
+    make_disk(&disk, 16 * MIB, 530);
+    let agent = agent_lab(&lab, &disk, "nightly", "");
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap().to_owned();
+    let repo = arca::repository::Repository::open(&lab.path("agent-repo")).unwrap();
+    let all = repo.chunk_addresses().unwrap();
+    let hash = all[all.len() / 2];
+    let (pack, offset, len) = repo.chunk_record(&hash).unwrap();
+    drop(repo);
+    flip(&pack, offset + len / 2, 0x5a);
+    let out = lab.arca(&["verify", "--repository", "local-view", "--repair", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["dropped"].as_array().unwrap().len(), 1, "{v:#}");
+
+    // The disk unchanged: the chunk's data is still on it.
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(
+        r["totals"]["stored_bytes"].as_u64().unwrap() > 0,
+        "the chunk was sent again: {r:#}"
+    );
+    assert!(
+        lab.ok(&["verify", "--repository", "local-view"])
+            .contains("clean")
+    );
+    restore_matches(&lab, &point, &disk);
+    assert!(
+        agent
+            .log_text()
+            .contains("since its index was loaded; loading it again"),
+        "{}",
+        agent.log_text()
+    );
+}

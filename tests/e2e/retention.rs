@@ -234,27 +234,6 @@ fn prune_refuses_a_busy_repository_and_one_with_a_damaged_point() {
 /// A repository agent trusting this lab, and a config naming it `remote`
 /// (with the same folder as `local-view`, as an operator on the agent's
 /// host sees it) and a job `job` of `disk` to it, with `extra` job lines.
-fn agent_lab(lab: &Lab, disk: &Path, job: &str, extra: &str) -> Agent {
-    let me = lab.ok(&["identity"]).trim().to_owned();
-    let agent_repo = lab.path("agent-repo");
-    let agent = Agent::spawn(
-        lab,
-        "agent-home",
-        &["--repository", agent_repo.to_str().unwrap()],
-        &[&me],
-        "127.0.0.1:0",
-    );
-    lab.apply(&format!(
-        "[[repository]]\nname = \"remote\"\nagent = \"{}\"\nfingerprint = \"{}\"\n\n\
-         [[repository]]\nname = \"local-view\"\npath = \"{}\"\n\n{}\
-         [[job]]\nname = \"{job}\"\nvms = [\"web01\"]\nrepository = \"remote\"\n{extra}",
-        agent.addr,
-        agent.fingerprint,
-        agent_repo.display(),
-        vm_toml("web01", &[disk])
-    ));
-    agent
-}
 
 #[test]
 fn an_agent_loads_its_index_again_after_a_prune() {
@@ -311,7 +290,7 @@ fn an_agent_loads_its_index_again_after_a_prune() {
     assert!(
         agent
             .log_text()
-            .contains("pruned since its index was loaded"),
+            .contains("since its index was loaded; loading it again"),
         "{}",
         agent.log_text()
     );

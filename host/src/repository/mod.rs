@@ -387,7 +387,7 @@ impl Repository {
         if known.as_ref() != Some(&generation) {
             if known.is_some() {
                 tracing::info!(
-                    "repository {}: pruned since its index was loaded; loading it again",
+                    "repository {}: pruned or repaired since its index was loaded; loading it again",
                     self.root.display()
                 );
                 self.shared.files.lock().expect("pack files lock").clear();

@@ -170,15 +170,19 @@ impl Repository {
                 path: idx.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
             })?;
-            let kept: Vec<IndexEntry> = entries
+            let (gone, kept): (Vec<IndexEntry>, Vec<IndexEntry>) = entries
                 .into_iter()
-                .filter(|e| !copies.contains(&(e.hash, e.offset)))
-                .collect();
+                .partition(|e| copies.contains(&(e.hash, e.offset)));
+            // Only what the file still lists counts as taken out, so that
+            // a caller's loop ends whatever the index in memory says.
+            if gone.is_empty() {
+                continue;
+            }
             // Atomic and durable: the index says the old list or the new one.
             write_atomic(&idx, &pack::encode_index(&kept), &staging)?;
             let file = packer::pack_path(&self.root, id).display().to_string();
-            dropped.extend(copies.iter().map(|(h, _)| DroppedCopy {
-                hash: hex(h),
+            dropped.extend(gone.iter().map(|e| DroppedCopy {
+                hash: hex(&e.hash),
                 file: file.clone(),
             }));
         }
