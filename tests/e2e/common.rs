@@ -467,6 +467,34 @@ pub fn wait_until_listening(path: &Path, program: &str) {
     }
 }
 
+/// Runs job `nightly` through `agent` after its repository was pruned or
+/// repaired under it, and insists that the agent loaded its index again:
+/// the chunks it had indexed are stored again, the repository verifies
+/// clean, and the new point restores to `expected` (a SHA-256).
+pub fn run_after_index_change(lab: &Lab, agent: &Agent, expected: &str) {
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    assert!(
+        r["totals"]["stored_bytes"].as_u64().unwrap() > 0,
+        "the chunks were sent again: {r:#}"
+    );
+    assert!(
+        lab.ok(&["verify", "--repository", "local-view"])
+            .contains("clean")
+    );
+    let out = lab.path("reloaded.raw");
+    let point = r["tasks"][0]["restore_point"].as_str().unwrap();
+    lab.ok(&["restore", point, "--to", out.to_str().unwrap(), "--force"]);
+    assert_eq!(sha256(&out), expected, "restore of {point}");
+    assert!(
+        agent
+            .log_text()
+            .contains("since its index was loaded; loading it again"),
+        "{}",
+        agent.log_text()
+    );
+}
+
 /// A repository agent on loopback serving `agent-repo`, and the config of
 /// one VM (`web01`, `disk`) whose job `job` backs up to it ("remote"); the
 /// same folder is also configured as "local-view", for the agent's host's

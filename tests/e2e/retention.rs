@@ -272,28 +272,7 @@ fn an_agent_loads_its_index_again_after_a_prune() {
     // believed its old index would call those chunks stored, and the new
     // point would reference chunks that are gone.
     std::fs::copy(&original, &disk).unwrap();
-    let (ok, r) = lab.run_job("nightly");
-    assert!(ok, "{r:#}");
-    assert!(
-        r["totals"]["stored_bytes"].as_u64().unwrap() > 0,
-        "the chunks were sent again: {r:#}"
-    );
-    assert!(
-        lab.ok(&["verify", "--repository", "local-view"])
-            .contains("clean")
-    );
-    restores_to(
-        &lab,
-        r["tasks"][0]["restore_point"].as_str().unwrap(),
-        &sha256(&original),
-    );
-    assert!(
-        agent
-            .log_text()
-            .contains("since its index was loaded; loading it again"),
-        "{}",
-        agent.log_text()
-    );
+    run_after_index_change(&lab, &agent, &sha256(&original));
 }
 
 #[test]
