@@ -474,65 +474,22 @@ fn run(cli: Cli) -> Result<i32> {
             let mut reports = Vec::new();
             for (name, repo) in repositories(&db, repository.as_deref())? {
                 let bank = CodecBank::new(repo.clone(), runtime.clone());
-                let (r, repaired) = if repair {
-                    let done = arca::verify::repair(&repo, &bank, workers)?;
-                    if let Some(why) = &done.not_repaired {
-                        eprintln!("repository '{name}': nothing mended: {why}");
-                    }
-                    (
-                        done.after,
-                        Some((done.rebuilt, done.dropped, done.not_repaired)),
-                    )
+                let (r, mended) = if repair {
+                    let mut done = arca::verify::repair(&repo, &bank, workers)?;
+                    (std::mem::take(&mut done.after), Some(done))
                 } else {
                     let _reading = repo.read_lock()?;
                     (arca::verify::verify(&repo, &bank, workers)?, None)
                 };
                 clean &= r.is_clean();
                 if !json {
-                    println!(
-                        "repository '{name}': {} restore point(s), {} chunk(s) checked: {}",
-                        r.restore_points,
-                        r.chunks_checked,
-                        if r.is_clean() { "clean" } else { "DAMAGED" }
-                    );
-                    for m in &r.damaged_manifests {
-                        println!("  damaged manifest {}: {}", m.path, m.reason);
-                    }
-                    for m in &r.damaged_indexes {
-                        println!("  damaged pack index {}: {}", m.path, m.reason);
-                    }
-                    for c in &r.damaged_chunks {
-                        println!(
-                            "  damaged chunk {}: {}; restore points hurt: {}",
-                            c.hash,
-                            c.reason,
-                            c.restore_points.join(", ")
-                        );
-                    }
-                    let (rebuilt, dropped) = match &repaired {
-                        Some((r, d, _)) => (r.as_slice(), d.as_slice()),
-                        None => (&[][..], &[][..]),
-                    };
-                    for i in rebuilt {
-                        println!(
-                            "  repair: wrote pack index {} anew from its pack: {} chunk(s) indexed, {} damaged record(s) left out",
-                            i.file, i.chunks, i.skipped
-                        );
-                    }
-                    for d in dropped {
-                        println!("  repair: took damaged chunk {} out of {}", d.hash, d.file);
-                    }
-                    if !dropped.is_empty() {
-                        println!(
-                            "  repair: the next backup of a disk that still holds their data stores them again, and the restore points they hurt are whole again"
-                        );
-                    }
+                    print_verify(&name, &r, mended.as_ref());
                 }
                 let mut entry = serde_json::json!({ "repository": name, "report": r });
-                if let Some((rebuilt, dropped, not_repaired)) = repaired {
-                    entry["rebuilt"] = serde_json::to_value(rebuilt)?;
-                    entry["dropped"] = serde_json::to_value(dropped)?;
-                    entry["not_repaired"] = serde_json::to_value(not_repaired)?;
+                if let Some(done) = mended {
+                    entry["rebuilt"] = serde_json::to_value(done.rebuilt)?;
+                    entry["dropped"] = serde_json::to_value(done.dropped)?;
+                    entry["not_repaired"] = serde_json::to_value(done.not_repaired)?;
                 }
                 reports.push(entry);
             }
@@ -840,6 +797,53 @@ fn forget(
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(0)
+}
+
+fn print_verify(
+    name: &str,
+    r: &arca::verify::VerifyReport,
+    mended: Option<&arca::verify::RepairReport>,
+) {
+    println!(
+        "repository '{name}': {} restore point(s), {} chunk(s) checked: {}",
+        r.restore_points,
+        r.chunks_checked,
+        if r.is_clean() { "clean" } else { "DAMAGED" }
+    );
+    for m in &r.damaged_manifests {
+        println!("  damaged manifest {}: {}", m.path, m.reason);
+    }
+    for m in &r.damaged_indexes {
+        println!("  damaged pack index {}: {}", m.path, m.reason);
+    }
+    for c in &r.damaged_chunks {
+        println!(
+            "  damaged chunk {}: {}; restore points hurt: {}",
+            c.hash,
+            c.reason,
+            c.restore_points.join(", ")
+        );
+    }
+    let Some(done) = mended else {
+        return;
+    };
+    if let Some(why) = &done.not_repaired {
+        eprintln!("repository '{name}': nothing mended: {why}");
+    }
+    for i in &done.rebuilt {
+        println!(
+            "  repair: wrote pack index {} anew from its pack: {} chunk(s) indexed, {} damaged record(s) left out",
+            i.file, i.chunks, i.skipped
+        );
+    }
+    for d in &done.dropped {
+        println!("  repair: took damaged chunk {} out of {}", d.hash, d.file);
+    }
+    if !done.dropped.is_empty() {
+        println!(
+            "  repair: the next backup of a disk that still holds their data stores them again, and the restore points they hurt are whole again"
+        );
+    }
 }
 
 fn print_prune(name: &str, r: &arca::repository::prune::PruneReport) {
