@@ -349,3 +349,53 @@ fn a_jobs_retention_forgets_after_each_commit_locally_and_through_an_agent() {
     assert_eq!(remote[0]["point_id"], last.as_str());
     restores_to(&lab, &last, &sha256(&disk));
 }
+
+/// A session that starts while a prune has the repository to itself waits
+/// for it, says so, and then runs.
+#[test]
+fn a_session_waits_for_a_prune_and_says_so() {
+    let lab = Lab::new();
+    let disk = lab.path("web01.raw");
+    make_disk(&disk, 8 * MIB, 540);
+    lab.apply(&config(&lab, &[("web01", &[disk.as_path()])], JOB));
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
+    // The lock a prune takes, held here.
+    let prune = arca::repository::lock::RepoLock::exclusive(&lab.path("repo"), "prune").unwrap();
+    let log = lab.path("session.log");
+    let mut session = lab
+        .command()
+        .args(["job", "run", "nightly", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("waiting for that to end")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never said it waits: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            session.try_wait().unwrap().is_none(),
+            "it must wait, not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(session.try_wait().unwrap().is_none(), "still waiting");
+    drop(prune);
+    let out = session.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{r:#}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("waited"));
+    restores_to(
+        &lab,
+        r["tasks"][0]["restore_point"].as_str().unwrap(),
+        &sha256(&disk),
+    );
+}

@@ -70,8 +70,19 @@ impl RepoLock {
             Err(source) => return Err(RepositoryError::LockUnavailable { path, source }),
         };
         if file.try_lock_shared().is_err() {
-            tracing::info!("repository {}: waiting for a prune to end", root.display());
+            // Said where an operator sees it: a session that seems to hang
+            // is waiting for a prune (or a repair's mending) to end.
+            tracing::warn!(
+                "repository {}: a prune or repair has it to itself; waiting for that to end",
+                root.display()
+            );
+            let started = std::time::Instant::now();
             file.lock_shared().map_err(io_err(&path))?;
+            tracing::warn!(
+                "repository {}: waited {:.1} s for a prune or repair",
+                root.display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Ok(Self {
             file: Some(file),
