@@ -112,28 +112,25 @@ fn rebuild_indexes(
         let mut entries: Vec<IndexEntry> = Vec::new();
         let mut skipped = 0;
         let mut no_codec = None;
-        // The end of the records indexed so far. Candidates come in pack
-        // order, so one inside a record already indexed (a block that held
-        // an arca pack, stored as it is) is not one of this pack's records.
-        let mut covered = 0u64;
+        // Every candidate that decodes is indexed, under the address of what
+        // it decodes to: one that is not really a record of this pack (arca
+        // bytes inside a block stored as it is) is still those bytes, so
+        // indexing it is harmless, while skipping a real one would lose it.
         for r in &pack.records {
-            let inside = r.offset < covered;
             match decoder.record_address(&r.header, pack.payload(r)) {
-                Ok(hash) => {
-                    covered = covered.max(r.offset + u64::from(r.len));
-                    entries.push(IndexEntry {
-                        hash,
-                        offset: r.offset,
-                        len: r.len,
-                    });
-                }
-                Err(_) if inside => {}
+                Ok(hash) => entries.push(IndexEntry {
+                    hash,
+                    offset: r.offset,
+                    len: r.len,
+                }),
                 Err(RecordError::Damaged(_)) => skipped += 1,
                 Err(e @ RecordError::NoCodec(_)) => no_codec = Some(e),
             }
         }
         // Records left out of an index are dead bytes to prune: none may
-        // be left out only because its codec is missing.
+        // be left out only because its codec is missing (which a candidate
+        // inside a stored block, naming another repository's codec, can
+        // also cause: the index then stays as it is, and verify names it).
         if let Some(e) = no_codec {
             tracing::warn!("not rebuilding {}: a record {e}", file.display());
             continue;
@@ -188,22 +185,24 @@ pub fn repair(
     }
     let lock = match repo.repair_lock() {
         Ok(lock) => lock,
-        // What verify found is still worth its report.
-        Err(e @ crate::repository::RepositoryError::Busy { .. }) => {
+        // What verify found is still worth its report (the repository is
+        // in use, or its lock cannot be taken for writing).
+        Err(e) => {
             done.not_repaired = Some(e.to_string());
             done.after = after;
             return Ok(done);
         }
-        Err(e) => return Err(e),
     };
     done.rebuilt = rebuild_indexes(repo, bank, &lock)?;
     after.damaged_indexes = damaged_index_files(repo);
+    let found: std::collections::HashSet<ChunkHash> = after
+        .damaged_chunks
+        .iter()
+        .filter_map(|c| parse_hex(&c.hash))
+        .collect();
     let suspects: Vec<Item> = items
         .into_iter()
-        .filter(|(h, _, _)| {
-            let h = hex(h);
-            after.damaged_chunks.iter().any(|c| c.hash == h)
-        })
+        .filter(|(h, _, _)| found.contains(h))
         .collect();
     after.damaged_chunks = check(bank, workers, &suspects);
     let items = suspects;
@@ -220,6 +219,7 @@ pub fn repair(
             break;
         }
         done.dropped.extend(now);
+        let damaged: std::collections::HashSet<ChunkHash> = damaged.into_iter().collect();
         let again: Vec<_> = items
             .iter()
             .filter(|(h, _, _)| damaged.contains(h))

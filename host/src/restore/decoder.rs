@@ -23,6 +23,11 @@ pub struct ChunkError {
     pub damaged: bool,
 }
 
+/// The largest block a job may use (`block_size`, 64 MiB): no chunk is
+/// longer, coded or not (a coded one longer than its block is stored as it
+/// is).
+const MAX_BLOCK: u32 = 64 << 20;
+
 /// Why a record found without an index has no address.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -281,9 +286,25 @@ impl Decoder {
         header: &ChunkHeader,
         payload: &[u8],
     ) -> Result<ChunkHash, RecordError> {
-        let plain = if header.codec == "none" {
-            payload.to_vec()
-        } else {
+        // A damaged length would have the codec make room for it (and hit
+        // its memory limit, which judges nothing) or hash a whole pack.
+        if header.raw_len > MAX_BLOCK || header.payload_len > MAX_BLOCK {
+            return Err(RecordError::Damaged(format!(
+                "its header claims {} bytes, more than any block",
+                header.raw_len.max(header.payload_len)
+            )));
+        }
+        if header.codec == "none" {
+            if payload.len() != header.raw_len as usize {
+                return Err(RecordError::Damaged(format!(
+                    "holds {} bytes, its header says {}",
+                    payload.len(),
+                    header.raw_len
+                )));
+            }
+            return Ok(*blake3::hash(payload).as_bytes());
+        }
+        let plain = {
             let input = Blocks {
                 data: payload.to_vec(),
                 lengths: vec![payload.len() as u32],
