@@ -6,7 +6,7 @@
 use crate::repository::lock::RepoLock;
 use crate::repository::pack::IndexEntry;
 use crate::repository::repair::DroppedCopy;
-use crate::repository::{Repository, hex, manifest, parse_hex};
+use crate::repository::{Repository, hex, manifest};
 use crate::restore::decoder::{CodecBank, Decoder, RecordError};
 use arca_transport::{ChunkHash, HASH_LEN};
 use serde::Serialize;
@@ -42,6 +42,9 @@ pub struct DamagedChunk {
     /// repair may take out. Not so when they could not be judged.
     #[serde(skip)]
     pub judged: bool,
+    /// The address `hash` spells.
+    #[serde(skip)]
+    pub address: ChunkHash,
 }
 
 impl VerifyReport {
@@ -176,9 +179,10 @@ pub fn repair(
     // Something to mend: an index to write anew, or a damaged copy that is
     // there to take out (a chunk that is missing already is not).
     let to_mend = !after.damaged_indexes.is_empty()
-        || after.damaged_chunks.iter().any(|c| {
-            c.judged && parse_hex(&c.hash).is_some_and(|h| repo.chunk_record(&h).is_some())
-        });
+        || after
+            .damaged_chunks
+            .iter()
+            .any(|c| c.judged && repo.chunk_record(&c.address).is_some());
     if !to_mend {
         done.after = after;
         return Ok(done);
@@ -195,23 +199,19 @@ pub fn repair(
     };
     done.rebuilt = rebuild_indexes(repo, bank, &lock)?;
     after.damaged_indexes = damaged_index_files(repo);
-    let found: std::collections::HashSet<ChunkHash> = after
-        .damaged_chunks
-        .iter()
-        .filter_map(|c| parse_hex(&c.hash))
-        .collect();
+    let found: std::collections::HashSet<ChunkHash> =
+        after.damaged_chunks.iter().map(|c| c.address).collect();
     let suspects: Vec<Item> = items
         .into_iter()
         .filter(|(h, _, _)| found.contains(h))
         .collect();
     after.damaged_chunks = check(bank, workers, &suspects);
-    let items = suspects;
     loop {
         let damaged: Vec<ChunkHash> = after
             .damaged_chunks
             .iter()
             .filter(|c| c.judged)
-            .filter_map(|c| parse_hex(&c.hash))
+            .map(|c| c.address)
             .collect();
         let now = repo.drop_copies(&lock, &damaged)?;
         // Each round takes at least one copy out, so this ends.
@@ -220,7 +220,7 @@ pub fn repair(
         }
         done.dropped.extend(now);
         let damaged: std::collections::HashSet<ChunkHash> = damaged.into_iter().collect();
-        let again: Vec<_> = items
+        let again: Vec<_> = suspects
             .iter()
             .filter(|(h, _, _)| damaged.contains(h))
             .cloned()
@@ -314,6 +314,7 @@ fn check(bank: &CodecBank, workers: usize, items: &[Item]) -> Vec<DamagedChunk> 
                             reason: e.reason,
                             restore_points: points.clone(),
                             judged: e.damaged,
+                            address: *hash,
                         }),
                     }
                 }

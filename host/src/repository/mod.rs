@@ -282,9 +282,8 @@ fn append_at(file: &File, offset: u64, len: usize, dest: &mut Vec<u8>) -> io::Re
     Ok(())
 }
 
-/// A 64-digit hex name as an address (format-1 chunk file names, and
-/// addresses as reports print them).
-pub fn parse_hex(name: &str) -> Option<ChunkHash> {
+/// A 64-digit hex name as an address (format-1 chunk file names).
+fn parse_hex(name: &str) -> Option<ChunkHash> {
     if name.len() != 2 * HASH_LEN {
         return None;
     }
