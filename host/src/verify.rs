@@ -101,6 +101,7 @@ fn rebuild_indexes(
 ) -> Result<Vec<RebuiltIndex>, crate::repository::RepositoryError> {
     let mut decoder = Decoder::new(bank.clone());
     let mut rebuilt = Vec::new();
+    let mut written = Vec::new();
     for (file, _) in repo.damaged_indexes() {
         let Some(id) = file.file_stem().and_then(|s| s.to_str()) else {
             continue;
@@ -138,13 +139,14 @@ fn rebuild_indexes(
             tracing::warn!("not rebuilding {}: a record {e}", file.display());
             continue;
         }
-        repo.rewrite_index(lock, id, &entries)?;
         rebuilt.push(RebuiltIndex {
             file: file.display().to_string(),
             chunks: entries.len(),
             skipped,
         });
+        written.push((id.to_owned(), entries));
     }
+    repo.rewrite_indexes(lock, &written)?;
     Ok(rebuilt)
 }
 

@@ -95,22 +95,26 @@ impl Repository {
         Ok(ScannedPack { bytes, records })
     }
 
-    /// Writes the index file of pack `id` anew (one that was damaged), from
-    /// entries whose records were checked against their addresses; the
-    /// index is loaded again, here and in other processes.
-    pub fn rewrite_index(
+    /// Writes the index files of packs anew (ones that were damaged), each
+    /// from entries whose records were checked against their addresses;
+    /// the index is then loaded again once, here and in other processes.
+    pub fn rewrite_indexes(
         &self,
         lock: &RepoLock,
-        id: &str,
-        entries: &[IndexEntry],
+        packs: &[(String, Vec<IndexEntry>)],
     ) -> Result<(), RepositoryError> {
+        if packs.is_empty() {
+            return Ok(());
+        }
         self.begin_change(lock)?;
-        let idx = packer::index_path(&self.root, id);
-        write_atomic(
-            &idx,
-            &pack::encode_index(entries),
-            &self.root.join("staging"),
-        )?;
+        for (id, entries) in packs {
+            let idx = packer::index_path(&self.root, id);
+            write_atomic(
+                &idx,
+                &pack::encode_index(entries),
+                &self.root.join("staging"),
+            )?;
+        }
         self.refresh_locked(lock)
     }
 
