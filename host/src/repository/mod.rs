@@ -1084,9 +1084,14 @@ impl Repository {
     }
 
     /// Whether the manifest at `path` reads whole and every chunk it
-    /// references is there.
-    pub(crate) fn is_whole(&self, path: &Path) -> bool {
-        manifest::read(path).is_ok_and(|m| self.first_missing(&m.block_hashes).is_none())
+    /// references is there: what `latest_point` asks of a parent, with the
+    /// same per-process answers (the index is current for the caller, a
+    /// writer under its lock, so it is not loaded again).
+    pub(crate) fn is_whole(&self, path: &Path) -> Result<bool, RepositoryError> {
+        match manifest::read(path) {
+            Ok(m) => Ok(self.lacks_a_chunk_of(path, &m, &mut true)?.is_none()),
+            Err(_) => Ok(false),
+        }
     }
 
     pub fn find_point(&self, point_id: &str) -> Result<PointEntry, RepositoryError> {

@@ -90,7 +90,7 @@ impl PointWriter {
                     &repo
                         .manifest_dir(&m)
                         .join(format!("{}.manifest", prev.point_id)),
-                )
+                )?
             {
                 // An earlier attempt of this task committed and its answer
                 // was lost, after this attempt had looked for its parent:
