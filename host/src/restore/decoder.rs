@@ -304,36 +304,28 @@ impl Decoder {
             }
             return Ok(*blake3::hash(payload).as_bytes());
         }
-        let plain = {
-            let input = Blocks {
-                data: payload.to_vec(),
-                lengths: vec![payload.len() as u32],
-            };
-            let decoded = self
-                .codec(&header.codec, &header.codec_hash)
-                .map_err(RecordError::NoCodec)?
-                .decompress(input, &[header.raw_len]);
-            match decoded {
-                Ok((out, _)) => out.data,
-                Err(e) => {
-                    // A trap may leave the instance unusable: a fresh one next.
-                    self.codecs.remove(&header.codec_hash);
-                    let why = format!("cannot be decoded: {e}");
-                    return Err(if says_damaged(&e) {
-                        RecordError::Damaged(why)
-                    } else {
-                        RecordError::NoCodec(why)
-                    });
-                }
+        let input = Blocks {
+            data: payload.to_vec(),
+            lengths: vec![payload.len() as u32],
+        };
+        // `decompress` also holds the codec to the header's raw length.
+        let decoded = self
+            .codec(&header.codec, &header.codec_hash)
+            .map_err(RecordError::NoCodec)?
+            .decompress(input, &[header.raw_len]);
+        let plain = match decoded {
+            Ok((out, _)) => out.data,
+            Err(e) => {
+                // A trap may leave the instance unusable: a fresh one next.
+                self.codecs.remove(&header.codec_hash);
+                let why = format!("cannot be decoded: {e}");
+                return Err(if says_damaged(&e) {
+                    RecordError::Damaged(why)
+                } else {
+                    RecordError::NoCodec(why)
+                });
             }
         };
-        if plain.len() != header.raw_len as usize {
-            return Err(RecordError::Damaged(format!(
-                "decodes to {} bytes, its header says {}",
-                plain.len(),
-                header.raw_len
-            )));
-        }
         Ok(*blake3::hash(&plain).as_bytes())
     }
 }
