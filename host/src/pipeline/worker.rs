@@ -13,7 +13,7 @@
 use super::{BlockPlan, StageClock, TaskError, TaskInput};
 use crate::extent::{Extent, Geometry, ranges_within};
 use crate::plugin::Plugin;
-use crate::plugin::codec::{Blocks, Codec};
+use crate::plugin::codec::{Blocks, Codec, stores_coded};
 use crate::plugin::detect::Detector;
 use crate::source::mapped::MappedFile;
 use arca_transport::{Chunk, ChunkHash, ChunkQuery, HASH_LEN, Manifest, StoreChunks, TargetLink};
@@ -583,7 +583,7 @@ fn code(
         // Incompressible blocks are stored as they are: smaller, and
         // readable without any codec. So are blocks the codec lost.
         totals.codec_lost_blocks += u64::from(lost[i]);
-        let chunk = if coded_len >= raw_len || lost[i] {
+        let chunk = if !stores_coded(coded_len, raw_len) || lost[i] {
             Chunk {
                 hash: digests[k].expect("missing blocks have digests").to_vec(),
                 codec: "none".into(),

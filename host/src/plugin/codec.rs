@@ -13,6 +13,14 @@ pub struct Codec {
     checked: bool,
 }
 
+/// Whether a block coded to `coded` bytes from `raw` is stored coded. An
+/// empty coded block is a codec's way to say "store it as it is" (it judged
+/// the block incompressible without coding it), and a coded block no
+/// shorter than the block gains nothing.
+pub fn stores_coded(coded: usize, raw: usize) -> bool {
+    coded > 0 && coded < raw
+}
+
 /// A coded or decoded batch: `data` with per-block `lengths`.
 pub struct Blocks {
     pub data: Vec<u8>,
@@ -108,7 +116,7 @@ impl Codec {
         let (mut coded_at, mut raw_at) = (0usize, 0usize);
         for i in 0..n {
             let (c, r) = (coded.lengths[i] as usize, raw.lengths[i] as usize);
-            if c < r {
+            if stores_coded(c, r) {
                 picked.push((i, raw_at));
                 input
                     .data
@@ -166,5 +174,76 @@ impl Codec {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{PluginLimits, PluginRuntime, StageKind, builtin};
+
+    /// Random-looking bytes, the same on every run.
+    fn noise(len: usize, seed: u8) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    fn zstd(runtime: &PluginRuntime, bytes: Vec<u8>) -> Codec {
+        let plugin = runtime
+            .load("zstd", StageKind::Codec, bytes, PluginLimits::default())
+            .unwrap();
+        Codec::new(&plugin, &Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn random_blocks_are_left_to_be_stored_as_they_are() {
+        let text: Vec<u8> = b"arca keeps restore points of virtual disks. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(256 << 10)
+            .collect();
+        let blocks = [noise(256 << 10, 1), text.clone(), noise(2048, 2)];
+        let raw = || Blocks {
+            data: blocks.concat(),
+            lengths: blocks.iter().map(|b| b.len() as u32).collect(),
+        };
+        let runtime = PluginRuntime::new(None).unwrap();
+        let builtin = builtin::find("zstd").unwrap().bytes.to_vec();
+        let mut codec = zstd(&runtime, builtin.clone());
+        let (coded, _) = codec.compress(raw()).unwrap();
+        // The random block is judged without coding it; the text is
+        // coded; the small random block is coded (too small to judge)
+        // but gains nothing, so it is stored as it is too.
+        let stored: Vec<bool> = (0..3)
+            .map(|i| stores_coded(coded.lengths[i] as usize, blocks[i].len()))
+            .collect();
+        assert_eq!(coded.lengths[0], 0, "{:?}", coded.lengths);
+        assert!(coded.lengths[2] > 0, "{:?}", coded.lengths);
+        assert_eq!(stored, [false, true, false], "{:?}", coded.lengths);
+
+        // A codec other than the built-in one (the same with a custom
+        // section appended) is checked by decoding what it would store:
+        // the empty block is not among it, so nothing is lost and the
+        // text comes back.
+        let mut other = builtin;
+        other.extend_from_slice(&[0, 5, 4, b'a', b'r', b'c', b'a']);
+        let mut checked = zstd(&runtime, other);
+        let raw = raw();
+        let (coded, raw) = checked.compress(raw).unwrap();
+        assert_eq!(coded.lengths[0], 0);
+        assert_eq!(checked.lost_blocks(&coded, &raw).unwrap(), [false; 3]);
+        let text_coded = Blocks {
+            data: coded.data[..coded.lengths[1] as usize].to_vec(),
+            lengths: vec![coded.lengths[1]],
+        };
+        let (decoded, _) = checked
+            .decompress(text_coded, &[text.len() as u32])
+            .unwrap();
+        assert_eq!(decoded.data, text);
     }
 }

@@ -106,3 +106,72 @@ fn settings_are_validated() {
     let err = parse_settings(&settings(&[("levle", "3")])).unwrap_err();
     assert!(err.contains("unknown setting `levle`"), "{err}");
 }
+
+#[test]
+fn random_blocks_come_back_empty_for_the_host_to_store() {
+    let random = noise(256 << 10, 11);
+    let blocks = vec![random, b"arca".repeat(1000)];
+    let packed = codec(1).compress(&batch(&blocks)).unwrap();
+    assert_eq!(packed.lengths[0], 0);
+    assert_eq!(packed.lengths[1] as usize, packed.data.len());
+    assert_eq!(
+        zstd::bulk::decompress(&packed.data, 4000).unwrap(),
+        blocks[1]
+    );
+}
+
+/// Deterministic bytes that look random (xorshift64*), for the judgement
+/// of `entropy`.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn random_blocks_of_every_size_look_random() {
+    for len in [entropy::MIN_BLOCK, 64 << 10, 256 << 10, 1 << 20, 100_003] {
+        assert!(
+            entropy::looks_random(&noise(len, len as u64)),
+            "{len} bytes"
+        );
+    }
+}
+
+#[test]
+fn blocks_with_structure_do_not() {
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog; "
+        .iter()
+        .copied()
+        .cycle()
+        .take(256 << 10)
+        .collect();
+    assert!(!entropy::looks_random(&text));
+    assert!(!entropy::looks_random(&vec![0u8; 256 << 10]));
+    // Half random, half text: zstd halves the text, so it must run.
+    let mut half = noise(128 << 10, 7);
+    half.extend_from_slice(&text[..128 << 10]);
+    assert!(!entropy::looks_random(&half));
+    // Random with a zero in every 16 bytes (6%): Huffman coding alone
+    // saves more than zstd's minimum gain on it.
+    let mut dotted = noise(256 << 10, 9);
+    for b in dotted.iter_mut().step_by(16) {
+        *b = 0;
+    }
+    assert!(!entropy::looks_random(&dotted));
+    // Evenly spread bytes that repeat: a pattern of 251 bytes, a
+    // random 64 KiB written four times, one 4 KiB page copied once.
+    let pattern: Vec<u8> = (0..256u32 << 10).map(|i| (i * 7 % 251) as u8).collect();
+    assert!(!entropy::looks_random(&pattern));
+    assert!(!entropy::looks_random(&noise(64 << 10, 5).repeat(4)));
+    let mut copied = noise(256 << 10, 6);
+    copied.copy_within(40 << 12..41 << 12, 3 << 12);
+    assert!(!entropy::looks_random(&copied));
+    // Too small to judge, however random.
+    assert!(!entropy::looks_random(&noise(entropy::MIN_BLOCK - 1, 3)));
+}

@@ -1,0 +1,101 @@
+//! A cheap look at a block before zstd runs over it: blocks whose bytes are
+//! spread as evenly as random data's (swap, encrypted or already compressed
+//! files, deleted data of those) are left to the host to store as they are.
+//!
+//! zstd would find the same, but only after its match finder, a histogram of
+//! all literals and three copies of the block inside the instance (literals
+//! into its sequence store, raw literals out, then the whole block as a raw
+//! block), and the host would copy that raw frame out again only to drop it.
+//! On a disk of random data those copies were half of the backup's CPU
+//! (docs/BENCHMARKS.md, "Incompressible blocks").
+
+/// Bytes read at each sampled place.
+const RUN: usize = 64;
+/// Places sampled per block at most: 16 KiB of a block of 256 KiB or more.
+const RUNS: usize = 256;
+/// Below this a block is simply compressed: too little to judge, too little
+/// to save.
+pub const MIN_BLOCK: usize = 4096;
+/// Shannon entropy, in bits per byte, at or above which a sample counts as
+/// random. A uniform sample of 4-16 KiB measures 7.96-7.99. Any byte value
+/// that makes up 4% or more of a block pulls the figure under the threshold,
+/// and below it an order-0 coder alone cannot save zstd's minimum gain of a
+/// block (1/64 of it); so what is left to the host is at most a few percent
+/// of its size that zstd's matches might still have saved.
+const RANDOM_BITS: f64 = 7.9;
+
+/// Whether `block` looks like random data, judged from about `RUNS` evenly
+/// spaced runs of `RUN` bytes (the whole block when it is small): their
+/// bytes must be spread like random bytes, and no two of their 8-byte words
+/// may be equal.
+pub fn looks_random(block: &[u8]) -> bool {
+    if block.len() < MIN_BLOCK {
+        return false;
+    }
+    let stride = (block.len() / RUNS).max(RUN);
+    // At most 2 * RUNS runs whatever the length (the stride is rounded
+    // down), which keeps `repeats` within its table.
+    let runs = || {
+        (0..block.len() - RUN + 1)
+            .step_by(stride)
+            .take(2 * RUNS)
+            .map(|start| &block[start..start + RUN])
+    };
+    let mut counts = [0u32; 256];
+    let mut total = 0u32;
+    for run in runs() {
+        for &b in run {
+            counts[b as usize] += 1;
+        }
+        total += RUN as u32;
+    }
+    let n = f64::from(total);
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    bits >= RANDOM_BITS && !repeats(runs())
+}
+
+/// Whether two 8-byte words of `runs` are equal. Two words of random data
+/// are equal with odds of 2^-64; data made of evenly spread bytes that
+/// repeats itself (a pattern, a page or sector copied within the block)
+/// shows it here whenever two sampled places lie a period apart: always
+/// for periods under the 2 KiB that the words' offsets cover, and for
+/// copies at the same offset in 4 KiB pages. Such data compresses, and an
+/// entropy figure alone would miss it.
+fn repeats<'a>(runs: impl Iterator<Item = &'a [u8]>) -> bool {
+    /// Twice the words `2 * RUNS` runs hold, so probing always ends.
+    const SLOTS: usize = 4 * RUNS * RUN / 8;
+    let mut table = vec![0u64; SLOTS];
+    let mut zero = false;
+    for run in runs {
+        for word in run.chunks_exact(8) {
+            let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            // 0 marks a free slot, so the zero word is tracked apart.
+            if v == 0 {
+                if zero {
+                    return true;
+                }
+                zero = true;
+                continue;
+            }
+            let mut i = (v.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % SLOTS;
+            loop {
+                match table[i] {
+                    0 => {
+                        table[i] = v;
+                        break;
+                    }
+                    w if w == v => return true,
+                    _ => i = (i + 1) % SLOTS,
+                }
+            }
+        }
+    }
+    false
+}
