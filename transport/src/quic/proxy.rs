@@ -336,7 +336,10 @@ mod tests {
     fn identity(tag: &str) -> Identity {
         let dir = std::env::temp_dir().join(format!("arca-ctl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        Identity::load_or_create(&dir).unwrap()
+        let identity = Identity::load_or_create(&dir).unwrap();
+        // Held in memory from here on; the folder would pile up in /tmp.
+        std::fs::remove_dir_all(&dir).unwrap();
+        identity
     }
 
     #[test]
