@@ -17,3 +17,4 @@ mod proxies;
 mod qemu;
 mod retention;
 mod snapshot;
+mod space;
