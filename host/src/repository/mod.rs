@@ -36,6 +36,7 @@ mod packer;
 pub mod prune;
 pub mod repair;
 pub mod retention;
+pub mod spans;
 pub mod writer;
 
 use arca_transport::{ChunkHash, HASH_LEN, Manifest};
@@ -484,21 +485,25 @@ impl Repository {
         if let Some(f) = files.get(&loc.pack) {
             return Ok(f.clone());
         }
-        let id = self
-            .shared
-            .index
-            .read()
-            .expect("chunk index lock")
-            .pack_id(loc.pack)
-            .to_owned();
         let file = Arc::new(
-            File::open(packer::pack_path(&self.root, &id)).map_err(|e| chunk_io_err(hash, e))?,
+            File::open(packer::pack_path(&self.root, &self.pack_id(loc)))
+                .map_err(|e| chunk_io_err(hash, e))?,
         );
         if files.len() >= OPEN_PACKS {
             files.clear();
         }
         files.insert(loc.pack, file.clone());
         Ok(file)
+    }
+
+    /// The id of the pack a location is in.
+    fn pack_id(&self, loc: Location) -> String {
+        self.shared
+            .index
+            .read()
+            .expect("chunk index lock")
+            .pack_id(loc.pack)
+            .to_owned()
     }
 
     /// Reads `len` bytes of a pack from `offset` into `dest`.

@@ -5,6 +5,7 @@
 use crate::plugin::codec::{Blocks, Codec};
 use crate::plugin::{Plugin, PluginError, PluginLimits, PluginRuntime, StageKind};
 use crate::repository::chunk::ChunkHeader;
+use crate::repository::spans::SpanBuffer;
 use crate::repository::{Repository, RepositoryError, hex};
 use arca_transport::ChunkHash;
 use std::collections::HashMap;
@@ -82,6 +83,8 @@ pub struct Decoder {
     stored: Vec<u8>,
     /// Codec inputs handed back by the codecs.
     spare: Vec<Vec<u8>>,
+    /// Where a batch's spans of packs are read.
+    span: SpanBuffer,
 }
 
 /// Checked plaintexts of a batch of chunks, in the order they were asked
@@ -109,6 +112,14 @@ struct Group {
 }
 
 impl Group {
+    /// Chunk `i` of the batch, whose payload of `len` bytes was just
+    /// appended to the input.
+    fn add(&mut self, i: usize, len: usize, raw_len: u32) {
+        self.input.lengths.push(len as u32);
+        self.raw_lengths.push(raw_len);
+        self.members.push(i);
+    }
+
     /// The index of the group for `h`'s codec, added (with a spare input
     /// buffer) if the batch has none yet.
     fn find_or_add(groups: &mut Vec<Group>, spare: &mut Vec<Vec<u8>>, h: &ChunkHeader) -> usize {
@@ -141,6 +152,7 @@ impl Decoder {
             codecs: HashMap::new(),
             stored: Vec::new(),
             spare: Vec::new(),
+            span: SpanBuffer::default(),
         }
     }
 
@@ -154,19 +166,24 @@ impl Decoder {
 
     /// Plaintexts of `wanted` chunks, each checked against its address and
     /// its expected length. Chunks that share a codec are decoded in one call.
+    /// A batch is read in spans past the page cache (`Repository::read_payloads`:
+    /// packs are cold when a restore reads them); a single chunk (verify,
+    /// which walks chunks one at a time, often with the repository cached)
+    /// is read through the cache, its payload straight into place.
     pub fn fetch(&mut self, wanted: &[(ChunkHash, u32)]) -> Result<Plain, ChunkError> {
         let mut stored = std::mem::take(&mut self.stored);
         stored.clear();
         let mut at: Vec<(usize, Range<usize>)> = vec![(0, 0..0); wanted.len()];
         let mut groups: Vec<Group> = Vec::new();
-        for (i, (hash, expected)) in wanted.iter().enumerate() {
-            let err = |reason: String| ChunkError {
-                hash: hex(hash),
-                reason,
-                damaged: true,
-            };
-            // A chunk stored as it is goes to `stored`, a coded one to its
-            // codec's group: the header says which before the payload is read.
+        let read_err = |hash: &ChunkHash, e: RepositoryError| ChunkError {
+            hash: hex(hash),
+            damaged: !matches!(e, RepositoryError::ChunkUnreadable { .. }),
+            reason: strip_prefix(&e.to_string()),
+        };
+        // A chunk of another length than the point expects, with its length.
+        let mut misfit: Option<(usize, u32)> = None;
+        if let [(hash, _)] = wanted {
+            // The header says which buffer before the payload is read.
             let mut group = None;
             let (header, range) = self
                 .bank
@@ -179,24 +196,43 @@ impl Decoder {
                     group = Some(g);
                     &mut groups[g].input.data
                 })
-                .map_err(|e| ChunkError {
-                    damaged: !matches!(e, RepositoryError::ChunkUnreadable { .. }),
-                    ..err(strip_prefix(&e.to_string()))
-                })?;
-            if header.raw_len != *expected {
-                return Err(err(format!(
-                    "holds {} bytes, the restore point expects {expected}",
-                    header.raw_len
-                )));
+                .map_err(|e| read_err(hash, e))?;
+            if header.raw_len != wanted[0].1 {
+                misfit = Some((0, header.raw_len));
+            } else if let Some(g) = group {
+                groups[g].add(0, range.len(), header.raw_len);
+            } else {
+                at[0] = (0, range);
             }
-            let Some(g) = group else {
-                at[i] = (0, range);
-                continue;
-            };
-            let g = &mut groups[g];
-            g.input.lengths.push(range.len() as u32);
-            g.raw_lengths.push(header.raw_len);
-            g.members.push(i);
+        } else {
+            let hashes: Vec<ChunkHash> = wanted.iter().map(|(h, _)| *h).collect();
+            let spare = &mut self.spare;
+            self.bank
+                .repo
+                .read_payloads(&hashes, &mut self.span, |i, h, payload| {
+                    if h.raw_len != wanted[i].1 {
+                        misfit.get_or_insert((i, h.raw_len));
+                    } else if h.codec == "none" {
+                        at[i] = (0, stored.len()..stored.len() + payload.len());
+                        stored.extend_from_slice(payload);
+                    } else {
+                        let g = Group::find_or_add(&mut groups, spare, h);
+                        let g = &mut groups[g];
+                        g.input.data.extend_from_slice(payload);
+                        g.add(i, payload.len(), h.raw_len);
+                    }
+                })
+                .map_err(|(i, e)| read_err(&hashes[i], e))?;
+        }
+        if let Some((i, len)) = misfit {
+            return Err(ChunkError {
+                hash: hex(&wanted[i].0),
+                reason: format!(
+                    "holds {len} bytes, the restore point expects {}",
+                    wanted[i].1
+                ),
+                damaged: true,
+            });
         }
         let mut buffers = vec![stored];
         for g in groups {
