@@ -153,10 +153,11 @@ mod tests {
         }
     }
 
-    fn read_all(
-        repo: &Repository,
-        wanted: &[u8],
-    ) -> Result<Vec<(usize, Vec<u8>)>, (usize, String)> {
+    /// Each chunk's place in the batch and payload, or the failing
+    /// chunk's place and error.
+    type Read = Result<Vec<(usize, Vec<u8>)>, (usize, String)>;
+
+    fn read_all(repo: &Repository, wanted: &[u8]) -> Read {
         let hashes: Vec<ChunkHash> = wanted.iter().map(|&n| [n; 32]).collect();
         let mut got = Vec::new();
         repo.read_payloads(&hashes, &mut SpanBuffer::default(), |i, h, payload| {
