@@ -758,8 +758,8 @@ impl Repository {
     /// Reads a chunk's header, then appends its payload to the buffer
     /// `pick` chooses for that header; returns the header and where the
     /// payload is in that buffer. The payload goes from the page cache
-    /// straight to where the caller wants it (restore gathers each codec's
-    /// input this way), without passing through another buffer.
+    /// straight to where the caller wants it (verify's single chunks), without
+    /// passing through another buffer.
     pub fn read_payload_into<'a>(
         &self,
         hash: &ChunkHash,

@@ -79,7 +79,7 @@ impl CodecBank {
 pub struct Decoder {
     bank: CodecBank,
     codecs: HashMap<Vec<u8>, Codec>,
-    /// Payloads stored without a codec, read straight into place.
+    /// Payloads stored without a codec.
     stored: Vec<u8>,
     /// Codec inputs handed back by the codecs.
     spare: Vec<Vec<u8>>,
@@ -166,10 +166,11 @@ impl Decoder {
 
     /// Plaintexts of `wanted` chunks, each checked against its address and
     /// its expected length. Chunks that share a codec are decoded in one call.
-    /// A batch is read in spans past the page cache (`Repository::read_payloads`:
-    /// packs are cold when a restore reads them); a single chunk (verify,
-    /// which walks chunks one at a time, often with the repository cached)
-    /// is read through the cache, its payload straight into place.
+    /// A batch is read in spans, a request per run of records lying close
+    /// together (`Repository::read_payloads`), and its payloads are copied
+    /// out of the span; a single chunk (verify walks chunks one at a time)
+    /// is read with a request for its header and one for its payload,
+    /// straight into place.
     pub fn fetch(&mut self, wanted: &[(ChunkHash, u32)]) -> Result<Plain, ChunkError> {
         let mut stored = std::mem::take(&mut self.stored);
         stored.clear();

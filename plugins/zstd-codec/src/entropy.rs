@@ -6,7 +6,8 @@
 //! all literals and three copies of the block inside the instance (literals
 //! into its sequence store, raw literals out, then the whole block as a raw
 //! block), and the host would copy that raw frame out again only to drop it.
-//! On a disk of random data those copies were half of the backup's CPU
+//! On a disk of random data, copies were half of the backup's CPU, these
+//! ones a fifth; skipping them and zstd's work took 21% off it
 //! (docs/BENCHMARKS.md, "Incompressible blocks").
 
 /// Bytes read at each sampled place.
@@ -17,11 +18,12 @@ const RUNS: usize = 256;
 /// to save.
 pub const MIN_BLOCK: usize = 4096;
 /// Shannon entropy, in bits per byte, at or above which a sample counts as
-/// random. A uniform sample of 4-16 KiB measures 7.96-7.99. Any byte value
-/// that makes up 4% or more of a block pulls the figure under the threshold,
-/// and below it an order-0 coder alone cannot save zstd's minimum gain of a
-/// block (1/64 of it); so what is left to the host is at most a few percent
-/// of its size that zstd's matches might still have saved.
+/// random. A uniform sample of 4-16 KiB measures 7.96-7.99. A byte value
+/// that makes up about 4.5% or more of a block, the rest being random,
+/// pulls the figure under the threshold; above it an order-0 coder alone
+/// cannot save zstd's minimum gain of a block (1/64 of it), so what is left
+/// to the host is at most a few percent of its size that zstd's matches
+/// might still have saved.
 const RANDOM_BITS: f64 = 7.9;
 
 /// Whether `block` looks like random data, judged from about `RUNS` evenly
@@ -63,11 +65,14 @@ pub fn looks_random(block: &[u8]) -> bool {
 
 /// Whether two 8-byte words of `runs` are equal. Two words of random data
 /// are equal with odds of 2^-64; data made of evenly spread bytes that
-/// repeats itself (a pattern, a page or sector copied within the block)
-/// shows it here whenever two sampled places lie a period apart: always
-/// for periods under the 2 KiB that the words' offsets cover, and for
-/// copies at the same offset in 4 KiB pages. Such data compresses, and an
-/// entropy figure alone would miss it.
+/// repeats itself (a pattern, a page copied within the block) shows it
+/// here whenever two sampled words lie a period apart. For the default
+/// 256 KiB blocks that is always so for periods under 2 KiB (2048 words
+/// sampled: two of them fall on the same place in the period), and for a
+/// 4 KiB page copied to another page boundary (each page is sampled at the
+/// same four offsets). Smaller blocks sample fewer words; from 2 MiB up not
+/// every page is sampled. A miss costs only compression: such a block is
+/// stored as it is.
 fn repeats<'a>(runs: impl Iterator<Item = &'a [u8]>) -> bool {
     /// Twice the words `2 * RUNS` runs hold, so probing always ends.
     const SLOTS: usize = 4 * RUNS * RUN / 8;
