@@ -168,6 +168,17 @@ mod tests {
         }
     }
 
+    /// Cuts chunk `n`'s pack one byte short of the end of its record.
+    fn cut_within(repo: &Repository, n: u8) {
+        let (pack, offset, len) = repo.chunk_record(&[n; 32]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_len(offset + len - 1)
+            .unwrap();
+    }
+
     /// Each chunk's place in the batch and payload, or the failing
     /// chunk's place and error.
     type Read = Result<Vec<(usize, Vec<u8>)>, (usize, String)>;
@@ -214,13 +225,7 @@ mod tests {
         let (i, e) = read_all(&repo, &[1, 2, 3]).unwrap_err();
         assert_eq!(i, 1, "{e}");
         assert!(e.contains("bad magic") && e.contains(&hex(&[2; 32])), "{e}");
-        let (pack, offset, len) = repo.chunk_record(&[4; 32]).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&pack)
-            .unwrap()
-            .set_len(offset + len - 1)
-            .unwrap();
+        cut_within(&repo, 4);
         let (i, e) = read_all(&repo, &[4]).unwrap_err();
         assert_eq!(i, 0);
         assert!(e.contains("truncated"), "{e}");
@@ -230,14 +235,8 @@ mod tests {
         put(&repo, 5, 3000, false);
         put(&repo, 6, 3000, false);
         put(&repo, 7, 3000, true);
-        let (pack, offset, len) = repo.chunk_record(&[7; 32]).unwrap();
         assert_eq!(read_all(&repo, &[5, 6, 7]).unwrap().len(), 3);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&pack)
-            .unwrap()
-            .set_len(offset + len - 1)
-            .unwrap();
+        cut_within(&repo, 7);
         let (i, e) = read_all(&repo, &[5, 6, 7]).unwrap_err();
         assert_eq!(i, 2, "{e}");
         assert!(e.contains("truncated") && e.contains(&hex(&[7; 32])), "{e}");
