@@ -9,13 +9,14 @@
 # order alternates), each into a fresh repository and home (set up, not
 # timed). STAGES is a pipeline's `exclusion = [...]` line (default none).
 # Prints each binary's wall and CPU seconds, peak RSS and compression busy
-# time, sorted. Measures; asserts nothing.
+# time, sorted. Measures; asserts nothing. ARCA_AB_DISK=path backs up that
+# raw image instead (e.g. 1 GiB of /dev/urandom, for incompressible data).
 set -euo pipefail
 old=$(realpath "$1")
 new=$(realpath "$2")
 rounds=${3:-5} stages=${4:-}
-dir=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers
-[ -f "$dir/disk.raw" ] || { echo "no $dir/disk.raw: run cargo bench --bench peers first" >&2; exit 2; }
+disk=${ARCA_AB_DISK:-$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers/disk.raw}
+[ -f "$disk" ] || { echo "no $disk: run cargo bench --bench peers first" >&2; exit 2; }
 [ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -26,7 +27,7 @@ path = "$out/repo"
 
 [[vm]]
 name = "guest"
-disks = ["$dir/disk.raw"]
+disks = ["$disk"]
 
 [[pipeline]]
 name = "p"
@@ -44,7 +45,7 @@ run() { # binary label
   /usr/bin/time -f "%e %U %S %M" -o "$out/$2.time" \
     env ARCA_HOME="$out/home" "$1" job run bench --json > "$out/$2.json"
 }
-cat "$dir/disk.raw" > /dev/null # in the page cache, as in the peers run
+cat "$disk" > /dev/null # in the page cache, as in the peers run
 run "$old" warm-up-old
 run "$new" warm-up-new
 for i in $(seq 1 "$rounds"); do

@@ -157,8 +157,8 @@ fn apply_compiles_the_pipelines_and_warns_about_a_plugin_that_cannot_load() {
     assert_eq!(compiled, 2, "compiled plugins in {}", cache.display());
     // The configuration is applied all the same: the good job runs, and
     // the broken one fails with the same error.
-    let (ok, _) = lab.run_job("nightly");
-    assert!(ok);
+    let (ok, r) = lab.run_job("nightly");
+    assert!(ok, "{r:#}");
     let out = lab.arca(&["job", "run", "broken"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -565,8 +565,8 @@ fn cbt_is_used_only_against_the_point_it_counts_from() {
     // Over 2048 blocks: a block list longer than a header read, so that a
     // damaged block list leaves the header readable.
     let (lab, qsd) = qemu_lab(640);
-    let (ok, _) = lab.run_job("nightly");
-    assert!(ok);
+    let (ok, first) = lab.run_job("nightly");
+    assert!(ok, "{first:#}");
     qsd.write(&["write -P 0x31 1M 1M"]);
     let (ok, second) = lab.run_job("nightly");
     assert!(ok, "{second:#}");
@@ -608,8 +608,8 @@ fn cbt_is_used_only_against_the_point_it_counts_from() {
 #[test]
 fn lost_and_inconsistent_bitmaps_fall_back_to_digests() {
     let (lab, qsd) = qemu_lab(64);
-    let (ok, _) = lab.run_job("nightly");
-    assert!(ok);
+    let (ok, first) = lab.run_job("nightly");
+    assert!(ok, "{first:#}");
 
     // QEMU killed: a bitmap made at run time was never saved.
     qsd.write(&["write -P 0x31 3M 64k"]);
@@ -665,8 +665,8 @@ fn lost_and_inconsistent_bitmaps_fall_back_to_digests() {
 #[test]
 fn clean_zero_blocks_are_carried_not_read_again() {
     let (lab, qsd) = qemu_lab(64);
-    let (ok, _) = lab.run_job("nightly");
-    assert!(ok);
+    let (ok, first) = lab.run_job("nightly");
+    assert!(ok, "{first:#}");
     // The guest writes blocks of zeros (data, not a discard: QEMU without
     // detect-zeroes keeps them allocated) over data and over never-written
     // space.

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Alternating A/B of cold restores of a whole-disk full of the disk that
+# `cargo bench --bench peers` leaves in target/tmp/bench-peers (run that
+# first).
+#
+#   bash scripts/ab-restore.sh OLD_ARCA NEW_ARCA [ROUNDS]
+#
+# NEW backs the disk up once (set up, not timed). Then per round OLD and
+# NEW (the order alternates) each restore that point to a fresh raw file,
+# after the page cache is dropped (as root: `echo 3 >
+# /proc/sys/vm/drop_caches`), so the packs come off the device as they do
+# when a restore follows a backup made days before. Checks each restore's
+# SHA-256 against the disk; prints each binary's wall, CPU and system
+# seconds, sorted. Measures; asserts only the restores' bytes.
+set -euo pipefail
+old=$(realpath "$1")
+new=$(realpath "$2")
+rounds=${3:-5}
+disk=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers/disk.raw
+[ -f "$disk" ] || { echo "no $disk: run cargo bench --bench peers first" >&2; exit 2; }
+[ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
+[ -w /proc/sys/vm/drop_caches ] || { echo "dropping the page cache needs root" >&2; exit 2; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+cat > "$out/config.toml" <<EOF
+[[repository]]
+name = "r"
+path = "$out/repo"
+
+[[vm]]
+name = "guest"
+disks = ["$disk"]
+
+[[job]]
+name = "bench"
+vms = ["guest"]
+repository = "r"
+EOF
+export ARCA_HOME=$out/home
+"$new" apply "$out/config.toml" >/dev/null
+"$new" job run bench >/dev/null
+point=$("$new" points --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["point_id"])')
+want=$(sha256sum < "$disk" | cut -d' ' -f1)
+run() { # binary label
+  rm -f "$out/out.raw"
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  /usr/bin/time -f "%e %U %S" -o "$out/$2.time" \
+    "$1" restore "$point" --to "$out/out.raw" >/dev/null
+  [ "$(sha256sum < "$out/out.raw" | cut -d' ' -f1)" = "$want" ] \
+    || { echo "$2: the restore differs from the disk" >&2; exit 1; }
+}
+for i in $(seq 1 "$rounds"); do
+  if [ $((i % 2)) = 1 ]; then order="old new"; else order="new old"; fi
+  for who in $order; do
+    if [ "$who" = old ]; then run "$old" "old-$i"; else run "$new" "new-$i"; fi
+  done
+done
+python3 - "$out" "$rounds" <<'PY'
+import sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+for who in ("old", "new"):
+    wall, cpu, sys_ = [], [], []
+    for i in range(1, rounds + 1):
+        e, u, s = open(f"{out}/{who}-{i}.time").read().split()[-3:]
+        wall.append(float(e)); cpu.append(float(u) + float(s)); sys_.append(float(s))
+    f = lambda xs: " ".join(f"{x:.2f}" for x in sorted(xs))
+    print(f"{who}: wall {f(wall)} s; CPU {f(cpu)} s; system {f(sys_)} s")
+PY
