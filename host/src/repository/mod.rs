@@ -758,8 +758,9 @@ impl Repository {
     /// Reads a chunk's header, then appends its payload to the buffer
     /// `pick` chooses for that header; returns the header and where the
     /// payload is in that buffer. The payload goes from the page cache
-    /// straight to where the caller wants it (verify's single chunks), without
-    /// passing through another buffer.
+    /// straight to where the caller wants it, without passing through
+    /// another buffer (a chunk read alone: a format-1 file, or a record of a
+    /// span whose read failed, `spans`).
     pub fn read_payload_into<'a>(
         &self,
         hash: &ChunkHash,

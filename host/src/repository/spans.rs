@@ -48,18 +48,21 @@ impl Repository {
         buf: &mut SpanBuffer,
         mut each: impl FnMut(usize, &chunk::ChunkHeader, &[u8]),
     ) -> Result<(), (usize, RepositoryError)> {
+        // One chunk read by itself, header then payload.
+        let alone = |i: usize, each: &mut dyn FnMut(usize, &chunk::ChunkHeader, &[u8])| {
+            let mut payload = Vec::new();
+            let (header, range) = self
+                .read_payload_into(&hashes[i], |_| &mut payload)
+                .map_err(|e| (i, e))?;
+            each(i, &header, &payload[range]);
+            Ok(())
+        };
         let mut packed: Vec<(usize, Location)> = Vec::with_capacity(hashes.len());
         for (i, hash) in hashes.iter().enumerate() {
             match self.indexed(hash) {
                 Some(loc) => packed.push((i, loc)),
-                // A format-1 chunk file: read alone, as before.
-                None => {
-                    let mut payload = Vec::new();
-                    let (header, range) = self
-                        .read_payload_into(hash, |_| &mut payload)
-                        .map_err(|e| (i, e))?;
-                    each(i, &header, &payload[range]);
-                }
+                // A format-1 chunk file.
+                None => alone(i, &mut each)?,
             }
         }
         packed.sort_by_key(|(_, loc)| (loc.pack, loc.offset));
@@ -73,11 +76,7 @@ impl Repository {
                 // (a bad sector between two records) fail nothing.
                 Err(_) => {
                     for &(i, _) in &packed[span.records.clone()] {
-                        let mut payload = Vec::new();
-                        let (header, range) = self
-                            .read_payload_into(&hashes[i], |_| &mut payload)
-                            .map_err(|e| (i, e))?;
-                        each(i, &header, &payload[range]);
+                        alone(i, &mut each)?;
                     }
                     continue;
                 }
