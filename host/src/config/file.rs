@@ -3,8 +3,9 @@
 //! Every error names the file, the line and the object, and says what to do.
 
 use super::{
-    DEFAULT_BLOCK_SIZE, DiskSettings, PipelineSettings, PluginSettings, ProxySettings,
-    RepositorySettings, StageSettings, VmSettings, parse_size, valid_name,
+    DEFAULT_BLOCK_SIZE, DiskSettings, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PipelineSettings,
+    PluginSettings, ProxySettings, RepositorySettings, StageSettings, VmSettings, parse_size,
+    valid_name,
 };
 use crate::plugin::StageKind;
 use crate::source::qemu_export::DiskFormat;
@@ -570,7 +571,12 @@ pub fn parse(path: &Path, source: &str, known: &Known) -> Result<ConfigFile, Con
                     other => Err(format!("{other} is not a size")),
                 };
                 match parsed {
-                    Ok(b) if (64 << 10..=64 << 20).contains(&b) && b % 4096 == 0 => b as u32,
+                    Ok(b)
+                        if (u64::from(MIN_BLOCK_SIZE)..=u64::from(MAX_BLOCK_SIZE)).contains(&b)
+                            && b % 4096 == 0 =>
+                    {
+                        b as u32
+                    }
                     Ok(b) => {
                         return cx.invalid(
                             v.span(),

@@ -156,6 +156,10 @@ pub const DEFAULT_PIPELINE: &str = "default";
 /// halves a CBT incremental for about 2% more full-backup time and 1.5%
 /// more repository (docs/BENCHMARKS.md, "Block size").
 pub const DEFAULT_BLOCK_SIZE: u32 = 256 << 10;
+/// The block sizes a job may set: no chunk is longer than the largest,
+/// coded or not (a coded block longer than its block is stored as it is).
+pub const MIN_BLOCK_SIZE: u32 = 64 << 10;
+pub const MAX_BLOCK_SIZE: u32 = 64 << 20;
 
 pub fn default_proxy() -> ProxySettings {
     ProxySettings {
