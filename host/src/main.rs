@@ -819,7 +819,7 @@ fn print_verify(
     for c in &r.damaged_chunks {
         println!(
             "  damaged chunk {}: {}; restore points hurt: {}",
-            c.hash,
+            arca::repository::hex(&c.address),
             c.reason,
             c.restore_points.join(", ")
         );

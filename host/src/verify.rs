@@ -34,7 +34,9 @@ pub struct DamagedFile {
 
 #[derive(Debug, Serialize)]
 pub struct DamagedChunk {
-    pub hash: String,
+    /// Its address (reports spell it in hex, as `hash`).
+    #[serde(rename = "hash", serialize_with = "in_hex")]
+    pub address: ChunkHash,
     pub reason: String,
     /// Restore points (`job/vm/disk@point`) that reference the chunk.
     pub restore_points: Vec<String>,
@@ -42,9 +44,10 @@ pub struct DamagedChunk {
     /// repair may take out. Not so when they could not be judged.
     #[serde(skip)]
     pub judged: bool,
-    /// The address `hash` spells.
-    #[serde(skip)]
-    pub address: ChunkHash,
+}
+
+fn in_hex<S: serde::Serializer>(address: &ChunkHash, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex(address))
 }
 
 impl VerifyReport {
@@ -312,11 +315,10 @@ fn check(bank: &CodecBank, workers: usize, items: &[Item]) -> Vec<DamagedChunk> 
                     match decoder.fetch(&[(*hash, *len)]) {
                         Ok(plain) => decoder.recycle(plain),
                         Err(e) => damaged.lock().expect("damaged lock").push(DamagedChunk {
-                            hash: hex(hash),
+                            address: *hash,
                             reason: e.reason,
                             restore_points: points.clone(),
                             judged: e.damaged,
-                            address: *hash,
                         }),
                     }
                 }
@@ -324,6 +326,6 @@ fn check(bank: &CodecBank, workers: usize, items: &[Item]) -> Vec<DamagedChunk> 
         }
     });
     let mut damaged = damaged.into_inner().expect("damaged lock");
-    damaged.sort_by(|a, b| a.hash.cmp(&b.hash));
+    damaged.sort_by_key(|c| c.address);
     damaged
 }
