@@ -75,20 +75,6 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// Fills `path` with `len` bytes that do not compress.
-fn ballast(path: &Path, len: u64) {
-    std::fs::write(path, random_bytes(len, 77)).unwrap();
-}
-
-fn random_bytes(len: u64, seed: u64) -> Vec<u8> {
-    let mut data = vec![0u8; len as usize];
-    rand::RngCore::fill_bytes(
-        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
-        &mut data,
-    );
-    data
-}
-
 #[test]
 fn a_repository_that_runs_out_of_space_stays_whole_and_takes_the_backup_once_there_is_room() {
     let lab = Lab::new();
@@ -110,8 +96,7 @@ fn a_repository_that_runs_out_of_space_stays_whole_and_takes_the_backup_once_the
 
     // Leave room for about half of the big disk.
     let room = 12 * MIB;
-    let filler = fs.mount.join("ballast");
-    ballast(&filler, fs.free_bytes().saturating_sub(room));
+    let filler = random_disk(&lab, "fs/ballast", fs.free_bytes().saturating_sub(room), 77);
     let (ok, r) = lab.run_job("second");
     assert!(!ok, "the big disk cannot fit: {r:#}");
     let error = r["tasks"][0]["error"].as_str().unwrap_or_default();
