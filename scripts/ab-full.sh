@@ -15,30 +15,8 @@ set -euo pipefail
 old=$(realpath "$1")
 new=$(realpath "$2")
 rounds=${3:-5} stages=${4:-}
-disk=${ARCA_AB_DISK:-$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers/disk.raw}
-[ -f "$disk" ] || { echo "no $disk: run cargo bench --bench peers first" >&2; exit 2; }
-[ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-cat > "$out/config.toml" <<EOF
-[[repository]]
-name = "r"
-path = "$out/repo"
-
-[[vm]]
-name = "guest"
-disks = ["$disk"]
-
-[[pipeline]]
-name = "p"
-$stages
-
-[[job]]
-name = "bench"
-vms = ["guest"]
-repository = "r"
-pipeline = "p"
-EOF
+. "$(dirname "$0")/ab-setup.sh"
+ab_setup "$stages"
 run() { # binary label
   rm -rf "$out/repo" "$out/home"
   ARCA_HOME=$out/home "$1" apply "$out/config.toml" >/dev/null

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Alternating A/B of cold restores of a whole-disk full of the disk that
 # `cargo bench --bench peers` leaves in target/tmp/bench-peers (run that
-# first).
+# first), or of ARCA_AB_DISK.
 #
 #   bash scripts/ab-restore.sh OLD_ARCA NEW_ARCA [ROUNDS]
 #
@@ -16,26 +16,9 @@ set -euo pipefail
 old=$(realpath "$1")
 new=$(realpath "$2")
 rounds=${3:-5}
-disk=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-peers/disk.raw
-[ -f "$disk" ] || { echo "no $disk: run cargo bench --bench peers first" >&2; exit 2; }
-[ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
+. "$(dirname "$0")/ab-setup.sh"
+ab_setup ""
 [ -w /proc/sys/vm/drop_caches ] || { echo "dropping the page cache needs root" >&2; exit 2; }
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-cat > "$out/config.toml" <<EOF
-[[repository]]
-name = "r"
-path = "$out/repo"
-
-[[vm]]
-name = "guest"
-disks = ["$disk"]
-
-[[job]]
-name = "bench"
-vms = ["guest"]
-repository = "r"
-EOF
 export ARCA_HOME=$out/home
 "$new" apply "$out/config.toml" >/dev/null
 "$new" job run bench >/dev/null
