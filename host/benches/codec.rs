@@ -2,8 +2,9 @@
 //!
 //! Same data (a tar stream of this machine's system files, `ARCA_BENCH_MIB`,
 //! default 256), same level (`ARCA_BENCH_LEVEL`, default 3), same blocks
-//! (`ARCA_BENCH_BLOCK_KIB`, default 1024) in 8 MiB batches, one core.
-//! Compress and decompress are timed separately. Every round runs native zstd and each WASM codec once, and
+//! (`ARCA_BENCH_BLOCK_KIB`, default 1024) in batches of
+//! `ARCA_BENCH_BATCH_KIB` (default 8192; a local session's are 1024), one
+//! core. Compress and decompress are timed separately. Every round runs native zstd and each WASM codec once, and
 //! each keeps its best over the rounds (`ARCA_BENCH_ROUNDS`, default 5):
 //! this machine is a VM whose speed drifts over seconds, which would
 //! otherwise land on one side only. The WASM side includes the copies into
@@ -32,7 +33,6 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const MIB: usize = 1 << 20;
-const BATCH: usize = 8 * MIB;
 
 /// One side of the comparison, with its best times so far.
 struct Side {
@@ -114,7 +114,7 @@ fn main() {
     for side in &mut sides[1..] {
         let codec = side.codec.as_mut().unwrap();
         let mut batches = Vec::new();
-        for chunk in sample.chunks(BATCH) {
+        for chunk in sample.chunks(batch()) {
             let (coded, _) = codec.compress(blocks_of(chunk)).unwrap();
             let stored = stored_coded(&coded, chunk);
             side.coded += chunk.len() - stored.1.iter().sum::<u32>() as usize + stored.0.data.len();
@@ -144,7 +144,7 @@ fn main() {
                 Some(codec) => {
                     // Inputs are built before the clock starts: a session
                     // reads into the buffer it hands over.
-                    let inputs: Vec<Blocks> = sample.chunks(BATCH).map(blocks_of).collect();
+                    let inputs: Vec<Blocks> = sample.chunks(batch()).map(blocks_of).collect();
                     let c = timed(|| {
                         for batch in inputs {
                             std::hint::black_box(codec.compress(batch).unwrap());
@@ -243,7 +243,7 @@ fn check_round_trips(
 ) {
     for (side, batches) in sides.iter_mut().zip(coded_batches).skip(1) {
         let codec = side.codec.as_mut().unwrap();
-        for ((coded, raw, places), batch) in batches.iter().zip(sample.chunks(BATCH)) {
+        for ((coded, raw, places), batch) in batches.iter().zip(sample.chunks(batch())) {
             let copy = Blocks {
                 data: coded.data.clone(),
                 lengths: coded.lengths.clone(),
@@ -275,12 +275,18 @@ fn block_size() -> usize {
     *SIZE.get_or_init(|| {
         let kib: usize = env_or("ARCA_BENCH_BLOCK_KIB", 1024);
         assert!(
-            kib > 0 && BATCH.is_multiple_of(kib * 1024),
+            kib > 0 && batch().is_multiple_of(kib * 1024),
             "ARCA_BENCH_BLOCK_KIB must divide {} KiB",
-            BATCH / 1024
+            batch() / 1024
         );
         kib * 1024
     })
+}
+
+/// Batch size: `ARCA_BENCH_BATCH_KIB`, default 8192 (a session's batch).
+fn batch() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| env_or("ARCA_BENCH_BATCH_KIB", 8192) * 1024)
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {

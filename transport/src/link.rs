@@ -45,7 +45,8 @@ pub trait TargetLink: Send + Sync {
     fn stats(&self) -> LinkStats;
     /// Whether the target mover answers in this process, so a request
     /// costs no round trip: the source mover then keeps no queries in
-    /// flight ahead of its coders (each would hold a batch in memory).
+    /// flight ahead of its coders (each would hold a batch in memory), and
+    /// hands its workers small batches.
     fn in_process(&self) -> bool {
         false
     }

@@ -33,9 +33,17 @@ use arca_transport::{
 use std::sync::Arc;
 use std::sync::Mutex;
 
-/// Raw bytes per batch handed to a worker: large enough that a plugin call
-/// costs nothing next to the work, small enough to bound memory per worker.
-const BATCH_BYTES: usize = 8 << 20;
+/// Raw bytes per batch handed to a worker over an in-process link: large
+/// enough that a plugin call costs nothing next to the work, small enough
+/// that a batch is still in the core's caches when it is hashed, copied
+/// into the codec and compressed. Against 8 MiB, a whole-disk full of the
+/// peers disk took 3% less CPU and a third of the memory
+/// (docs/BENCHMARKS.md, "Batch size").
+const BATCH_BYTES: usize = 1 << 20;
+/// Over a link with round trips: each analyst's dedup query and each
+/// coder's store carry one batch and wait for their answer, so a batch must
+/// be large for the link to stay busy over a long round trip.
+const LINK_BATCH_BYTES: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -326,7 +334,12 @@ fn run_inner(
         clock: &clock,
         progress,
     };
-    let batches = worker::batches(&block_plan, &geometry, BATCH_BYTES);
+    let batch_bytes = if link.in_process() {
+        BATCH_BYTES
+    } else {
+        LINK_BATCH_BYTES
+    };
+    let batches = worker::batches(&block_plan, &geometry, batch_bytes);
     let totals = worker::run_batches(&shared, batches, &mut hashes)?;
     // A live image truncated while it was read (before its allocation map
     // was taken, say) may have read as holes rather than failed a read.
