@@ -9,11 +9,12 @@
 # so its bitmap is gone), then per round: the guest writes 1% of the disk
 # in clustered runs of 64 KiB-1 MiB, and OLD, then NEW (or NEW, then OLD:
 # the order alternates) back up. Prints each binary's session times and
-# times to the task's start, sorted. Measures; asserts nothing.
+# times to the task's start, sorted. Measures; asserts nothing. ARCA_CBT_VM=peers
+# uses the peers benchmark's VM instead (scripts/bench-cbt-vm.sh).
 set -euo pipefail
 old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-6}
 . "$(dirname "$0")/bench-cbt-vm.sh"
-size=$(qemu-img info -U --output=json "$dir/disk.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+size=$(qemu-img info -U --output=json "$img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
 
 writes() { # seed: 1% of the disk, clustered
   python3 - "$1" "$size" <<'PY'
@@ -26,7 +27,7 @@ while done < size // 100:
 PY
 }
 run() { # binary label
-  ARCA_HOME=$dir/home "$1" job run bench --json > "$out/$2.json"
+  ARCA_HOME=$home "$1" job run bench --json > "$out/$2.json"
 }
 guest() { writes "$1" | qemu-io -f raw "nbd+unix:///vm?socket=$dir/nbd.sock" >/dev/null; }
 

@@ -1,16 +1,25 @@
 # Sourced by ab-cbt.sh and cbt-empty.sh: serves the live VM that
 # `cargo bench --bench cbt` leaves in target/tmp/bench-cbt again with
 # qemu-storage-daemon (the bench's daemon was killed, so its CBT bitmap is
-# gone and the first session after this starts a fresh one).
+# gone and the first session after this starts a fresh one; a bitmap
+# QEMU stored in the image is found again). With ARCA_CBT_VM=peers it
+# serves the live VM of `cargo bench --bench peers` (target/tmp/bench-peers,
+# its qcow2 and its `arca+cbt` home) instead.
 #
-# Sets `dir` (the bench's folder) and `out` (a temporary folder, removed
-# at exit with the daemon).
-dir=$(cd "$(dirname "$0")/.." && pwd)/target/tmp/bench-cbt
-[ -f "$dir/disk.qcow2" ] || { echo "no $dir/disk.qcow2: run cargo bench --bench cbt first" >&2; exit 2; }
+# Sets `dir` (the bench's folder), `img` (the VM's qcow2), `home` (the
+# ARCA_HOME whose job `bench` backs the VM up) and `out` (a temporary
+# folder, removed at exit with the daemon).
+root=$(cd "$(dirname "$0")/.." && pwd)/target/tmp
+if [ "${ARCA_CBT_VM:-}" = peers ]; then
+  dir=$root/bench-peers img=$root/bench-peers/vm.qcow2 home=$root/bench-peers/arca+cbt bench=peers
+else
+  dir=$root/bench-cbt img=$root/bench-cbt/disk.qcow2 home=$root/bench-cbt/home bench=cbt
+fi
+[ -f "$img" ] || { echo "no $img: run cargo bench --bench $bench first" >&2; exit 2; }
 out=$(mktemp -d)
 rm -f "$dir/qmp.sock" "$dir/nbd.sock"
 qemu-storage-daemon \
-  --blockdev "driver=file,filename=$dir/disk.qcow2,node-name=file0" \
+  --blockdev "driver=file,filename=$img,node-name=file0" \
   --blockdev driver=qcow2,file=file0,node-name=disk0 \
   --nbd-server "addr.type=unix,addr.path=$dir/nbd.sock" \
   --export type=nbd,id=vm,node-name=disk0,name=vm,writable=on \

@@ -7,13 +7,14 @@
 # Serves the bench's qcow2 again with qemu-storage-daemon and runs SESSIONS
 # backups of job `bench` (default 4) with no guest write in between. The
 # first one starts a fresh CBT bitmap (the bench's daemon was killed, so
-# its bitmap is gone); each later one should read nothing. Prints per
+# its bitmap is gone); each later one should read nothing. ARCA_CBT_VM=peers
+# uses the peers benchmark's VM instead (scripts/bench-cbt-vm.sh). Prints per
 # session its time and the bytes it read. Measures; asserts nothing.
 set -euo pipefail
 bin=$(realpath "$1")
 . "$(dirname "$0")/bench-cbt-vm.sh"
 for i in $(seq 1 "${2:-4}"); do
-  ARCA_HOME=$dir/home "$bin" job run bench --json > "$out/report.json"
+  ARCA_HOME=$home "$bin" job run bench --json > "$out/report.json"
   python3 - "$out/report.json" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1])); t = j["tasks"][0]; s = t["stats"]
