@@ -28,25 +28,10 @@ run() { # binary label
   rm -f "$out/out.raw"
   sync
   echo 3 > /proc/sys/vm/drop_caches
-  /usr/bin/time -f "%e %U %S" -o "$out/$2.time" \
+  /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" \
     "$1" restore "$point" --to "$out/out.raw" >/dev/null
   [ "$(sha256sum < "$out/out.raw" | cut -d' ' -f1)" = "$want" ] \
     || { echo "$2: the restore differs from the disk" >&2; exit 1; }
 }
-for i in $(seq 1 "$rounds"); do
-  if [ $((i % 2)) = 1 ]; then order="old new"; else order="new old"; fi
-  for who in $order; do
-    if [ "$who" = old ]; then run "$old" "old-$i"; else run "$new" "new-$i"; fi
-  done
-done
-python3 - "$out" "$rounds" <<'PY'
-import sys
-out, rounds = sys.argv[1], int(sys.argv[2])
-for who in ("old", "new"):
-    wall, cpu, sys_ = [], [], []
-    for i in range(1, rounds + 1):
-        e, u, s = open(f"{out}/{who}-{i}.time").read().split()[-3:]
-        wall.append(float(e)); cpu.append(float(u) + float(s)); sys_.append(float(s))
-    f = lambda xs: " ".join(f"{x:.2f}" for x in sorted(xs))
-    print(f"{who}: wall {f(wall)} s; CPU {f(cpu)} s; system {f(sys_)} s")
-PY
+ab_alternate "$rounds"
+ab_report "$rounds"

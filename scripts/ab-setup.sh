@@ -1,7 +1,6 @@
-# Sourced by ab-full.sh and ab-restore.sh: checks what they need and
-# writes the job they measure.
+# Sourced by the ab-*.sh scripts: what alternating A/B runs share.
 #
-#   ab_setup STAGES
+#   ab_setup STAGES       (ab-full.sh, ab-restore.sh, ab-incremental.sh)
 #
 # Sets `disk` (ARCA_AB_DISK, or the disk `cargo bench --bench peers` leaves
 # in target/tmp/bench-peers) and `out` (a scratch folder removed on exit),
@@ -33,4 +32,47 @@ vms = ["guest"]
 repository = "r"
 pipeline = "p"
 CONFIG
+}
+
+# Runs `run BINARY LABEL` (defined by the caller) ROUNDS times for $old and
+# $new, labelled old-I and new-I, the order alternating from round to
+# round so that neither binary always runs on the machine's slower moment.
+ab_alternate() { # ROUNDS
+  local i who order
+  for i in $(seq 1 "$1"); do
+    if [ $((i % 2)) = 1 ]; then order="old new"; else order="new old"; fi
+    for who in $order; do
+      if [ "$who" = old ]; then run "$old" "old-$i"; else run "$new" "new-$i"; fi
+    done
+  done
+}
+
+# Time `/usr/bin/time -f "$AB_TIME"` writes to $out/LABEL.time.
+AB_TIME="%e %U %S %M"
+
+# Prints, per binary, its runs' wall, CPU and system seconds and peak RSS,
+# sorted, and the busy seconds of each STAGE from the session report in
+# $out/LABEL.json (whose state must be success).
+ab_report() { # ROUNDS [STAGE...]
+  python3 - "$out" "$@" <<'PY'
+import json, sys
+out, rounds, stages = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+for who in ("old", "new"):
+    cols = {"wall": [], "CPU": [], "system": [], "RSS": []}
+    busy = {s: [] for s in stages}
+    for i in range(1, rounds + 1):
+        e, u, s, m = open(f"{out}/{who}-{i}.time").read().split()[-4:]
+        cols["wall"].append(float(e)); cols["CPU"].append(float(u) + float(s))
+        cols["system"].append(float(s)); cols["RSS"].append(int(m) / 1024)
+        if stages:
+            j = json.load(open(f"{out}/{who}-{i}.json"))
+            assert j["state"] == "success", j
+            for st in stages:
+                busy[st].append(j["totals"]["stage_seconds"].get(st, 0.0))
+    f = lambda xs, p=2: " ".join(f"{x:.{p}f}" for x in sorted(xs))
+    parts = [f"{k} {f(v)} s" for k, v in cols.items() if k != "RSS"]
+    parts.append(f"RSS {f(cols['RSS'], 0)} MiB")
+    parts += [f"{st} busy {f(v)} s" for st, v in busy.items()]
+    print(f"{who}: " + "; ".join(parts))
+PY
 }

@@ -276,14 +276,15 @@ fn block_size() -> usize {
         let kib: usize = env_or("ARCA_BENCH_BLOCK_KIB", 1024);
         assert!(
             kib > 0 && batch().is_multiple_of(kib * 1024),
-            "ARCA_BENCH_BLOCK_KIB must divide {} KiB",
+            "ARCA_BENCH_BLOCK_KIB must divide the batch, ARCA_BENCH_BATCH_KIB ({} KiB)",
             batch() / 1024
         );
         kib * 1024
     })
 }
 
-/// Batch size: `ARCA_BENCH_BATCH_KIB`, default 8192 (a session's batch).
+/// Batch size: `ARCA_BENCH_BATCH_KIB`, default 8192 (a batch over a link
+/// with round trips; sessions whose repository is in process use 1024).
 fn batch() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| env_or("ARCA_BENCH_BATCH_KIB", 8192) * 1024)
