@@ -127,7 +127,7 @@ fn drop_caches_hint(path: &Path) {
 /// into a fresh repository, against the in-process full backup above. The
 /// ratio is the link's whole cost: over a link with round trips a session
 /// also uses 8 MiB batches where an in-process one uses 1 MiB
-/// (`pipeline/mod.rs`).
+/// (`pipeline/worker.rs`, `batch_bytes`).
 fn quic_ratio(dir: &Path, home: &Path, disk: &Path, in_process_s: f64) {
     use std::io::BufRead;
     let me = arca(home, &["identity"]).trim().to_owned();

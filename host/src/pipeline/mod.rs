@@ -34,23 +34,6 @@ use arca_transport::{
 use std::sync::Arc;
 use std::sync::Mutex;
 
-/// Raw bytes per batch where the codec sees every block read (a first
-/// backup, or any backup of a disk that is not mapped) and the repository
-/// answers in process: large enough that a plugin call costs nothing next
-/// to the work, small enough that the copy of a batch into the codec's
-/// memory is still in the core's cache when zstd reads it. Against 8 MiB,
-/// a whole-disk full of the peers disk took 3% less CPU and a third of the
-/// memory, a full of the live VM 16% less time (docs/BENCHMARKS.md, "Batch
-/// size").
-const BATCH_BYTES: usize = 1 << 20;
-/// Everywhere else. Over a link with round trips each analyst's dedup
-/// query and each coder's store carry one batch and wait for their answer,
-/// so a batch must be large for the link to stay busy. An incremental of a
-/// mapped disk hashes the map in place and copies out only changed blocks,
-/// and a larger batch fetches more of the map at once: with 1 MiB a cold
-/// one took 10% longer.
-const LARGE_BATCH_BYTES: usize = 8 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error(transparent)]
@@ -340,13 +323,7 @@ fn run_inner(
         clock: &clock,
         progress,
     };
-    let hashes_in_map = previous.is_some() && input.disk.mapped().is_some();
-    let batch_bytes = if link.in_process() && !hashes_in_map {
-        BATCH_BYTES
-    } else {
-        LARGE_BATCH_BYTES
-    };
-    let batches = worker::batches(&block_plan, &geometry, batch_bytes);
+    let batches = worker::batches(&block_plan, &geometry, worker::batch_bytes(&shared));
     let totals = worker::run_batches(&shared, batches, &mut hashes)?;
     // A live image truncated while it was read (before its allocation map
     // was taken, say) may have read as holes rather than failed a read.

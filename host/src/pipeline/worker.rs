@@ -127,6 +127,23 @@ impl Buffers {
 /// keeps none (four disks at once held 2 × 4 × 8 MiB more for nothing).
 const QUERIES_AHEAD: usize = 2;
 
+/// Raw bytes per batch where the codec sees every block read (a first
+/// backup, or any backup of a disk that is not mapped) and the repository
+/// answers in process: large enough that a plugin call costs nothing next
+/// to the work, small enough that the copy of a batch into the codec's
+/// memory is still in the core's cache when zstd reads it. Against 8 MiB,
+/// a whole-disk full of the peers disk took 3% less CPU and a third of the
+/// memory, a full of the live VM 16% less time (docs/BENCHMARKS.md, "Batch
+/// size").
+const BATCH_BYTES: usize = 1 << 20;
+/// Everywhere else. Over a link with round trips each analyst's dedup
+/// query and each coder's store carry one batch and wait for their answer,
+/// so a batch must be large for the link to stay busy. An incremental of a
+/// mapped disk hashes the map in place and copies out only changed blocks,
+/// and a larger batch fetches more of the map at once: with 1 MiB a cold
+/// one took 10% longer.
+const LARGE_BATCH_BYTES: usize = 8 << 20;
+
 /// A batch that is hashed and classified, with the blocks the repository
 /// lacks: what a coder compresses and sends.
 struct AnalyzedBatch<'s> {
@@ -240,8 +257,7 @@ pub(super) fn run_batches(
 /// a first backup (every block is copied into the codec anyway), nor for a
 /// span an exclusion touches (exclusions are zeroed in place).
 fn map_for<'s>(sh: &Shared<'s>, start: u64, length: u64) -> Option<&'s MappedFile> {
-    sh.previous?;
-    let map = sh.input.disk.mapped()?;
+    let map = hashing_map(sh)?;
     ranges_within(
         sh.excluded,
         Extent {
@@ -251,6 +267,24 @@ fn map_for<'s>(sh: &Shared<'s>, start: u64, length: u64) -> Option<&'s MappedFil
     )
     .is_empty()
     .then_some(map)
+}
+
+/// The disk's map when this task hashes it in place: an incremental
+/// (there is a point to compare with) of a mapped disk.
+fn hashing_map<'s>(sh: &Shared<'s>) -> Option<&'s MappedFile> {
+    sh.previous?;
+    sh.input.disk.mapped()
+}
+
+/// Raw bytes per batch for this task: `BATCH_BYTES` where the codec sees
+/// every block read and the repository answers in process,
+/// `LARGE_BATCH_BYTES` elsewhere.
+pub(super) fn batch_bytes(sh: &Shared<'_>) -> usize {
+    if sh.link.in_process() && hashing_map(sh).is_none() {
+        BATCH_BYTES
+    } else {
+        LARGE_BATCH_BYTES
+    }
 }
 
 fn read_span<'s>(
