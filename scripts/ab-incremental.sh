@@ -19,13 +19,12 @@ new=$(realpath "$2")
 rounds=${3:-4}
 . "$(dirname "$0")/ab-setup.sh"
 ab_setup ""
-[ -n "${ARCA_AB_WARM:-}" ] || [ -w /proc/sys/vm/drop_caches ] \
-  || { echo "dropping the page cache needs root (or set ARCA_AB_WARM=1)" >&2; exit 2; }
+[ -n "${ARCA_AB_WARM:-}" ] || ab_need_cold "or set ARCA_AB_WARM=1"
 export ARCA_HOME=$out/home
 "$new" apply "$out/config.toml" >/dev/null
 "$new" job run bench >/dev/null
 run() { # binary label
-  if [ -z "${ARCA_AB_WARM:-}" ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+  [ -n "${ARCA_AB_WARM:-}" ] || ab_cold
   /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" "$1" job run bench --json > "$out/$2.json"
 }
 ab_alternate "$rounds"

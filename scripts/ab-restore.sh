@@ -18,7 +18,7 @@ new=$(realpath "$2")
 rounds=${3:-5}
 . "$(dirname "$0")/ab-setup.sh"
 ab_setup ""
-[ -w /proc/sys/vm/drop_caches ] || { echo "dropping the page cache needs root" >&2; exit 2; }
+ab_need_cold
 export ARCA_HOME=$out/home
 "$new" apply "$out/config.toml" >/dev/null
 "$new" job run bench >/dev/null
@@ -26,8 +26,7 @@ point=$("$new" points --json | python3 -c 'import json,sys; print(json.load(sys.
 want=$(sha256sum < "$disk" | cut -d' ' -f1)
 run() { # binary label
   rm -f "$out/out.raw"
-  sync
-  echo 3 > /proc/sys/vm/drop_caches
+  ab_cold
   /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" \
     "$1" restore "$point" --to "$out/out.raw" >/dev/null
   [ "$(sha256sum < "$out/out.raw" | cut -d' ' -f1)" = "$want" ] \

@@ -34,6 +34,19 @@ pipeline = "p"
 CONFIG
 }
 
+# Fails early, saying what to do, where `ab_cold` could not drop the page
+# cache (it needs root). WHAT_ELSE names another way out, if any.
+ab_need_cold() { # [WHAT_ELSE]
+  [ -w /proc/sys/vm/drop_caches ] \
+    || { echo "dropping the page cache needs root${1:+ ($1)}" >&2; exit 2; }
+}
+
+# Drops the page cache, so that the next run reads from the device.
+ab_cold() {
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+}
+
 # Runs `run BINARY LABEL` (defined by the caller) ROUNDS times for $old and
 # $new, labelled old-I and new-I, the order alternating from round to
 # round so that neither binary always runs on the machine's slower moment.
