@@ -83,7 +83,11 @@ fn a_codec_that_loses_bytes_is_caught_before_its_chunks_are_stored() {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
         for i in 0..4 * MIB / BLOCK {
+            // Each block unique (its number after the marker): two equal
+            // blocks in different batches would be stored once, and
+            // coded once, depending on which batch's query came first.
             f.write_all_at(&[0x5a], i * BLOCK).unwrap();
+            f.write_all_at(&i.to_le_bytes(), i * BLOCK + 1).unwrap();
             let last = if i % 2 == 0 { 0 } else { 0xab };
             f.write_all_at(&[last], (i + 1) * BLOCK - 1).unwrap();
         }
