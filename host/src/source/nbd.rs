@@ -12,7 +12,7 @@
 use super::DiskRead;
 use crate::extent::{Extent, normalize};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -82,8 +82,16 @@ pub enum NbdError {
     },
 }
 
+/// Reply headers are a few fields of 2 to 8 bytes: read through a small
+/// buffer they cost one `recv` per reply chunk, not one per field. Small,
+/// so that what it takes ahead of a data chunk's payload (copied out of it,
+/// where the rest goes straight into the caller's buffer) stays a few
+/// hundred bytes.
+const REPLY_BUFFER: usize = 512;
+
 struct Conn {
-    stream: UnixStream,
+    /// Read through the buffer, written through `get_mut`.
+    stream: BufReader<UnixStream>,
     next_cookie: u64,
     /// Metadata context ids, which the server chooses per connection.
     contexts: HashMap<String, u32>,
@@ -377,7 +385,7 @@ impl NbdClient {
         mut on_chunk: impl FnMut(
             u16,
             usize,
-            &mut UnixStream,
+            &mut BufReader<UnixStream>,
             &HashMap<String, u32>,
         ) -> io::Result<Result<(), &'static str>>,
     ) -> Result<(), NbdError> {
@@ -392,7 +400,7 @@ impl NbdClient {
             req.extend_from_slice(&offset.to_be_bytes());
             req.extend_from_slice(&length.to_be_bytes());
             let (s, ids) = (&mut conn.stream, &conn.contexts);
-            s.write_all(&req).map_err(self.io_err())?;
+            s.get_mut().write_all(&req).map_err(self.io_err())?;
             let mut refused = None;
             loop {
                 let magic = rd_u32(s).map_err(self.io_err())?;
@@ -558,7 +566,7 @@ fn handshake(
     s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     Ok((
         Conn {
-            stream: s,
+            stream: BufReader::with_capacity(REPLY_BUFFER, s),
             next_cookie: 1,
             contexts: ids,
         },
@@ -575,7 +583,7 @@ impl Drop for NbdClient {
             req.extend_from_slice(&CMD_DISC.to_be_bytes());
             req.extend_from_slice(&[0u8; 20]);
             for conn in &mut pool.idle {
-                let _ = conn.stream.write_all(&req);
+                let _ = conn.stream.get_mut().write_all(&req);
             }
         }
     }
