@@ -8,7 +8,7 @@
 use super::pack::{self, IndexEntry};
 use arca_transport::ChunkHash;
 use std::collections::HashSet;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// A chunk record: which pack (a number in this index), where, how long.
@@ -74,8 +74,14 @@ impl ChunkIndex {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        // Listed first, so that the map is sized once for everything to
+        // load: grown file by file it was rebuilt at every doubling, a third
+        // of an empty session's page faults.
+        let mut unseen: Vec<(String, PathBuf)> = Vec::new();
+        let mut records = 0usize;
         for entry in entries {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             let Some(id) = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -86,16 +92,23 @@ impl ChunkIndex {
             if self.seen.contains(id) || !super::packer::is_pack_id(id) {
                 continue;
             }
-            let id = id.to_owned();
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
+            // A size that cannot be read only leaves the map to grow.
+            if let Ok(meta) = entry.metadata() {
+                records = records.saturating_add(pack::records_in_index_of_len(meta.len()));
+            }
+            unseen.push((id.to_owned(), path));
+        }
+        // Only a hint: a damaged size must not end the process.
+        let _ = self.chunks.try_reserve(records);
+        let mut bytes = Vec::new();
+        for (id, path) in unseen {
+            bytes.clear();
+            if let Err(e) = std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)) {
                 // Not seen, so the next refresh tries again (a descriptor
                 // shortage must not make a healthy pack look damaged).
-                Err(e) => {
-                    tracing::warn!("pack index {}: {e}", path.display());
-                    continue;
-                }
-            };
+                tracing::warn!("pack index {}: {e}", path.display());
+                continue;
+            }
             match pack::decode_index(&bytes) {
                 Ok(records) => self.add(&id, &records),
                 Err(reason) => {

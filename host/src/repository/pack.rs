@@ -46,6 +46,13 @@ pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
     out
 }
 
+/// How many records an index file of `len` bytes holds, if it is whole
+/// (what to make room for before reading it).
+pub fn records_in_index_of_len(len: u64) -> usize {
+    let overhead = (MAGIC.len() + 4 + HASH_LEN) as u64;
+    (len.saturating_sub(overhead) / ENTRY_LEN as u64) as usize
+}
+
 pub fn decode_index(bytes: &[u8]) -> Result<Vec<IndexEntry>, String> {
     let head = MAGIC.len() + 4;
     if bytes.len() < head + HASH_LEN || &bytes[..MAGIC.len()] != MAGIC {
@@ -88,6 +95,8 @@ mod tests {
             .collect();
         let bytes = encode_index(&entries);
         assert_eq!(decode_index(&bytes).unwrap(), entries);
+        assert_eq!(records_in_index_of_len(bytes.len() as u64), entries.len());
+        assert_eq!(records_in_index_of_len(3), 0);
         assert_eq!(decode_index(&encode_index(&[])).unwrap(), vec![]);
         for at in [0, 9, 20, bytes.len() - 1] {
             let mut bad = bytes.clone();
