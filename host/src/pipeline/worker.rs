@@ -94,25 +94,42 @@ impl ReadBatch<'_> {
 struct Buffers {
     tx: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
+    /// What every new buffer can hold: the task's batch size.
+    size: usize,
 }
 
 impl Buffers {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, size: usize) -> Self {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        Self { tx, rx }
+        Self { tx, rx, size }
     }
 
     /// A buffer of `len` bytes; its contents are whatever the last batch
-    /// left (the read overwrites all of them). A pooled buffer too small
-    /// for `len` (the gathered blocks of a partly changed batch) is dropped:
-    /// growing it would copy its stale bytes to a new allocation first.
+    /// left (the read overwrites all of them).
     fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.pooled(len);
+        // Only what the last batch did not fill is zeroed.
+        b.resize(len, 0);
+        b
+    }
+
+    /// An empty buffer with room for `len` bytes.
+    fn take_empty(&self, len: usize) -> Vec<u8> {
+        let mut b = self.pooled(len);
+        b.clear();
+        b
+    }
+
+    /// A pooled buffer with room for `len` bytes, or a new one. Every
+    /// buffer is made with room for a whole batch, so that any pooled one
+    /// serves any batch: when buffers were made to each batch's length, a
+    /// CBT incremental's batches of one to four blocks dropped the pooled
+    /// buffers that were too small and made new ones, whose first touch
+    /// cost a page fault per 4 KiB.
+    fn pooled(&self, len: usize) -> Vec<u8> {
         match self.rx.try_recv() {
-            Ok(mut b) if b.capacity() >= len => {
-                b.resize(len, 0);
-                b
-            }
-            _ => vec![0u8; len],
+            Ok(b) if b.capacity() >= len => b,
+            _ => Vec::with_capacity(len.max(self.size)),
         }
     }
 
@@ -192,7 +209,7 @@ pub(super) fn run_batches(
     let stop = AtomicBool::new(false);
     // Every batch in flight: one per analyst, one queued per coder, one
     // per coder at work.
-    let buffers = Buffers::new(3 * workers + ahead);
+    let buffers = Buffers::new(3 * workers + ahead, batch_bytes(sh));
     std::thread::scope(|scope| {
         // Every span up front: analysts take them in order as they go.
         let (work_tx, work_rx) = crossbeam_channel::unbounded::<BatchSpan>();
@@ -584,7 +601,7 @@ fn code(
         }
     } else {
         let mut raw = Blocks {
-            data: Vec::with_capacity(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
+            data: buffers.take_empty(missing.iter().map(|&k| batch.lengths[k] as usize).sum()),
             lengths: Vec::with_capacity(missing.len()),
         };
         for &k in &missing {
@@ -653,6 +670,28 @@ fn code(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pooled_buffer_serves_a_larger_batch_than_the_one_before() {
+        let pool = Buffers::new(2, 4 << 10);
+        let small = pool.take(1 << 10);
+        assert_eq!(small.len(), 1 << 10);
+        let at = small.as_ptr();
+        pool.give(small);
+        // A batch of four blocks after one of one: the same allocation.
+        let mut whole = pool.take(4 << 10);
+        assert_eq!((whole.len(), whole.as_ptr()), (4 << 10, at));
+        whole[0] = 7;
+        pool.give(whole);
+        let gathered = pool.take_empty(2 << 10);
+        assert_eq!((gathered.len(), gathered.as_ptr()), (0, at));
+        assert!(gathered.capacity() >= 4 << 10);
+        pool.give(gathered);
+        // Only a batch larger than the task's batch size needs another.
+        let big = pool.take(8 << 10);
+        assert_eq!(big.len(), 8 << 10);
+        assert!(big.iter().all(|&b| b == 0), "a new buffer reads as zeros");
+    }
 
     #[test]
     fn batches_follow_runs_and_size() {
