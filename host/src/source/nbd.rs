@@ -274,9 +274,13 @@ impl NbdClient {
                         return Ok(Err("unexpected reply chunk to READ"));
                     }
                 };
+                // Checked arithmetic: the offset is the server's word, and
+                // one near 2^64 must be refused, not overflow.
                 let Some(dest) = o
                     .checked_sub(at)
-                    .and_then(|start| part.get_mut(start as usize..start as usize + n))
+                    .and_then(|start| usize::try_from(start).ok())
+                    .and_then(|start| Some(start..start.checked_add(n)?))
+                    .and_then(|range| part.get_mut(range))
                 else {
                     if ty == REPLY_OFFSET_DATA {
                         skip(s, n)?;
@@ -880,5 +884,73 @@ mod tests {
         let e = c.read(&mut buf, 0).unwrap_err().to_string();
         assert!(e.contains("no connection left"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A server, written here, that answers the handshake and then every
+    /// read with one data chunk at `offset`.
+    fn hostile_server(sock: &Path, offset: u64) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let opt_reply = |s: &mut UnixStream, opt: u32, ty: u32, data: &[u8]| {
+                let mut m = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                m.extend_from_slice(&opt.to_be_bytes());
+                m.extend_from_slice(&ty.to_be_bytes());
+                m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                m.extend_from_slice(data);
+                s.write_all(&m).unwrap();
+            };
+            let mut hello = NBDMAGIC.to_be_bytes().to_vec();
+            hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            s.write_all(&hello).unwrap();
+            rd_u32(&mut s).unwrap();
+            loop {
+                assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
+                let opt = rd_u32(&mut s).unwrap();
+                let len = rd_u32(&mut s).unwrap() as usize;
+                rd_vec(&mut s, len).unwrap();
+                if opt == OPT_GO {
+                    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                    info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                    info.extend_from_slice(&0u16.to_be_bytes());
+                    opt_reply(&mut s, opt, REP_INFO, &info);
+                    opt_reply(&mut s, opt, REP_ACK, &[]);
+                    break;
+                }
+                opt_reply(&mut s, opt, REP_ACK, &[]);
+            }
+            // Each request: magic, flags, type, cookie, offset, length.
+            while let Ok(req) = rd::<28>(&mut s) {
+                if u16::from_be_bytes([req[6], req[7]]) != CMD_READ {
+                    return;
+                }
+                let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                m.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+                m.extend_from_slice(&REPLY_OFFSET_DATA.to_be_bytes());
+                m.extend_from_slice(&req[8..16]);
+                m.extend_from_slice(&12u32.to_be_bytes());
+                m.extend_from_slice(&offset.to_be_bytes());
+                m.extend_from_slice(&[0xAB; 4]);
+                if s.write_all(&m).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn a_reply_chunk_at_an_offset_near_the_end_of_u64_is_refused_not_a_panic() {
+        for offset in [u64::MAX - 2, u64::MAX, 1 << 40] {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("nbd.sock");
+            let server = hostile_server(&sock, offset);
+            let c = NbdClient::connect(&sock, "exp0", &[]).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let e = c.read(&mut buf, 0).unwrap_err().to_string();
+            assert!(e.contains("outside the request"), "{offset}: {e}");
+            drop(c);
+            server.join().unwrap();
+        }
     }
 }
