@@ -276,24 +276,24 @@ impl NbdClient {
                 };
                 // Checked arithmetic: the offset is the server's word, and
                 // one near 2^64 must be refused, not overflow.
-                let Some(dest) = o
+                let Some(range) = o
                     .checked_sub(at)
                     .and_then(|start| usize::try_from(start).ok())
                     .and_then(|start| Some(start..start.checked_add(n)?))
-                    .and_then(|range| part.get_mut(range))
+                    .filter(|r| r.end <= part.len())
                 else {
                     if ty == REPLY_OFFSET_DATA {
                         skip(s, n)?;
                     }
                     return Ok(Err("reply chunk outside the request"));
                 };
+                covered.push((range.start, range.end));
+                let dest = &mut part[range];
                 if ty == REPLY_OFFSET_DATA {
                     s.read_exact(dest)?;
                 } else {
                     dest.fill(0);
                 }
-                let start = (o - at) as usize;
-                covered.push((start, start + n));
                 Ok(Ok(()))
             })?;
             if let Some(gap) = first_gap(&mut covered, len) {
@@ -892,7 +892,7 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let opt_reply = |s: &mut UnixStream, opt: u32, ty: u32, data: &[u8]| {
+            let answer = |s: &mut UnixStream, opt: u32, ty: u32, data: &[u8]| {
                 let mut m = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
                 m.extend_from_slice(&opt.to_be_bytes());
                 m.extend_from_slice(&ty.to_be_bytes());
@@ -914,11 +914,11 @@ mod tests {
                     let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                     info.extend_from_slice(&(1u64 << 20).to_be_bytes());
                     info.extend_from_slice(&0u16.to_be_bytes());
-                    opt_reply(&mut s, opt, REP_INFO, &info);
-                    opt_reply(&mut s, opt, REP_ACK, &[]);
+                    answer(&mut s, opt, REP_INFO, &info);
+                    answer(&mut s, opt, REP_ACK, &[]);
                     break;
                 }
-                opt_reply(&mut s, opt, REP_ACK, &[]);
+                answer(&mut s, opt, REP_ACK, &[]);
             }
             // Each request: magic, flags, type, cookie, offset, length.
             while let Ok(req) = rd::<28>(&mut s) {
