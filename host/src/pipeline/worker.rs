@@ -94,7 +94,7 @@ impl ReadBatch<'_> {
 struct Buffers {
     tx: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
-    /// What every new buffer can hold: the task's batch size.
+    /// What every new buffer can hold: the task's largest batch.
     size: usize,
 }
 
@@ -209,8 +209,9 @@ pub(super) fn run_batches(
     let stop = AtomicBool::new(false);
     // Every batch in flight: one per analyst, one queued per coder, one
     // per coder at work.
-    // A block larger than the batch size is a batch of its own.
-    let largest = batch_bytes(sh).max(sh.geometry.block_size as usize);
+    // The largest batch of these spans: any buffer then serves any batch.
+    let largest =
+        spans.iter().map(|s| s.count).max().unwrap_or(1) as usize * sh.geometry.block_size as usize;
     let buffers = Buffers::new(3 * workers + ahead, largest);
     std::thread::scope(|scope| {
         // Every span up front: analysts take them in order as they go.
