@@ -17,12 +17,7 @@ new=$(realpath "$2")
 rounds=${3:-5} stages=${4:-}
 . "$(dirname "$0")/ab-setup.sh"
 ab_setup "$stages"
-run() { # binary label
-  rm -rf "$out/repo" "$out/home"
-  ARCA_HOME=$out/home "$1" apply "$out/config.toml" >/dev/null
-  /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" \
-    env ARCA_HOME="$out/home" "$1" job run bench --json > "$out/$2.json"
-}
+run() { ab_fresh_run "$1" "$2" bench; }
 cat "$disk" > /dev/null # in the page cache, as in the peers run
 run "$old" warm-up-old
 run "$new" warm-up-new

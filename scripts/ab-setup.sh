@@ -10,7 +10,7 @@
 ab_setup() {
   disk=${ARCA_AB_DISK:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/tmp/bench-peers/disk.raw}
   [ -f "$disk" ] || { echo "no $disk: run cargo bench --bench peers first" >&2; exit 2; }
-  [ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
+  ab_need_time
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
   cat > "$out/config.toml" <<CONFIG
@@ -32,6 +32,11 @@ vms = ["guest"]
 repository = "r"
 pipeline = "p"
 CONFIG
+}
+
+# Fails early where GNU time, which every run is timed with, is missing.
+ab_need_time() {
+  [ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
 }
 
 # Fails early, saying what to do, where `ab_cold` could not drop the page
@@ -62,6 +67,16 @@ ab_alternate() { # ROUNDS
 
 # Time `/usr/bin/time -f "$AB_TIME"` writes to $out/LABEL.time.
 AB_TIME="%e %U %S %M"
+
+# Runs job JOB with BINARY into a fresh repository and home made from
+# $out/config.toml (set up, not timed), timed into $out/LABEL.time, its
+# report in $out/LABEL.json: a full backup from nothing.
+ab_fresh_run() { # BINARY LABEL JOB
+  rm -rf "$out/repo" "$out/home"
+  ARCA_HOME=$out/home "$1" apply "$out/config.toml" >/dev/null
+  /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" \
+    env ARCA_HOME="$out/home" "$1" job run "$3" --json > "$out/$2.json"
+}
 
 # Prints, per binary, its runs' wall, CPU and system seconds and peak RSS,
 # sorted, and the busy seconds of each STAGE from the session report in

@@ -14,7 +14,7 @@ set -euo pipefail
 old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-4}
 . "$(dirname "$0")/bench-cbt-vm.sh"
 . "$(dirname "$0")/ab-setup.sh"
-[ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
+ab_need_time
 cat > "$out/config.toml" <<CONFIG
 [[repository]]
 name = "r"
@@ -35,13 +35,7 @@ name = "full"
 vms = ["guest"]
 repository = "r"
 CONFIG
-run() { # binary label
-  rm -rf "$out/repo" "$out/home"
-  ARCA_HOME=$out/home "$1" apply "$out/config.toml" >/dev/null
-  /usr/bin/time -f "$AB_TIME" -o "$out/$2.time" \
-    env ARCA_HOME="$out/home" "$1" job run full --json > "$out/$2.json"
-}
-qemu-img info -U "$img" > /dev/null
+run() { ab_fresh_run "$1" "$2" full; }
 cat "$img" > /dev/null # in the page cache, as in the peers run
 ab_alternate "$rounds"
 ab_report "$rounds" read compression
